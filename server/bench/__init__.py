@@ -1,0 +1,1 @@
+"""Load generator and serving benchmarks: `python -m server.bench` drives any OpenAI-compatible server."""

@@ -1,0 +1,30 @@
+from server.bench.report import update_section
+
+
+def test_creates_file_with_title_and_section(tmp_path):
+    path = tmp_path / "docs" / "benchmarks.md"
+    update_section(path, "kernel", "| a | b |")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "<!-- section:kernel -->\n| a | b |\n<!-- /section:kernel -->" in text
+
+
+def test_replaces_only_its_own_section(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    update_section(path, "kernel", "old kernel")
+    update_section(path, "serving", "old serving")
+    update_section(path, "kernel", "new kernel")
+    text = path.read_text()
+    assert "old kernel" not in text and "new kernel" in text
+    assert "old serving" in text
+    assert text.count("<!-- section:kernel -->") == 1
+    assert text.index("new kernel") < text.index("old serving")
+
+
+def test_keeps_text_outside_sections(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nIntro by hand.\n")
+    update_section(path, "engine", "numbers")
+    update_section(path, "engine", "more numbers")
+    text = path.read_text()
+    assert "Intro by hand." in text and "more numbers" in text and "\nnumbers" not in text
