@@ -1,0 +1,43 @@
+"""`mla_decode_append`: one decode step of MLA attention over the paged INT4 latent cache.
+
+Picks the fused kernel for the default device (Metal on an Apple GPU, CUDA when MLX has it),
+or the plain-MLX reference otherwise or when `backend="reference"`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .latent_cache import LatentCache
+from .reference import mla_decode_append_reference
+
+BACKENDS = ("reference", "metal", "cuda")
+
+
+def default_backend() -> str:
+    if mx.default_device() == mx.gpu:
+        if mx.metal.is_available():
+            return "metal"
+        if mx.cuda.is_available():
+            return "cuda"
+    return "reference"
+
+
+def mla_decode_append(q_latent: mx.array, q_pe: mx.array, new_latent: mx.array, new_kpe: mx.array,
+                      cache: LatentCache, block_table: mx.array, context_lens: mx.array,
+                      scale: float, *, backend: str | None = None) -> mx.array:
+    """Attend one new token per sequence over its cached tokens plus itself, and append it.
+
+    q_latent [B, H, R] (nope query times W_UK); q_pe [B, H, P] rotated;
+    new_latent [B, R] normed, not quantized; new_kpe [B, P] rotated;
+    block_table int32 [B, max_blocks]; context_lens int32 [B] tokens already cached.
+    scores = scale * (q_latent . latent + q_pe . k_pe) over the context_lens[b] cached tokens and
+    the new token (its quantized-then-dequantized latent); out = softmax(scores) @ latent.
+    Returns out [B, H, R] in cache.dtype; afterwards the cache holds the new token of sequence b
+    at position context_lens[b].
+    """
+    backend = backend or default_backend()
+    if backend == "reference":
+        return mla_decode_append_reference(q_latent, q_pe, new_latent, new_kpe, cache,
+                                           block_table, context_lens, scale)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

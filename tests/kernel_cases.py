@@ -1,0 +1,47 @@
+"""Builders shared by the kernel tests: a filled cache, a batch of decode inputs."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from server.kernels.latent_cache import LatentCache
+
+
+def filled_cache(context_lens: list[int], R: int, P: int, dtype, block_size: int = 64,
+                 group_size: int = 64, spare_blocks: int = 3, seed: int = 0):
+    """A cache whose sequences hold `context_lens[b]` random tokens in shuffled blocks.
+
+    Returns (cache, block_table int32 [B, max_blocks]); every row has room for one more token,
+    and padding entries are -1 (a kernel must never read them).
+    """
+    rng = np.random.default_rng(seed)
+    need = [(n + 1 + block_size - 1) // block_size for n in context_lens]
+    num_blocks = sum(need) + spare_blocks
+    order = rng.permutation(num_blocks)
+    table = -np.ones((len(context_lens), max(need)), np.int32)
+    cache = LatentCache(num_blocks, block_size, R, P, group_size, dtype)
+    start = 0
+    for b, (n, k) in enumerate(zip(context_lens, need)):
+        table[b, :k] = order[start:start + k]
+        start += k
+        if n:
+            pos = np.arange(n)
+            slots = table[b, pos // block_size] * block_size + pos % block_size
+            cache.write(mx.array(slots.astype(np.int32)),
+                        mx.array(rng.standard_normal((n, R)).astype(np.float32)),
+                        mx.array(rng.standard_normal((n, P)).astype(np.float32)))
+    mx.eval(*cache.arrays())
+    return cache, mx.array(table)
+
+
+def decode_inputs(B: int, H: int, R: int, P: int, dtype, seed: int = 1):
+    """(q_latent [B,H,R], q_pe [B,H,P], new_latent [B,R], new_kpe [B,P]) in dtype."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32)).astype(dtype)  # noqa: E731
+    return f(B, H, R), f(B, H, P), f(B, R), f(B, P)
+
+
+def cache_as_numpy(cache: LatentCache) -> dict:
+    return {"packed": np.array(cache.packed),
+            **{k: np.array(getattr(cache, k).astype(mx.float32)) for k in ("scales", "biases", "k_pe")}}
