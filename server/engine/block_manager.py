@@ -1,0 +1,129 @@
+"""Cache blocks: who owns which, and which full blocks can be shared as a cached prefix.
+
+Every layer's pool has the same number of blocks, so one block id names a block in all layers.
+A full block is keyed by a hash chained over the token ids of it and all blocks before it; a new
+sequence whose prompt starts with cached blocks takes them (reference-counted) instead of
+recomputing them. Blocks nobody holds stay cached until they are evicted, least recently used first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .sequence import Sequence
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unreferenced blocks, least recently used first; those with a hash are still prefix hits.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / len(self.blocks)
+
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks that hold a prefix of `token_ids`, leaving at least one token to compute."""
+        bs, hits, h = self.block_size, [], None
+        for start in range(0, len(token_ids) - 1 - bs + 1, bs):
+            chunk = tuple(token_ids[start : start + bs])
+            h = chain_hash(h, chunk)
+            bid = self.cached.get(h)
+            if bid is None or self.blocks[bid].token_ids != chunk:
+                break
+            hits.append(bid)
+        return hits
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        total = -(-(seq.num_computed + num_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def admit(self, seq: Sequence, limit: int) -> int:
+        """Give a waiting sequence its prefix hits and room for a first chunk of at most `limit`
+        tokens; return that chunk's length, or 0 (and no change) if the pool is short."""
+        hits = self.match_prefix(seq.token_ids)
+        hit_tokens = len(hits) * self.block_size
+        chunk = min(len(seq) - hit_tokens, limit)
+        fresh = -(-(hit_tokens + chunk) // self.block_size) - len(hits)
+        reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if fresh > self.num_free - reusable_free:
+            return 0
+        for bid in hits:
+            self._take(bid)
+        seq.block_table = list(hits)
+        seq.num_computed = hit_tokens
+        if not seq.output_ids:  # a recomputed (preempted) sequence keeps its first count
+            seq.num_cached_prompt = hit_tokens
+        self.grow(seq, chunk)
+        return chunk
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make room for `num_tokens` more tokens of `seq`; False (and no change) if the pool is short."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            bid, _ = self.free.popitem(last=False)
+            block = self.blocks[bid]
+            if block.hash is not None:
+                if self.cached.get(block.hash) == bid:
+                    del self.cached[block.hash]
+                block.hash, block.token_ids = None, ()
+            block.ref_count = 1
+            seq.block_table.append(bid)
+        return True
+
+    def commit(self, seq: Sequence, old_computed: int) -> None:
+        """Register the blocks that became full when `seq` advanced from `old_computed` tokens."""
+        bs = self.block_size
+        first, last = old_computed // bs, seq.num_computed // bs
+        if first == last:
+            return
+        tokens = seq.token_ids
+        h = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for i in range(first, last):
+            chunk = tuple(tokens[i * bs : (i + 1) * bs])
+            h = chain_hash(h, chunk)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None:
+                block.hash, block.token_ids = h, chunk
+                self.cached.setdefault(h, block.id)
+
+    def release(self, seq: Sequence) -> None:
+        """Return a sequence's blocks; the last blocks go to the back of the LRU order last."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is None:
+                    self.free[bid] = None
+                    self.free.move_to_end(bid, last=False)  # nothing cached: reuse first
+                else:
+                    self.free[bid] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def _take(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.ref_count == 0:
+            del self.free[bid]
+        block.ref_count += 1

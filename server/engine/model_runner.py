@@ -1,0 +1,95 @@
+"""Runs one scheduled step through the model: flat token batch in, logits of sampled rows out.
+
+The model's modules and weights are mlx-lm's (`mistral4`, `deepseek_v3`); only the attention is
+ours (`mla_attention`), over one `LatentCache` per layer.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..kernels.latent_cache import LatentCache
+from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
+from .scheduler import StepPlan
+
+SUPPORTED_ARCHITECTURES = ("mistral4", "deepseek_v3")
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int = 64):
+        args = model.args
+        if args.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {args.model_type!r}: this server serves "
+                f"MLA models of types {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.model = model
+        self.inner = model.model
+        self.block_size = block_size
+        self.dtype = self.inner.embed_tokens.weight.dtype
+        rp = getattr(args, "rope_parameters", None) or {}
+        self.llama4 = (
+            (rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"])
+            if args.model_type == "mistral4" and "llama_4_scaling_beta" in rp
+            else None
+        )
+        self.caches = [
+            LatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, dtype=self.dtype)
+            for _ in self.inner.layers
+        ]
+        mx.eval(*[a for c in self.caches for a in c.arrays()])
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def run(self, plan: StepPlan) -> mx.array:
+        """Logits [N, V] (float32) for the sequences that sample this step, in plan order:
+        every decode, then every prefill whose chunk reaches the end of its sequence."""
+        tokens, positions, last_rows = [], [], []
+        for seq in plan.decodes:
+            tokens.append(seq.token_ids[-1])
+            positions.append(seq.num_computed)
+            last_rows.append(len(tokens) - 1)
+        chunks = []
+        for seq, n in plan.prefills:
+            start = seq.num_computed
+            tokens.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            nb = -(-(start + n) // self.block_size)
+            chunks.append(PrefillChunk(start, n, mx.array(seq.block_table[:nb], mx.int32), self._slots(seq, start, n)))
+            if start + n == len(seq):
+                last_rows.append(len(tokens) - 1)
+
+        batch = AttentionBatch(
+            positions=mx.array(positions, mx.int32),
+            num_decodes=len(plan.decodes),
+            block_table=self._block_table(plan.decodes) if plan.decodes else None,
+            context_lens=mx.array([s.num_computed for s in plan.decodes], mx.int32) if plan.decodes else None,
+            prefills=chunks,
+            attn_scale=None,
+        )
+        if self.llama4:
+            batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
+
+        h = self.inner.embed_tokens(mx.array(tokens, mx.int32))
+        for layer, cache in zip(self.inner.layers, self.caches):
+            h = h + mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch)
+            h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]
+        h = self.inner.norm(h[mx.array(last_rows, mx.int32)])
+        if self.model.args.tie_word_embeddings:
+            logits = self.inner.embed_tokens.as_linear(h)
+        else:
+            logits = self.model.lm_head(h)
+        return logits.astype(mx.float32)
+
+    def cache_arrays(self) -> list[mx.array]:
+        return [a for c in self.caches for a in c.arrays()]
+
+    def _slots(self, seq, start: int, n: int) -> mx.array:
+        bs = self.block_size
+        return mx.array([seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)], mx.int32)
+
+    def _block_table(self, seqs) -> mx.array:
+        width = max(len(s.block_table) for s in seqs)
+        return mx.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], mx.int32)
