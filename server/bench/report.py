@@ -35,3 +35,28 @@ def update_section(path: str | Path, name: str, markdown: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(series: dict[str, list[dict]]) -> str:
+    """A markdown table with one row per (label, concurrency) of `run_load` results."""
+    lines = [
+        "| run | clients | done/sent | errors | prompt tok | TTFT p50 / p90 / p99 ms | ITL p50 / p99 ms"
+        " | req tok/s (mean) | total tok/s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, results in series.items():
+        for r in results:
+            s = r["summary"]
+            errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "0"
+            ttft = " / ".join(_fmt(s["ttft_ms"][p], 0) for p in ("p50", "p90", "p99"))
+            itl = " / ".join(_fmt(s["itl_ms"][p]) for p in ("p50", "p99"))
+            lines.append(
+                f"| {label} | {r['config']['concurrency']} | {s['completed']}/{s['requests']} | {errors}"
+                f" | {_fmt(s['mean_prompt_tokens'], 0)} | {ttft} | {itl}"
+                f" | {_fmt(s['request_tokens_per_s']['mean'])} | {_fmt(s['aggregate_tokens_per_s'])} |"
+            )
+    return "\n".join(lines)

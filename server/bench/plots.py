@@ -1,0 +1,41 @@
+"""PNG plots of load-run summaries against concurrency; matplotlib is imported only when plotting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# (summary key, sub-key, axis label) for the latency panel.
+_LATENCY = (("ttft_ms", "p50", "TTFT p50"), ("ttft_ms", "p99", "TTFT p99"), ("itl_ms", "p50", "ITL p50"))
+
+
+def plot_series(series: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+    """Write one PNG: aggregate tokens/s (left) and latencies (right) against concurrency.
+
+    `series` maps a label (a server, a prompt length) to `run_load` results, one per concurrency.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tp, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, results in series.items():
+        xs = [r["config"]["concurrency"] for r in results]
+        sums = [r["summary"] for r in results]
+        ax_tp.plot(xs, [s["aggregate_tokens_per_s"] or 0.0 for s in sums], marker="o", label=label)
+        for key, sub, name in _LATENCY:
+            ys = [s[key][sub] for s in sums]
+            ax_lat.plot(xs, [float("nan") if y is None else y for y in ys], marker=".", label=f"{label}: {name}")
+    ax_tp.set(xlabel="concurrent clients", ylabel="output tokens/s (aggregate)", title="Throughput")
+    ax_lat.set(xlabel="concurrent clients", ylabel="ms", title="Latency", yscale="log")
+    for ax in (ax_tp, ax_lat):
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

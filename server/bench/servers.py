@@ -1,0 +1,123 @@
+"""Start a server under test as a child process, wait for its health, track its peak memory, stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> tuple[int | None, int | None]:
+    """(current, peak) resident set size of `pid`: /proc's VmRSS/VmHWM on Linux; elsewhere
+    `ps -o rss` gives only the current value, so callers poll it for a peak."""
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():
+        fields = {}
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields.get("VmRSS"), fields.get("VmHWM")
+    try:
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip()) * 1024, None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None, None
+
+
+class ServerProcess:
+    """A server command run in its own process group, output to `log_path`.
+
+    `peak_rss` is the largest resident size seen: the kernel's high-water mark where it keeps one,
+    else the largest of samples taken every `sample_s` seconds.
+    """
+
+    def __init__(self, argv: list[str], base_url: str, log_path: Path, sample_s: float = 0.25):
+        self.argv, self.base_url, self.log_path, self.sample_s = argv, base_url.rstrip("/"), log_path, sample_s
+        self.proc: subprocess.Popen | None = None
+        self.peak_rss: int | None = None
+        self._stop_sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop_sampling.is_set() and self.proc.poll() is None:
+            self._sample_once()
+            self._stop_sampling.wait(self.sample_s)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Poll GET /health (at the server root, above /v1) until 200; raise with the log's tail if
+        the process exits or time runs out."""
+        root = self.base_url.removesuffix("/v1")
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.argv[:4]} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if client.get(f"{root}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"{self.argv[:4]} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def health(self) -> dict | None:
+        """The /health JSON, where the server returns one."""
+        try:
+            resp = httpx.get(f"{self.base_url.removesuffix('/v1')}/health", timeout=5.0, trust_env=False)
+            return resp.json() if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after `timeout_s`; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self._sample_once()
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._stop_sampling.set()
+        self._sampler.join()
+        return self.proc.returncode
+
+    def _sample_once(self) -> None:
+        current, peak = rss_bytes(self.proc.pid)
+        self.peak_rss = max((v for v in (current, peak, self.peak_rss) if v is not None), default=None)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """argv running `module` with this interpreter (the project's environment)."""
+    return [sys.executable, "-m", module, *args]
