@@ -1,0 +1,113 @@
+"""The bridge between asyncio and the engine thread, which owns all MLX work.
+
+Requests enter through a thread-safe queue; the thread steps the engine while it has work and
+sleeps on the queue while it has none. Deltas flow back through `loop.call_soon_threadsafe` into
+one asyncio queue per request. Closing a request's iterator early (client gone) aborts it, and the
+engine frees its blocks at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator
+
+from .llm_engine import LLMEngine
+from .sequence import Sequence
+from .types import EngineError, PromptTooLong, SamplingParams, StreamDelta
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
+
+    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, request_timeout: float = 600.0):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.config.max_model_len
+        self.request_timeout = request_timeout
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- EngineClient -------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]:
+        if self._stopping.is_set():
+            raise EngineError("server is shutting down")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}"
+            )
+        if not prompt_ids:
+            raise EngineError("prompt is empty")
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(
+            request_id, list(prompt_ids), params,
+            emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
+            deadline=time.monotonic() + self.request_timeout,
+        )
+        self._inbox.put(("add", seq))
+        done = False
+        try:
+            while not done:
+                item = await deltas.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            if not done:
+                self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        return {"model": self.model_name, "max_model_len": self.max_model_len, **self.engine.stats()}
+
+    def shutdown(self) -> None:
+        """End every live generation with an error event and stop the thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stopping.is_set():
+            self._drain(block=not engine.has_work)
+            if self._stopping.is_set():
+                break
+            try:
+                engine.step()
+            except Exception as exc:  # a failed step must not take the server down
+                log.exception("engine step failed; failing the requests in flight")
+                engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
+        engine.fail_all(EngineError("server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            kind, item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if kind == "add":
+                self.engine.add(item)
+            elif kind == "abort":
+                self.engine.abort(item)
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
