@@ -1,0 +1,225 @@
+"""Every server option, declared once in `Settings`.
+
+The command-line flags (`--max-num-seqs`), the TOML file keys (`max_num_seqs`) and the environment
+variables (`MLA_SERVER_MAX_NUM_SEQS`) are all derived from the dataclass fields, so an option added
+here exists everywhere at once. Precedence: default < file < environment < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+ENV_PREFIX = "MLA_SERVER_"
+PROG = "mla-server"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+SECRET_OPTIONS = frozenset({"api_key"})
+
+
+def _option(default: Any, help: str, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
+    return field(default=default, metadata={"help": help, "check": check, "rule": rule})
+
+
+_POSITIVE = {"check": lambda v: v > 0, "rule": "must be > 0"}
+
+
+@dataclass
+class Settings:
+    model: str | None = _option(
+        None, "local directory or Hugging Face repo id of an MLA model (unset: the embedded demo model)"
+    )
+    host: str = _option("127.0.0.1", "address to listen on (0.0.0.0 serves the whole network)")
+    port: int = _option(8080, "TCP port to listen on", lambda v: 0 <= v <= 65535, "must be in 0..65535")
+    max_num_seqs: int = _option(64, "most sequences decoded together in one batch", **_POSITIVE)
+    max_model_len: int | None = _option(
+        None, "longest prompt + completion in tokens (unset: the model's own limit)", **_POSITIVE
+    )
+    cache_tokens: int | None = _option(
+        None, "latent cache capacity in tokens (unset: sized by --cache-memory-fraction)", **_POSITIVE
+    )
+    cache_memory_fraction: float = _option(
+        0.5,
+        "share of device memory given to the latent cache when --cache-tokens is unset",
+        lambda v: 0 < v <= 1,
+        "must be in (0, 1]",
+    )
+    prefill_chunk_size: int = _option(512, "prompt tokens prefilled per sequence per engine step", **_POSITIVE)
+    max_num_batched_tokens: int = _option(
+        2048, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
+    )
+    request_timeout: float = _option(600.0, "seconds a request may run before it is ended", **_POSITIVE)
+    log_level: str = _option(
+        "info", "one of " + ", ".join(LOG_LEVELS), lambda v: v in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS)
+    )
+    api_key: str | None = _option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
+    served_model_name: str | None = _option(
+        None, "model name clients send and see (unset: derived from --model)"
+    )
+    config: str | None = _option(None, "TOML file holding any of these options, keys spelled with underscores")
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the option and its source."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[Settings, dict[str, str]]:
+    """Settings from defaults, the TOML file, the environment and `argv`, in rising precedence.
+
+    Returns the settings and, per option name, where its value came from: "default", "file",
+    "env" or "cli". Exits 0 after printing with --print-config; exits 2 with one line on stderr
+    for a bad value, an unknown file key or a missing file.
+    """
+    env = os.environ if env is None else env
+    parser = build_parser()
+    cli = vars(parser.parse_args(argv))
+    print_config = cli.pop("print_config")
+    try:
+        values, sources = _merge(cli, env)
+        settings = Settings(**values)
+        _check(settings, sources)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if print_config:
+        print(format_settings(settings, sources), end="")
+        raise SystemExit(0)
+    return settings, sources
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="OpenAI-compatible server for Multi-head Latent Attention models on MLX.",
+        epilog=f"Every option can also be set in the --config file or as {ENV_PREFIX}<NAME> in the "
+        "environment; precedence: file < environment < command line. An empty value unsets an "
+        "option whose default is unset.",
+    )
+    for f in dataclasses.fields(Settings):
+        kind, _ = _kind(f)
+        shown = "unset" if f.default is None else f.default
+        parser.add_argument(
+            flag(f.name),
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            type=_cli_parser(f),
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [default: {shown}; env {env_name(f.name)}]",
+        )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective settings and their sources, then exit"
+    )
+    return parser
+
+
+def format_settings(settings: Settings, sources: Mapping[str, str]) -> str:
+    """One `name = value  # source` line per option; secrets are masked."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            shown = "(unset)"
+        elif f.name in SECRET_OPTIONS:
+            shown = '"***"'
+        else:
+            shown = json.dumps(value)
+        rows.append((f"{f.name} = {shown}", sources[f.name]))
+    width = max(len(left) for left, _ in rows)
+    return "".join(f"{left.ljust(width)}  # {source}\n" for left, source in rows)
+
+
+def _merge(cli: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values = {name: f.default for name, f in fields.items()}
+    sources = dict.fromkeys(fields, "default")
+    from_env = {
+        name: _parse_text(f, env[env_name(name)], env_name(name))
+        for name, f in fields.items()
+        if env_name(name) in env
+    }
+    path = cli.get("config", from_env.get("config"))
+    layers = [("file", _read_file(path, fields) if path else {}), ("env", from_env), ("cli", cli)]
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    return values, sources
+
+
+def _read_file(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    values = {}
+    for key, value in data.items():
+        if key not in fields or key == "config":
+            known = ", ".join(n for n in fields if n != "config")
+            raise ConfigError(f"config file {path}: unknown key {key!r} (known keys: {known})")
+        values[key] = _parse_toml(fields[key], value, f"config file {path}: {key}")
+    return values
+
+
+def _kind(f: dataclasses.Field) -> tuple[type, bool]:
+    """The option's value type and whether it may be unset (None)."""
+    hint = typing.get_type_hints(Settings)[f.name]
+    if isinstance(hint, types.UnionType):
+        (base,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return base, True
+    return hint, False
+
+
+def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
+    kind, optional = _kind(f)
+    if optional and text == "":
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{where}={text!r} is not a valid {kind.__name__}") from None
+
+
+def _parse_toml(f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind, _ = _kind(f)
+    # TOML writes 8080 as int where a float is expected; bool is an int subclass but never a number here.
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or isinstance(value, bool):
+        raise ConfigError(f"{where} = {value!r} is not a valid {kind.__name__}")
+    return kind(value)
+
+
+def _cli_parser(f: dataclasses.Field) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return _parse_text(f, text, flag(f.name))
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"invalid {_kind(f)[0].__name__} value: {text!r}") from None
+
+    return parse
+
+
+def _check(settings: Settings, sources: Mapping[str, str]) -> None:
+    for f in dataclasses.fields(Settings):
+        value, check = getattr(settings, f.name), f.metadata["check"]
+        if value is not None and check is not None and not check(value):
+            where = {"default": "default", "file": "config file", "env": env_name(f.name), "cli": flag(f.name)}
+            raise ConfigError(f"{f.name} = {value!r} (from {where[sources[f.name]]}) {f.metadata['rule']}")

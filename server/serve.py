@@ -1,0 +1,114 @@
+"""Run the server for one `Settings`: claim the port, load the engine, serve HTTP until a signal.
+
+On SIGTERM (how launchd stops a job) or SIGINT the engine ends its live generations first, so
+every open stream gets its final event and closes; then uvicorn drains and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import sys
+from typing import Iterator
+
+import uvicorn
+
+from server import engine as engine_package
+from server.api.app import create_app
+from server.config import PROG, Settings
+from server.engine.types import EngineClient, EngineError
+
+log = logging.getLogger(__name__)
+
+# Streams still open this long after a signal are cut, safely inside launchd's ExitTimeOut
+# (deploy/templates/agent.plist) after which the process would be killed outright.
+GRACEFUL_SHUTDOWN_S = 20
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 when the port or the model is unusable."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    try:
+        sock = _claim_port(settings.host, settings.port)
+    except OSError as e:
+        print(f"{PROG}: {_port_problem(settings.host, settings.port, e)}", file=sys.stderr)
+        return 1
+    with sock:
+        log.info("loading %s", settings.model or "the embedded demo model")
+        try:
+            engine = engine_package.build_engine(settings)
+        except EngineError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+        try:
+            app = create_app(engine, api_key=settings.api_key, served_model_name=settings.served_model_name)
+            config = uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level,
+                log_config=None,  # keep the root logger's format set above
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+            server = _Server(config, engine)
+            server.run(sockets=[sock])
+        finally:
+            engine.shutdown()
+    return 0 if server.started else 1
+
+
+def _claim_port(host: str, port: int) -> socket.socket:
+    """Bind now, listen later: a taken port fails before the model loads, and clients get
+    'connection refused' rather than a hang while it does."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _port_problem(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use (see who holds it: lsof -nP -iTCP:{port} -sTCP:LISTEN); "
+            "stop that process or choose another --port"
+        )
+    return f"cannot listen on {host}:{port}: {e.strerror or e}"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, made to end the engine's streams on a signal and to exit 0 afterwards."""
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient) -> None:
+        super().__init__(config)
+        self._engine = engine
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit:
+            # uvicorn waits for open connections before its lifespan shutdown, so streams must be
+            # ended here or it would wait forever. Run on the loop, not inside the signal handler,
+            # where the engine's locks may be held by the very code this signal interrupted.
+            asyncio.get_running_loop().call_soon_threadsafe(self._engine.shutdown)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version re-raises the signal after a graceful stop, which would turn a
+        # clean SIGTERM into a death by signal; launchd must see exit status 0.
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
