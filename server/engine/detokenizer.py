@@ -1,0 +1,112 @@
+"""Streaming detokenization of one sequence: token ids in, safe text deltas out.
+
+Text is decoded over a short sliding window of recent tokens (prefix / read offsets, as TGI and
+vLLM do): the window's text minus the text of its already-read head is what the newest tokens
+added. Decoding a window rather than single tokens keeps SentencePiece's leading spaces and
+byte-level BPE's multi-token characters right, and keeps the cost per token independent of the
+output length.
+
+Two things are held back: the tail of an incomplete UTF-8 sequence (decoded as U+FFFD until its
+last byte arrives) and the longest tail that could still grow into a stop string.
+"""
+
+from __future__ import annotations
+
+_INCOMPLETE = "\ufffd"
+# Prompt tokens decoded ahead of the output, so the first output token is decoded in context
+# (e.g. keeps its SentencePiece leading space when it continues the prompt's text).
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    """tokenizer: a Hugging Face tokenizer or mlx-lm's TokenizerWrapper around one."""
+
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int] | None,
+        stop: list[str],
+        skip_special_tokens: bool = True,
+    ):
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._stop = [s for s in stop if s]
+        self._stopped = False
+        self._pending = ""  # released text that may be the start of a stop string
+
+        context = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
+        if self._decode(context).endswith(_INCOMPLETE):
+            context = []  # a prompt cut mid-character would shift the text offsets below
+        self._ids = context
+        self._prefix = 0  # window start (token index)
+        self._read = len(context)  # tokens before this were already turned into text
+        self._prefix_len = len(self._decode(context))
+        self._released = 0  # chars of the window's new text already passed on
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was completed; nothing from it onwards is ever emitted."""
+        return self._stopped
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text that is now safe to emit (may be "")."""
+        if self._stopped:
+            return ""
+        self._ids.append(token_id)
+        new = self._window_text()
+        if new.endswith(_INCOMPLETE):
+            # Pass on the complete characters; the window stays until the sequence completes.
+            ready = new.rstrip(_INCOMPLETE)
+            text = ready[self._released:]
+            self._released = max(self._released, len(ready))
+        else:
+            text = new[self._released:]
+            self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_len = len(self._decode(self._ids[self._prefix:self._read]))
+            self._released = 0
+        return self._filter_stop(text)
+
+    def finish(self) -> str:
+        """Flush everything held back; call once when the sequence ends without a stop string."""
+        if self._stopped:
+            return ""
+        new = self._window_text()
+        text = self._filter_stop(new[self._released:])
+        self._released = len(new)
+        if not self._stopped:
+            text += self._pending
+        self._pending = ""
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of tokenization spaces: it rewrites text across token boundaries
+        # (" ," -> ","), so a streamed space could be taken back later.
+        return self._tokenizer.decode(
+            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
+        )
+
+    def _window_text(self) -> str:
+        """Text the tokens after the read offset add to the window."""
+        return self._decode(self._ids[self._prefix:])[self._prefix_len:]
+
+    def _filter_stop(self, text: str) -> str:
+        """Cut at the first completed stop string; hold back a tail that may begin one."""
+        if not self._stop or not text:
+            return text
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self._stopped = True
+            self._pending = ""
+            return buf[:min(hits)]
+        hold = max(_stop_prefix_len(buf, s) for s in self._stop)
+        self._pending = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold]
+
+
+def _stop_prefix_len(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
