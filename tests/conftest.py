@@ -1,0 +1,47 @@
+"""Shared fixtures: a real uvicorn server for any ASGI app, on a free local port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+import uvicorn
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[..., str]]:
+    """`serve_app(app)` starts uvicorn in a thread and returns its base URL ("http://127.0.0.1:PORT").
+
+    Lifespan runs; every server is stopped (its lifespan shutdown included) when the test ends.
+    """
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(app, **config) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))  # the OS picks the port; keeping the socket means no race
+        config = {"log_level": "warning", "timeout_graceful_shutdown": 5, **config}
+        server = uvicorn.Server(uvicorn.Config(app, **config))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, _ in running:
+        server.should_exit = True
+    for _, thread in running:
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (`@pytest.mark.anyio`) run on asyncio, as uvicorn does."""
+    return "asyncio"
