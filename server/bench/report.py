@@ -44,7 +44,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def results_table(series: dict[str, list[dict]]) -> str:
     """A markdown table with one row per (label, concurrency) of `run_load` results."""
     lines = [
-        "| run | clients | done/sent | errors | prompt tok | TTFT p50 / p90 / p99 ms | ITL p50 / p99 ms"
+        "| run | clients | done/sent | errors | prompt / out tok | TTFT p50 / p90 / p99 ms | ITL p50 / p99 ms"
         " | req tok/s (mean) | total tok/s |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -56,7 +56,7 @@ def results_table(series: dict[str, list[dict]]) -> str:
             itl = " / ".join(_fmt(s["itl_ms"][p]) for p in ("p50", "p99"))
             lines.append(
                 f"| {label} | {r['config']['concurrency']} | {s['completed']}/{s['requests']} | {errors}"
-                f" | {_fmt(s['mean_prompt_tokens'], 0)} | {ttft} | {itl}"
+                f" | {_fmt(s['mean_prompt_tokens'], 0)} / {_fmt(s['mean_output_tokens'], 0)} | {ttft} | {itl}"
                 f" | {_fmt(s['request_tokens_per_s']['mean'])} | {_fmt(s['aggregate_tokens_per_s'])} |"
             )
     return "\n".join(lines)

@@ -84,6 +84,7 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "wall_s": wall_s,
         "output_tokens": tokens,
         "mean_prompt_tokens": _mean(prompts),
+        "mean_output_tokens": _mean([r.output_tokens for r in records if r.finished]),
         "ttft_ms": {f"p{q}": ms(percentile(ttfts, q)) for q in (50, 90, 99)},
         "itl_ms": {f"p{q}": ms(percentile(gaps, q)) for q in (50, 99)},
         "request_tokens_per_s": {

@@ -1,0 +1,102 @@
+"""The `serving` section of docs/benchmarks.md, rendered from every side-by-side summary in docs/bench/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from server.bench.report import results_table, update_section
+
+SECTION = "serving"
+
+GPU_COMMAND = (
+    "python -m server.bench.side_by_side --model MODEL_DIR --tag h100 "
+    "--results-dir $OUT/side_by_side --docs-data $OUT/bench --no-docs"
+)
+
+INTRO = """\
+## Serving: side by side with mlx_lm.server
+
+`python -m server.bench.side_by_side` starts each server in turn on the same model directory and
+machine: ours, `mlx_lm.server` as it batches by default, and `mlx_lm.server --kv-bits 4`. It drives
+each with the load generator (`python -m server.bench`: streaming clients, greedy decoding, EOS
+suppressed with `logit_bias` so every request produces `max_tokens`, distinct random-word prompts so
+no prefix cache helps) at each concurrency and prompt length, a request count and a time bound per
+cell, then stops it. TTFT is from sending the request to the first content chunk; ITL is the gap
+between content chunks; "req tok/s" is a request's decode rate after its first token; "total tok/s"
+is every output token received in the cell over the cell's wall time. Requests still running when a
+cell's time bound passes are cut (counted in "done/sent", not as errors). Peak RSS is the server
+process's high-water mark (Linux VmHWM; sampled `ps -o rss` on macOS, where Metal buffers are not
+all counted). Cache bytes are per token per layer, from the model's config.
+
+mlx-lm 0.32.2 facts that shape the `--kv-bits 4` rows, checked on this version: `--kv-bits` disables
+batching (requests are served one at a time); the cache stays full precision until
+`--quantized-kv-start` tokens (default 5000); and mlx-lm's `mistral4` cannot decode from a quantized
+cache at all (with the rope head 16 wide the quantize fails on group size 64; with 64 wide the
+decode path raises `AttributeError: 'list' object has no attribute 'swapaxes'`), so any request
+past 5000 tokens fails there."""
+
+
+def _fmt_mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.0f}"
+
+
+def _memory_table(run: dict) -> str:
+    cache = run["cache_bytes_per_token_layer"]
+    lines = ["| server | cache bytes / token / layer | peak RSS MiB | startup s | exit | server-reported |",
+             "|---|---:|---:|---:|---:|---|"]
+    for s in run["servers"]:
+        health = s.get("health") or {}
+        reported = {k: v for k, v in health.items() if k not in ("status", "model", "object")}
+        shown = json.dumps(reported, separators=(",", ":"))[:160] if reported else "–"
+        startup = "–" if s["startup_s"] is None else f"{s['startup_s']:.1f}"
+        lines.append(f"| {s['label']} | {cache.get(s['name'], '–')} | {_fmt_mib(s['peak_rss_bytes'])} | "
+                     f"{startup} | {s['exit_code']} | `{shown}` |")
+    return "\n".join(lines)
+
+
+def render_run(run: dict, docs_dir: Path, data_dir: Path) -> str:
+    m, st = run["model"], run["settings"]
+    out = [
+        f"### {run['tag']}: {run['device']}, {run['date']}",
+        "",
+        f"Command: `{run['command']}` ({run['wall_s'] / 60:.1f} min). Model: `{m['model_type']}`, "
+        f"{m['layers']} layers, {m['dtype']}-byte dtype, context {m['context']}. Cells: "
+        f"{st['requests_per_client']} requests per client (at least 4), {st['cell_seconds']:.0f} s bound, "
+        f"{st['max_tokens']} output tokens.",
+    ]
+    for requested, used in st["prompt_plan"]:
+        clamp = "" if requested == used else f" (asked for {requested}; clamped to the model's context)"
+        series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_target"] == used] for s in run["servers"]}
+        series = {k: v for k, v in series.items() if v}
+        out += ["", f"#### ~{used}-token prompts{clamp}", ""]
+        out.append(results_table(series) if series else "No cell ran.")
+        png = data_dir / f"side_by_side_{run['tag']}_{requested}.png"
+        if png.exists():
+            out += ["", f"![{run['tag']} ~{used}-token prompts]({os.path.relpath(png, docs_dir)})"]
+    out += ["", "#### Memory", "", _memory_table(run)]
+    failed = [f"- {s['label']} failed: {s['error'].splitlines()[0]}" for s in run["servers"] if s["error"]]
+    if failed:
+        out += ["", *failed]
+    return "\n".join(out)
+
+
+def render_section(docs: str | Path, data_dir: str | Path) -> str:
+    """Rewrite the `serving` section of `docs` from `data_dir/side_by_side_*.json`; returns its text."""
+    docs, data_dir = Path(docs), Path(data_dir)
+    runs = [json.loads(p.read_text()) for p in sorted(data_dir.glob("side_by_side_*.json"))]
+    parts = [INTRO]
+    parts += [render_run(r, docs.parent, data_dir) for r in sorted(runs, key=lambda r: r["tag"] != "cpu")]
+    if not any(r["tag"] in ("h100", "cuda") for r in runs):
+        parts.append(
+            "### h100: to be run on the H100\n\n"
+            "Not run yet. On the GPU machine, with a Mistral-Small-4-shaped model directory (real\n"
+            "dimensions, 8 layers, random 4-bit weights in HF layout, `embed_q`/`unembed_out` unquantized):\n\n"
+            f"    {GPU_COMMAND}\n\n"
+            "then copy `$OUT/bench/side_by_side_h100*` into docs/bench/ and run\n"
+            "`python -m server.bench.side_by_side --render-only` to re-render this section."
+        )
+    text = "\n\n".join(parts)
+    update_section(docs, SECTION, text)
+    return text

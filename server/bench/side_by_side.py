@@ -1,0 +1,267 @@
+"""`python -m server.bench.side_by_side`: our server and mlx_lm.server on one model and machine, in turn.
+
+Each server is started, driven at every (prompt length, concurrency) cell with a bounded request
+count and time, read for peak memory and stopped. Full results go to --results-dir; a summary JSON
+and PNGs per device tag go to docs/bench/, and the `serving` section of docs/benchmarks.md is
+re-rendered from every tag's summary there (so a CPU run and a GPU run sit side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.bench import cache_bytes
+from server.bench.__main__ import concurrency_list
+from server.bench.loadgen import LoadConfig, run_load
+from server.bench.prompts import LengthDist, SyntheticPrompts, calibrate_tokens_per_word
+from server.bench.render import render_section
+from server.bench.servers import ServerProcess, free_port, python_module
+
+# Room for the chat template and the output when a prompt length is clamped to the context.
+_TEMPLATE_MARGIN = 64
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    label: str
+    module_args: tuple[str, ...]  # `python -m` module and its arguments before --model
+    extra: tuple[str, ...] = ()
+    model_name: str | None = None  # None: ask GET /v1/models
+
+    def argv(self, model: Path, port: int, user_args: list[str]) -> list[str]:
+        return python_module(*self.module_args, "--model", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), *self.extra, *user_args)
+
+
+SERVERS = {
+    "ours": ServerKind("ours (INT4 paged latent)", ("server",)),
+    # mlx_lm.server maps the name "default_model" to its --model; another name would make it load that.
+    "mlx_lm": ServerKind("mlx_lm.server", ("mlx_lm", "server"), model_name="default_model"),
+    "mlx_lm_kv4": ServerKind("mlx_lm.server --kv-bits 4", ("mlx_lm", "server"), ("--kv-bits", "4"),
+                             model_name="default_model"),
+}
+
+
+def server_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"servers must be among {', '.join(SERVERS)}; got {text!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.bench.side_by_side", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model directory (default: the embedded demo model)")
+    p.add_argument("--servers", type=server_list, default=list(SERVERS), help="default: " + ",".join(SERVERS))
+    p.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 64])
+    p.add_argument("--prompt-tokens", type=concurrency_list, default=[1024, 8192],
+                   help="prompt lengths; clamped to the model's context")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests per cell = this x clients, >= 4")
+    p.add_argument("--cell-seconds", type=float, default=40.0, help="time bound of one cell")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--quick", action="store_true",
+                   help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells")
+    p.add_argument("--tag", help="device tag naming the docs files (default: cpu, cuda or metal)")
+    p.add_argument("--device", help="device description for the docs (default: detected)")
+    p.add_argument("--ours-args", default="", help="extra arguments for our server (one shell-quoted string)")
+    p.add_argument("--mlx-lm-args", default="", help="extra arguments for both mlx_lm.server runs")
+    p.add_argument("--results-dir", type=Path, default=Path("out/bench/side_by_side"))
+    p.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--docs-data", type=Path, default=Path("docs/bench"), help="summary JSON and PNGs")
+    p.add_argument("--no-docs", action="store_true", help="write --results-dir only")
+    p.add_argument("--render-only", action="store_true", help="re-render the docs section from --docs-data")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.prompt_tokens = [c for c in args.concurrency if c <= 16] or [1], [1024]
+        args.max_tokens, args.requests_per_client, args.cell_seconds = 16, 1, 15.0
+    if args.max_tokens < 1 or args.requests_per_client < 1 or args.cell_seconds <= 0:
+        p.error("--max-tokens and --requests-per-client must be >= 1, --cell-seconds > 0")
+    for name in ("ours_args", "mlx_lm_args"):
+        try:
+            setattr(args, name, shlex.split(getattr(args, name)))
+        except ValueError as e:
+            p.error(f"--{name.replace('_', '-')}: {e}")
+    return args
+
+
+def detect_device() -> tuple[str, str]:
+    """(description, tag) of the accelerator MLX would use here."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0], "cuda"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if sys.platform == "darwin":
+        chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return f"{chip.stdout.strip() or platform.machine()} (Metal)", "metal"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores (MLX CPU backend)", "cpu"
+
+
+def _busy(health: dict | None) -> bool:
+    """Whether /health says requests are still running (servers that don't say count as idle)."""
+    if not isinstance(health, dict):
+        return False
+    for key, value in health.items():
+        if key in ("running", "num_running") and isinstance(value, int) and value > 0:
+            return True
+        if isinstance(value, dict) and _busy(value):
+            return True
+    return False
+
+
+def _settle(server: ServerProcess, timeout_s: float = 30.0) -> None:
+    """Let requests cut off by a cell's time bound drain before the next cell starts."""
+    deadline = time.monotonic() + timeout_s
+    time.sleep(1.0)
+    while _busy(server.health()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tuple[int, int]]:
+    """(requested, used) prompt lengths: each clamped so prompt + template + output fit the context."""
+    limit = context - max_tokens - _TEMPLATE_MARGIN
+    if limit < 1:
+        raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt in a {context}-token context")
+    plan = []
+    for n in requested:
+        used = min(n, limit)
+        if (n, used) not in plan:
+            plan.append((n, used))
+    return plan
+
+
+def run_server(name: str, args, model: Path, plan, tpw: float, eos_ids: list[int]) -> dict:
+    kind = SERVERS[name]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    user_args = args.ours_args if name == "ours" else args.mlx_lm_args
+    argv = kind.argv(model, port, user_args)
+    server = ServerProcess(argv, base, args.results_dir / f"{name}.log")
+    print(f"== {kind.label}: {shlex.join(argv)}", file=sys.stderr)
+    cells, error = [], None
+    t0 = time.monotonic()
+    server.start()
+    try:
+        server.wait_healthy(args.startup_timeout)
+        startup_s = time.monotonic() - t0
+        for requested, used in plan:
+            # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
+            extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
+            source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, tokens_per_word=tpw, seed=used)
+            for i, c in enumerate(args.concurrency):
+                cfg = LoadConfig(base_url=base, model=kind.model_name, concurrency=c,
+                                 num_requests=max(4, args.requests_per_client * c), duration_s=args.cell_seconds,
+                                 warmup_requests=1 if i == 0 else 0, temperature=0.0, ignore_eos=True,
+                                 request_timeout_s=max(args.cell_seconds, 60.0), extra_body=extra)
+                result = asyncio.run(run_load(source, cfg))
+                result["prompt_tokens_requested"], result["prompt_tokens_target"] = requested, used
+                cells.append(result)
+                _settle(server)
+        health = server.health()
+    except (RuntimeError, TimeoutError) as e:
+        error, health, startup_s = str(e), None, None
+    finally:
+        exit_code = server.stop()
+    return {"name": name, "label": kind.label, "argv": argv, "startup_s": startup_s, "error": error,
+            "peak_rss_bytes": server.peak_rss, "health": health, "exit_code": exit_code, "cells": cells}
+
+
+def _eos_ids(config: dict) -> list[int]:
+    eos = config.get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def run(args) -> dict:
+    if args.model is None:
+        from server.engine.demo_model import ensure_demo_model
+
+        args.model = ensure_demo_model()
+    model = args.model.resolve()
+    config = json.loads((model / "config.json").read_text())
+    tokenizer = model / "tokenizer.json"
+    tpw = calibrate_tokens_per_word(tokenizer) if tokenizer.exists() else 1.0
+    plan = prompt_plan(args.prompt_tokens, config.get("max_position_embeddings", 4096), args.max_tokens)
+    device, tag = detect_device()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.monotonic()
+    servers = [run_server(name, args, model, plan, tpw, _eos_ids(config)) for name in args.servers]
+    return {
+        "tag": args.tag or tag,
+        "device": args.device or device,
+        "date": started,
+        "wall_s": time.monotonic() - t0,
+        "command": "python -m server.bench.side_by_side " + shlex.join(sys.argv[1:]),
+        "model": {"path": str(model), "model_type": config.get("model_type"),
+                  "layers": config.get("num_hidden_layers"), "dtype": cache_bytes.dtype_bytes(config),
+                  "context": config.get("max_position_embeddings"), "tokens_per_word": tpw},
+        "settings": {"concurrency": args.concurrency, "prompt_plan": plan, "max_tokens": args.max_tokens,
+                     "requests_per_client": args.requests_per_client, "cell_seconds": args.cell_seconds},
+        "cache_bytes_per_token_layer": {"ours": cache_bytes.ours(config),
+                                        "mlx_lm": cache_bytes.mlx_lm_full(config),
+                                        "mlx_lm_kv4": cache_bytes.mlx_lm_full(config),
+                                        "mlx_lm_kv4_if_quantized": cache_bytes.mlx_lm_int4(config)},
+        "servers": servers,
+    }
+
+
+def write_outputs(run_result: dict, args) -> None:
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    full = args.results_dir / f"side_by_side_{run_result['tag']}.json"
+    full.write_text(json.dumps(run_result, indent=1))
+    print(f"results: {full}", file=sys.stderr)
+    if args.no_docs:
+        return
+    from server.bench.plots import plot_series
+
+    tag = run_result["tag"]
+    args.docs_data.mkdir(parents=True, exist_ok=True)
+    for requested, used in run_result["settings"]["prompt_plan"]:
+        series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_target"] == used]
+                  for s in run_result["servers"]}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            plot_series(series, args.docs_data / f"side_by_side_{tag}_{requested}.png",
+                        f"{run_result['device']}: ~{used}-token prompts")
+    summary = {**run_result, "servers": [
+        {**s, "cells": [{k: v for k, v in c.items() if k != "records"} for c in s["cells"]]}
+        for s in run_result["servers"]]}
+    (args.docs_data / f"side_by_side_{tag}.json").write_text(json.dumps(summary, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.render_only:
+        write_outputs(run(args), args)
+    if not args.no_docs:
+        render_section(args.docs, args.docs_data)
+        print(f"docs: {args.docs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
