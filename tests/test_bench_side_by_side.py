@@ -1,0 +1,102 @@
+"""The side-by-side script's argument handling and docs rendering; no server is started."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server.bench import cache_bytes
+from server.bench.render import render_section
+from server.bench.side_by_side import SERVERS, _busy, parse_args, prompt_plan
+
+
+def test_defaults_cover_the_issue_matrix():
+    args = parse_args([])
+    assert args.servers == ["ours", "mlx_lm", "mlx_lm_kv4"]
+    assert args.concurrency == [1, 4, 16, 64] and args.prompt_tokens == [1024, 8192]
+    assert args.model is None and not args.render_only
+
+
+def test_quick_shrinks_the_run():
+    args = parse_args(["--quick"])
+    assert args.concurrency == [1, 4, 16] and args.prompt_tokens == [1024]
+    assert args.max_tokens == 16 and args.cell_seconds == 15.0
+
+
+def test_server_selection_and_extra_args():
+    args = parse_args(["--servers", "ours,mlx_lm_kv4", "--ours-args", "--max-num-seqs 8",
+                       "--mlx-lm-args", "--decode-concurrency 64", "--model", "/m"])
+    assert args.servers == ["ours", "mlx_lm_kv4"]
+    assert args.ours_args == ["--max-num-seqs", "8"] and args.mlx_lm_args == ["--decode-concurrency", "64"]
+    argv = SERVERS["mlx_lm_kv4"].argv(Path("/m"), 9000, args.mlx_lm_args)
+    assert argv[1:4] == ["-m", "mlx_lm", "server"]
+    assert argv[argv.index("--kv-bits") + 1] == "4" and argv[argv.index("--port") + 1] == "9000"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-2:] == ["--decode-concurrency", "64"]
+    ours = SERVERS["ours"].argv(Path("/m"), 9001, args.ours_args)
+    assert ours[1:3] == ["-m", "server"] and ours[ours.index("--model") + 1] == "/m"
+
+
+@pytest.mark.parametrize("argv", [["--servers", "vllm"], ["--servers", ""], ["--concurrency", "0"],
+                                  ["--max-tokens", "0"], ["--cell-seconds", "0"], ["--ours-args", "'unclosed"]])
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_prompt_plan_clamps_to_context():
+    assert prompt_plan([1024, 8192], 32768, 64) == [(1024, 1024), (8192, 8192)]
+    assert prompt_plan([1024, 8192], 4096, 64) == [(1024, 1024), (8192, 3968)]
+    assert prompt_plan([8192, 16384], 4096, 64) == [(8192, 3968), (16384, 3968)]
+    with pytest.raises(ValueError):
+        prompt_plan([1024], 100, 64)
+
+
+def test_busy_reads_running_counts_anywhere_in_health():
+    assert _busy({"status": "ok", "engine": {"running": 2, "waiting": 0}})
+    assert not _busy({"status": "ok", "engine": {"running": 0}})
+    assert not _busy(None) and not _busy({"status": "ok"})
+
+
+def test_cache_bytes_for_mistral_small_4_shape():
+    config = {"kv_lora_rank": 256, "qk_rope_head_dim": 64, "torch_dtype": "bfloat16"}
+    assert cache_bytes.ours(config) == 128 + 2 * 4 * 2 + 128  # nibbles + scales/biases + bf16 rope key
+    assert cache_bytes.mlx_lm_full(config) == 640
+    assert cache_bytes.mlx_lm_int4(config) == (128 + 16) + (32 + 4)
+
+
+def _fake_run(tag: str) -> dict:
+    summary = {"requests": 4, "completed": 4, "unfinished": 0, "errors": {}, "wall_s": 1.0, "output_tokens": 64,
+               "mean_prompt_tokens": 1030.0, "mean_output_tokens": 16.0,
+               "ttft_ms": {"p50": 10.0, "p90": 12.0, "p99": 13.0}, "itl_ms": {"p50": 1.0, "p99": 2.0},
+               "request_tokens_per_s": {"mean": 900.0, "p50": 900.0}, "aggregate_tokens_per_s": 64.0}
+    cell = {"config": {"concurrency": 1}, "summary": summary, "prompt_tokens_requested": 8192,
+            "prompt_tokens_target": 3968}
+    server = {"name": "ours", "label": "ours (INT4 paged latent)", "startup_s": 2.0, "error": None,
+              "peak_rss_bytes": 300 * 2**20, "health": {"status": "ok", "engine": {"running": 0}},
+              "exit_code": 0, "cells": [cell]}
+    return {"tag": tag, "device": "test cpu", "date": "2026-01-01 00:00 UTC", "wall_s": 60.0,
+            "command": "python -m server.bench.side_by_side --quick",
+            "model": {"model_type": "mistral4", "layers": 2, "dtype": 4, "context": 4096},
+            "settings": {"prompt_plan": [[8192, 3968]], "requests_per_client": 1, "cell_seconds": 15.0,
+                         "max_tokens": 16},
+            "cache_bytes_per_token_layer": {"ours": 144, "mlx_lm": 576}, "servers": [server]}
+
+
+def test_render_section_from_summaries(tmp_path):
+    docs, data = tmp_path / "docs" / "benchmarks.md", tmp_path / "docs" / "bench"
+    data.mkdir(parents=True)
+    docs.write_text("# Benchmarks\n\n<!-- section:kernel -->\nkernel numbers\n<!-- /section:kernel -->\n")
+    (data / "side_by_side_cpu.json").write_text(json.dumps(_fake_run("cpu")))
+    (data / "side_by_side_cpu_8192.png").write_bytes(b"png")
+    render_section(docs, data)
+    text = docs.read_text()
+    assert "kernel numbers" in text and "<!-- section:serving -->" in text
+    assert "clamped to the model's context" in text and "| ours (INT4 paged latent) | 1 | 4/4 |" in text
+    assert "(bench/side_by_side_cpu_8192.png)" in text and "| 144 | 300 |" in text
+    assert "to be run on the H100" in text
+
+    (data / "side_by_side_h100.json").write_text(json.dumps(_fake_run("h100")))
+    render_section(docs, data)
+    text = docs.read_text()
+    assert "to be run on the H100" not in text and text.index("### cpu") < text.index("### h100")
