@@ -75,7 +75,8 @@ class LLMEngine:
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
         result = sample(logits, [s.sampler for s in sampled]) if sampled else None
-        mx.eval(*([] if result is None else result.arrays()), *self.runner.cache_arrays())
+        outputs = [] if result is None else [result.tokens, result.logprobs, result.top_ids, result.top_logprobs]
+        mx.eval(*[a for a in outputs if a is not None], *self.runner.cache_arrays())
         self.scheduler.advance(plan)
         self.counters["steps"] += 1
         if result is not None:
