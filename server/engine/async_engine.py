@@ -13,7 +13,9 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
+
+import mlx.core as mx
 
 from .llm_engine import LLMEngine
 from .sequence import Sequence
@@ -25,16 +27,22 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
 
-    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, request_timeout: float = 600.0):
-        self.engine = engine
-        self.tokenizer = tokenizer
+    def __init__(self, make_engine: Callable[[], LLMEngine], model_name: str, request_timeout: float = 600.0):
+        """`make_engine` runs on the engine thread: MLX arrays and streams belong to the thread
+        that made them, so the model is loaded there too. Its errors are raised here."""
         self.model_name = model_name
-        self.max_model_len = engine.config.max_model_len
         self.request_timeout = request_timeout
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(make_engine, ready), name="engine", daemon=True)
         self._thread.start()
+        engine = ready.get()
+        if isinstance(engine, BaseException):
+            raise engine
+        self.engine: LLMEngine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.config.max_model_len
 
     # -- EngineClient -------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -84,8 +92,17 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     # -- the engine thread ----------------------------------------------------------------------
-    def _loop(self) -> None:
-        engine = self.engine
+    def _run(self, make_engine: Callable[[], LLMEngine], ready: queue.SimpleQueue) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        try:
+            engine = make_engine()
+        except BaseException as exc:
+            ready.put(exc)
+            return
+        ready.put(engine)
+        self._loop(engine)
+
+    def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
             self._drain(block=not engine.has_work)
             if self._stopping.is_set():
