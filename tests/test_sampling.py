@@ -27,9 +27,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _support(probs, n=3000, **kw) -> set[int]:
-    """Tokens drawn by n independent unseeded rows sharing one distribution."""
+    """Tokens drawn by n differently seeded rows sharing one distribution."""
     logits = np.log(np.array(probs, dtype=np.float32))
-    states = [_state(vocab=len(probs), temperature=1.0, **kw) for _ in range(n)]
+    states = [_state(vocab=len(probs), temperature=1.0, seed=i, **kw) for i in range(n)]
     return set(_draw(np.tile(logits, (n, 1)), states))
 
 
@@ -105,7 +105,7 @@ def test_temperature_sampling_follows_softmax():
     n = 6000
     logits = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
     for temp in (1.0, 0.5):
-        states = [_state(vocab=4, temperature=temp) for _ in range(n)]
+        states = [_state(vocab=4, temperature=temp, seed=i) for i in range(n)]
         counts = np.bincount(_draw(np.tile(logits, (n, 1)), states), minlength=4) / n
         expected = np.exp(_log_softmax(logits / temp))
         assert np.abs(counts - expected).max() < 0.025, (temp, counts, expected)
@@ -132,7 +132,7 @@ def test_truncation_is_per_row_in_a_mixed_batch():
     kinds = [dict(top_k=2), dict(top_p=0.85), dict(min_p=0.5), dict(), dict(top_k=3, top_p=0.75)]
     allowed = [{0, 1}, {0, 1, 2}, {0, 1}, set(range(6)), {0, 1}]
     n = 800
-    states = [_state(vocab=6, **kinds[i % 5]) for i in range(5 * n)]
+    states = [_state(vocab=6, seed=i, **kinds[i % 5]) for i in range(5 * n)]
     tokens = _draw(np.tile(logits, (5 * n, 1)), states)
     for i, kw in enumerate(kinds):
         seen = set(tokens[i::5])
