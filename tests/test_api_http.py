@@ -238,6 +238,13 @@ async def test_models_and_health(client, engine):
     assert health.json() == {"status": "ok", "model": MODEL, "engine": engine.stats()}
 
 
+async def test_leaving_the_lifespan_shuts_the_engine_down(engine):
+    app = create_app(engine)
+    async with app.router.lifespan_context(app):
+        assert not engine.is_shut_down
+    assert engine.is_shut_down
+
+
 async def test_served_model_name_replaces_the_engines_name(engine):
     async with client_for(create_app(engine, served_model_name="my-mla")) as c:
         assert (await c.get("/v1/models")).json()["data"][0]["id"] == "my-mla"
