@@ -59,6 +59,9 @@ class Settings:
     log_level: str = _option(
         "info", "one of " + ", ".join(LOG_LEVELS), lambda v: v in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS)
     )
+    log_file: str | None = _option(
+        None, "append the log to this file, reopened after log rotation moves it (unset: stderr)"
+    )
     api_key: str | None = _option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
     served_model_name: str | None = _option(
         None, "model name clients send and see (unset: derived from --model)"

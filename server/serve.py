@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import logging.handlers
 import signal
 import socket
 import sys
@@ -31,11 +32,11 @@ GRACEFUL_SHUTDOWN_S = 20
 
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a clean stop, 1 when the port or the model is unusable."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    try:
+        _configure_logging(settings)
+    except OSError as e:
+        print(f"{PROG}: cannot open the log file {settings.log_file}: {e.strerror or e}", file=sys.stderr)
+        return 1
     try:
         sock = _claim_port(settings.host, settings.port)
     except OSError as e:
@@ -65,10 +66,24 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
+def _configure_logging(settings: Settings) -> None:
+    # WatchedFileHandler reopens the file once newsyslog has renamed it (deploy/templates/newsyslog.conf).
+    handler = logging.handlers.WatchedFileHandler(settings.log_file) if settings.log_file else logging.StreamHandler()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[handler],
+        force=True,
+    )
+
+
 def _claim_port(host: str, port: int) -> socket.socket:
     """Bind now, listen later: a taken port fails before the model loads, and clients get
     'connection refused' rather than a hang while it does."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that name it, and streamed
+    # tokens would otherwise wait on Nagle + delayed ACKs.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
