@@ -331,3 +331,42 @@ async def test_unexpected_exceptions_are_500s_and_the_server_keeps_serving():
         events = sse_data(await chat(c, stream=True, messages=[{"role": "user", "content": "crash crash"}]))
         assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
         assert (await chat(c)).status_code == 200
+
+
+async def call_asgi(app, body: dict, disconnect_on_receive: int, slow_start: bool = False) -> None:
+    """Runs one POST straight through the ASGI app; the client leaves at that receive() call
+    (1: while the first token is awaited, 2: as the response starts). With `slow_start`, sending
+    the response headers takes long enough for the client to leave first."""
+    calls = 0
+
+    async def receive() -> dict:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        if calls <= disconnect_on_receive:
+            await asyncio.Event().wait()  # a client that says nothing until cancelled
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if slow_start and message["type"] == "http.response.start":
+            await asyncio.sleep(0.1)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("test", 80),
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=5)
+
+
+@pytest.mark.parametrize(
+    "stream,disconnect_on_receive,slow_start",
+    [(False, 1, False), (False, 2, False), (True, 1, False), (True, 2, False), (True, 2, True)],
+)
+async def test_a_client_that_leaves_cancels_its_engine_request(stream, disconnect_on_receive, slow_start):
+    engine = FakeEngine(model_name=MODEL, token_delay=0.01)
+    body = {"model": MODEL, "messages": LONG, "stream": stream, "max_tokens": 50}
+    await call_asgi(create_app(engine), body, disconnect_on_receive, slow_start)
+    assert engine.finished == [] and engine.cancelled == [engine.requests[0][0]]

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Awaitable, TypeVar
 import anyio
 from fastapi import Request, Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from server.api.errors import APIError, engine_api_error
 from server.api.protocol import (
@@ -83,12 +84,12 @@ class ChatService:
         if req.stream:
             return self._stream(req, request_id, first, deltas)
         try:
-            return await until_disconnected(request, self._complete(request_id, first, deltas))
+            return await until_disconnected(request, self._complete(req, request_id, first, deltas))
         except ClientDisconnected:
             return Response(status_code=499)
 
     async def _complete(
-        self, request_id: str, first: StreamDelta, deltas: AsyncIterator[StreamDelta]
+        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncIterator[StreamDelta]
     ) -> ChatCompletionResponse:
         text, logprobs, last = [], [], first
         try:
@@ -110,7 +111,7 @@ class ChatService:
                 Choice(
                     message=AssistantMessage(content="".join(text)),
                     finish_reason=last.finish_reason,
-                    logprobs=choice_logprobs(logprobs) if last.logprobs is not None else None,
+                    logprobs=choice_logprobs(logprobs) if req.logprobs else None,
                 )
             ],
             usage=usage(last),
@@ -126,6 +127,9 @@ class ChatService:
             shutdown_event=exiting,
             shutdown_grace_period=SHUTDOWN_GRACE_S,
             data_sender_callable=partial(self._shutdown_engine_when, exiting),
+            # A client gone before the first event leaves _events unstarted; close the engine
+            # iterator anyway (a no-op when _events already did).
+            background=BackgroundTask(_aclose, deltas),
         )
 
     async def _shutdown_engine_when(self, exiting: anyio.Event) -> None:
@@ -262,6 +266,11 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def _disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _aclose(iterator: AsyncIterator) -> None:
+    # A coroutine function, so that Starlette awaits it rather than calling it in a thread.
+    await iterator.aclose()
 
 
 def _ended_early() -> EngineError:
