@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from kernel_cases import decode_inputs
+from server.kernels.cases import decode_inputs
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append
 

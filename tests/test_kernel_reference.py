@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_cases import cache_as_numpy, decode_inputs, filled_cache
+from server.kernels.cases import cache_as_numpy, decode_inputs, filled_cache
 from kernel_numpy_ref import decode_np, dequantize_np
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append

@@ -1,11 +1,11 @@
-"""Builders shared by the kernel tests: a filled cache, a batch of decode inputs."""
+"""Random decode problems for the kernel tests, the self-test and the benchmark."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
 
-from server.kernels.latent_cache import LatentCache
+from .latent_cache import LatentCache
 
 
 def filled_cache(context_lens: list[int], R: int, P: int, dtype, block_size: int = 64,
@@ -45,3 +45,22 @@ def decode_inputs(B: int, H: int, R: int, P: int, dtype, seed: int = 1):
 def cache_as_numpy(cache: LatentCache) -> dict:
     return {"packed": np.array(cache.packed),
             **{k: np.array(getattr(cache, k).astype(mx.float32)) for k in ("scales", "biases", "k_pe")}}
+
+
+def random_pool(num_blocks: int, block_size: int, R: int, P: int, dtype, group_size: int = 64,
+                seed: int = 0) -> LatentCache:
+    """A pool of random (not zero) bytes, generated on the default device: for timing."""
+    key = mx.random.key(seed)
+    k1, k2 = mx.random.split(key)
+    cache = LatentCache(num_blocks, block_size, R, P, group_size, dtype)
+    cache.packed = mx.random.randint(0, 2**31 - 1, cache.packed.shape, mx.int32, key=k1).view(mx.uint32)
+    cache.scales = mx.full(cache.scales.shape, 0.12, dtype)
+    cache.biases = mx.full(cache.biases.shape, -0.9, dtype)
+    cache.k_pe = mx.random.normal(cache.k_pe.shape, key=k2).astype(dtype)
+    mx.eval(*cache.arrays())
+    return cache
+
+
+def contiguous_tables(B: int, max_blocks: int) -> mx.array:
+    """int32 [B, max_blocks]: sequence b owns blocks b * max_blocks ... (b + 1) * max_blocks - 1."""
+    return mx.arange(B * max_blocks, dtype=mx.int32).reshape(B, max_blocks)

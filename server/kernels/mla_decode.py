@@ -1,13 +1,15 @@
 """`mla_decode_append`: one decode step of MLA attention over the paged INT4 latent cache.
 
 Picks the fused kernel for the default device (Metal on an Apple GPU, CUDA when MLX has it),
-or the plain-MLX reference otherwise or when `backend="reference"`.
+or the plain-MLX reference otherwise, when `backend="reference"`, or for a shape the kernel
+does not cover (float32 caches; Metal shapes beyond its 32 KB of threadgroup memory).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from .fused import mla_decode_append_fused
 from .latent_cache import LatentCache
 from .reference import mla_decode_append_reference
 
@@ -36,8 +38,17 @@ def mla_decode_append(q_latent: mx.array, q_pe: mx.array, new_latent: mx.array, 
     Returns out [B, H, R] in cache.dtype; afterwards the cache holds the new token of sequence b
     at position context_lens[b].
     """
-    backend = backend or default_backend()
-    if backend == "reference":
-        return mla_decode_append_reference(q_latent, q_pe, new_latent, new_kpe, cache,
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    chosen = backend or default_backend()
+    if chosen != "reference":
+        try:
+            return mla_decode_append_fused(chosen, q_latent, q_pe, new_latent, new_kpe, cache,
                                            block_table, context_lens, scale)
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        except NotImplementedError:
+            if backend is not None:
+                raise
+            # A shape the kernel does not cover (e.g. float32, or too big for Metal's 32 KB
+            # of threadgroup memory): the reference computes the same thing.
+    return mla_decode_append_reference(q_latent, q_pe, new_latent, new_kpe, cache,
+                                       block_table, context_lens, scale)

@@ -1,0 +1,227 @@
+"""Render one kernel body, written over a few primitives, as Metal or CUDA source for MLX.
+
+The body (see `mla_body.py`) uses only the names defined by a backend's prelude:
+
+- indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup);
+- `warp_sum/max/min(float)`, `f_max/f_min/f_abs/f_round/f_exp2(float)`, `BARRIER()`;
+- shared memory: `SMEM_ARRAY(name, bytes)` (16-byte aligned), `SHARED_PTR(type)`;
+- 16-byte moves: `LOAD_U4(global_ptr, i)` (i in 16-byte units), `SMEM_U4(ptr)` (an lvalue),
+  `u4_get(v, j)`, `ZERO_U4`, `pack2<T>(lo, hi)` (two floats as two T in one 32-bit word);
+- in-place writes into an input: `MUT(type, ptr)`;
+- a warp-wide matrix multiply-accumulate: `CFrag c; AFrag a; BFrag b;`
+  `load_a(a, p, ld, LANE)` reads A[16x16] row-major from shared memory; `load_b_nmajor(b, p, ld,
+  LANE)` reads B[16x8] with B(k, n) = p[n * ld + k], `load_b_kmajor` with B(k, n) = p[k * ld + n];
+  `mma_t<T>(c, a, b)` does C[16x8] += A B in float; element i < 4 of `c.v` sits at row
+  `c_row(LANE, i)`, column `c_col(LANE, i)` of the tile.
+
+CUDA implements the multiply with `mma.sync.aligned.m16n8k16` in inline PTX (MLX's runtime
+compiler cannot include wmma), Metal with four 8x8 `simdgroup_float8x8` products.
+"""
+
+from __future__ import annotations
+
+CUDA_PRELUDE = r"""
+#define SHARED_PTR(type) type*
+#define SMEM_ARRAY(name, bytes) extern __shared__ uint4 name[]
+#define BARRIER() __syncthreads()
+#define MUT(type, ptr) const_cast<type*>(ptr)
+#define LOAD_U4(ptr, i) (reinterpret_cast<const uint4*>(ptr)[(i)])
+#define SMEM_U4(ptr) (*reinterpret_cast<uint4*>(ptr))
+#define ZERO_U4 make_uint4(0u, 0u, 0u, 0u)
+
+__device__ inline float warp_sum(float v) {
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+__device__ inline float warp_max(float v) {
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+__device__ inline float warp_min(float v) {
+  for (int m = 16; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+__device__ inline float f_max(float a, float b) { return fmaxf(a, b); }
+__device__ inline float f_min(float a, float b) { return fminf(a, b); }
+__device__ inline float f_abs(float a) { return fabsf(a); }
+__device__ inline float f_round(float a) { return roundf(a); }
+__device__ inline float f_exp2(float a) { return exp2f(a); }
+__device__ inline unsigned u4_get(uint4 v, int j) {
+  return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+
+template <typename T> __device__ inline unsigned pack2(float lo, float hi);
+template <> __device__ inline unsigned pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ inline unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+
+struct AFrag { unsigned r[4]; };
+struct BFrag { unsigned r[2]; };
+struct CFrag { float v[4]; };
+
+__device__ inline int c_row(int lane, int i) { return (lane >> 2) + ((i & 2) << 2); }
+__device__ inline int c_col(int lane, int i) { return ((lane & 3) << 1) + (i & 1); }
+
+template <typename T> __device__ inline unsigned ld_pair(const T* p) {
+  return *reinterpret_cast<const unsigned*>(p);
+}
+template <typename T> __device__ inline unsigned ld_two(const T* lo, const T* hi) {
+  return unsigned(*reinterpret_cast<const unsigned short*>(lo)) |
+         (unsigned(*reinterpret_cast<const unsigned short*>(hi)) << 16);
+}
+template <typename T> __device__ inline void load_a(AFrag& a, const T* p, int ld, int lane) {
+  const int g = lane >> 2, t = (lane & 3) * 2;
+  a.r[0] = ld_pair(p + g * ld + t);
+  a.r[1] = ld_pair(p + (g + 8) * ld + t);
+  a.r[2] = ld_pair(p + g * ld + t + 8);
+  a.r[3] = ld_pair(p + (g + 8) * ld + t + 8);
+}
+template <typename T> __device__ inline void load_b_nmajor(BFrag& b, const T* p, int ld, int lane) {
+  const int g = lane >> 2, t = (lane & 3) * 2;
+  b.r[0] = ld_pair(p + g * ld + t);
+  b.r[1] = ld_pair(p + g * ld + t + 8);
+}
+template <typename T> __device__ inline void load_b_kmajor(BFrag& b, const T* p, int ld, int lane) {
+  const int g = lane >> 2, t = (lane & 3) * 2;
+  b.r[0] = ld_two(p + t * ld + g, p + (t + 1) * ld + g);
+  b.r[1] = ld_two(p + (t + 8) * ld + g, p + (t + 9) * ld + g);
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+  __device__ static inline void run(CFrag& c, const AFrag& a, const BFrag& b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+};
+template <> struct Mma<__nv_bfloat16> {
+  __device__ static inline void run(CFrag& c, const AFrag& a, const BFrag& b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c.v[0]), "+f"(c.v[1]), "+f"(c.v[2]), "+f"(c.v[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+};
+template <typename T> __device__ inline void mma_t(CFrag& c, const AFrag& a, const BFrag& b) {
+  Mma<T>::run(c, a, b);
+}
+"""
+
+CUDA_PROLOGUE = r"""
+  const int TID = int(threadIdx.x);
+  const int LANE = TID & 31;
+  const int WARP = TID >> 5;
+  const int BX = int(blockIdx.x);
+  const int BY = int(blockIdx.y);
+"""
+
+METAL_PRELUDE = r"""
+#include <metal_simdgroup>
+#include <metal_simdgroup_matrix>
+#define SHARED_PTR(type) threadgroup type*
+#define SMEM_ARRAY(name, bytes) threadgroup uint4 name[(bytes) / 16]
+#define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MUT(type, ptr) const_cast<device type*>(ptr)
+#define LOAD_U4(ptr, i) (((const device uint4*)(ptr))[(i)])
+#define SMEM_U4(ptr) (*((threadgroup uint4*)(ptr)))
+#define ZERO_U4 uint4(0u)
+
+inline float warp_sum(float v) { return simd_sum(v); }
+inline float warp_max(float v) { return simd_max(v); }
+inline float warp_min(float v) { return simd_min(v); }
+inline float f_max(float a, float b) { return metal::max(a, b); }
+inline float f_min(float a, float b) { return metal::min(a, b); }
+inline float f_abs(float a) { return metal::abs(a); }
+inline float f_round(float a) { return metal::round(a); }
+inline float f_exp2(float a) { return metal::exp2(a); }
+inline uint u4_get(uint4 v, int j) { return v[j]; }
+
+template <typename T> inline uint pack2(float lo, float hi) {
+  return as_type<uint>(vec<T, 2>(T(lo), T(hi)));
+}
+
+// Each 8x8 simdgroup matrix gives a thread two adjacent elements of one row.
+struct AFrag { float2 e[4]; };  // 8x8 blocks (rows 0-7 | 8-15) x (k 0-7 | 8-15): e[2 * rb + kb]
+struct BFrag { float2 e[2]; };  // k 0-7, k 8-15
+struct CFrag { float v[4]; };   // v[0..1] rows 0-7, v[2..3] rows 8-15
+
+inline int frag_m(int lane) { return ((lane / 4) & 4) + ((lane / 2) % 4); }
+inline int frag_n(int lane) { return ((lane / 4) & 2) * 2 + (lane % 2) * 2; }
+inline int c_row(int lane, int i) { return frag_m(lane) + ((i & 2) << 2); }
+inline int c_col(int lane, int i) { return frag_n(lane) + (i & 1); }
+
+template <typename T>
+inline void load_a(thread AFrag& a, const threadgroup T* p, int ld, int lane) {
+  const int m = frag_m(lane), n = frag_n(lane);
+  for (int rb = 0; rb < 2; rb++) {
+    for (int kb = 0; kb < 2; kb++) {
+      const threadgroup T* q = p + (m + 8 * rb) * ld + n + 8 * kb;
+      a.e[2 * rb + kb] = float2(float(q[0]), float(q[1]));
+    }
+  }
+}
+template <typename T>
+inline void load_b_nmajor(thread BFrag& b, const threadgroup T* p, int ld, int lane) {
+  const int k = frag_m(lane), n = frag_n(lane);
+  for (int kb = 0; kb < 2; kb++) {
+    b.e[kb] = float2(float(p[n * ld + k + 8 * kb]), float(p[(n + 1) * ld + k + 8 * kb]));
+  }
+}
+template <typename T>
+inline void load_b_kmajor(thread BFrag& b, const threadgroup T* p, int ld, int lane) {
+  const int k = frag_m(lane), n = frag_n(lane);
+  for (int kb = 0; kb < 2; kb++) {
+    const threadgroup T* q = p + (k + 8 * kb) * ld + n;
+    b.e[kb] = float2(float(q[0]), float(q[1]));
+  }
+}
+template <typename T>
+inline void mma_t(thread CFrag& c, thread const AFrag& a, thread const BFrag& b) {
+  simdgroup_float8x8 a00, a01, a10, a11, b0, b1, c0, c1;
+  reinterpret_cast<thread float2&>(a00.thread_elements()) = a.e[0];
+  reinterpret_cast<thread float2&>(a01.thread_elements()) = a.e[1];
+  reinterpret_cast<thread float2&>(a10.thread_elements()) = a.e[2];
+  reinterpret_cast<thread float2&>(a11.thread_elements()) = a.e[3];
+  reinterpret_cast<thread float2&>(b0.thread_elements()) = b.e[0];
+  reinterpret_cast<thread float2&>(b1.thread_elements()) = b.e[1];
+  reinterpret_cast<thread float2&>(c0.thread_elements()) = float2(c.v[0], c.v[1]);
+  reinterpret_cast<thread float2&>(c1.thread_elements()) = float2(c.v[2], c.v[3]);
+  simdgroup_multiply_accumulate(c0, a00, b0, c0);
+  simdgroup_multiply_accumulate(c0, a01, b1, c0);
+  simdgroup_multiply_accumulate(c1, a10, b0, c1);
+  simdgroup_multiply_accumulate(c1, a11, b1, c1);
+  const float2 lo = reinterpret_cast<thread float2&>(c0.thread_elements());
+  const float2 hi = reinterpret_cast<thread float2&>(c1.thread_elements());
+  c.v[0] = lo.x; c.v[1] = lo.y; c.v[2] = hi.x; c.v[3] = hi.y;
+}
+"""
+
+# MLX adds a Metal kernel's position attributes when the source names them.
+METAL_PROLOGUE = r"""
+  const int TID = int(thread_position_in_threadgroup.x);
+  const int LANE = int(thread_index_in_simdgroup);
+  const int WARP = int(simdgroup_index_in_threadgroup);
+  const int BX = int(threadgroup_position_in_grid.x);
+  const int BY = int(threadgroup_position_in_grid.y);
+"""
+
+BACKEND_PARTS = {
+    "cuda": (CUDA_PRELUDE, CUDA_PROLOGUE),
+    "metal": (METAL_PRELUDE, METAL_PROLOGUE),
+}
+
+
+def render(backend: str, body: str, defines: dict[str, int] | None = None) -> tuple[str, str]:
+    """(header, source) for `mx.fast.{metal,cuda}_kernel`: the backend's primitives, then the body."""
+    prelude, prologue = BACKEND_PARTS[backend]
+    lines = [f"#define {k} {v}" for k, v in (defines or {}).items()]
+    return "\n".join(lines) + "\n" + prelude, prologue + body

@@ -1,0 +1,309 @@
+"""The fused decode kernel's bodies, written once over the primitives of `codegen.py`.
+
+PARTIAL: one threadgroup per (split, sequence x head group). It walks its split's tokens in
+tiles of TT: the INT4 latent and rope key of a tile are loaded into registers one tile ahead,
+dequantized into shared memory, scored against all HG heads with the matrix units
+(S = [q_latent | q_pe] [latent | k_pe]^T), softmaxed online, and accumulated as O += P latent
+from the same shared tile. The threadgroup whose split holds position context_lens[b] first
+quantizes the new token exactly like `mx.quantize`, writes it into the cache in place, and
+uses its dequantized value in its own tile. With MLA_DIRECT (one split) it writes `out`;
+otherwise unnormalized partials (o_part [B, NSPLIT, H, R], ml_part [B, NSPLIT, H, 2] = max
+and sum, in log2 units) for COMBINE.
+
+Template constants: T, H, HG (heads per group, multiple of 16), R, P, GS (quant group),
+BS (tokens per cache block), TT (tokens per tile, divides BS, multiple of 16), PPS (blocks per
+split), NW (warps), MAXB (block-table width), NSPLIT, SMEM_BYTES.
+"""
+
+PARTIAL = r"""
+  constexpr int K = R + P;
+  constexpr int LDK = K + 8;  // +16 bytes a row: fragment loads hit 32 distinct banks
+  constexpr int LDP = TT + 8;
+  constexpr int NT = NW * 32;
+  constexpr int MT = HG / 16;
+  constexpr int HGROUPS = (H + HG - 1) / HG;
+  constexpr int QW = R / 8;
+  constexpr int NG = R / GS;
+  constexpr int PK_CH = R / 32;
+  constexpr int PE_CH = P / 8;
+  constexpr int PK_PER = (TT * PK_CH + NT - 1) / NT;
+  constexpr int PE_PER = (TT * PE_CH + NT - 1) / NT;
+  constexpr int S_TILES = MT * (TT / 8);
+  constexpr int O_PER = MT * (R / 8) / NW;
+  constexpr int VPL = GS / 32;
+  constexpr float NEG = -1e30f;
+
+  SMEM_ARRAY(smem, SMEM_BYTES);
+  SHARED_PTR(T) sQ = (SHARED_PTR(T))smem;       // [HG][LDK]  queries, heads as rows
+  SHARED_PTR(T) sK = sQ + HG * LDK;             // [TT][LDK]  dequantized tile
+  SHARED_PTR(T) sP = sK + TT * LDK;             // [HG][LDP]  probabilities
+  SHARED_PTR(T) sNew = sP + HG * LDP;           // [K]        the new token, as cached
+  SHARED_PTR(float) sS = (SHARED_PTR(float))(sNew + K);  // [HG][TT] scores
+  SHARED_PTR(float) sM = sS + HG * TT;          // [HG] running max (log2 units)
+  SHARED_PTR(float) sL = sM + HG;               // [HG] running sum
+  SHARED_PTR(float) sAlpha = sL + HG;           // [HG] rescale of this tile
+  SHARED_PTR(float) sCode = sAlpha + HG;        // [R]  the new token's 4-bit codes
+
+  const int split = BX;
+  const int b = BY / HGROUPS;
+  const int h0 = (BY % HGROUPS) * HG;
+  const int ctx = context_lens[b];
+  const int t_begin = split * PPS * BS;
+  if (t_begin > ctx) {
+    return;  // the whole threadgroup: no barrier is skipped by part of it
+  }
+  const int t_end = min(t_begin + PPS * BS, ctx + 1);
+  const bool owns_new = t_end == ctx + 1;
+  const float scale_log2 = params[0] * 1.4426950408889634f;
+
+  for (int i = TID; i < HG * K; i += NT) {
+    const int h = i / K, k = i % K;
+    T v = T(0.0f);
+    if (h0 + h < H) {
+      v = k < R ? q_latent[(b * H + h0 + h) * R + k] : q_pe[(b * H + h0 + h) * P + (k - R)];
+    }
+    sQ[h * LDK + k] = v;
+  }
+  for (int h = TID; h < HG; h += NT) {
+    sM[h] = NEG;
+    sL[h] = 0.0f;
+  }
+
+  if (owns_new) {
+    const size_t slot = size_t(block_table[b * MAXB + ctx / BS]) * BS + ctx % BS;
+    for (int g = WARP; g < NG; g += NW) {
+      float w[VPL];
+      float lo = 3.0e38f, hi = 0.0f;  // hi starts at 0 as in MLX's GPU quantizers
+      for (int j = 0; j < VPL; j++) {
+        w[j] = float(new_latent[b * R + g * GS + LANE * VPL + j]);
+        lo = f_min(lo, w[j]);
+        hi = f_max(hi, w[j]);
+      }
+      lo = warp_min(lo);
+      hi = warp_max(hi);
+      float sc = f_max((hi - lo) / 15.0f, 1e-7f);
+      const bool side = f_abs(lo) > f_abs(hi);
+      sc = side ? sc : -sc;
+      const float edge = side ? lo : hi;
+      const float q0 = f_round(edge / sc);
+      const bool at_zero = q0 == 0.0f;
+      sc = at_zero ? sc : edge / q0;
+      const float bi = at_zero ? 0.0f : edge;
+      const T sc_t = T(sc);
+      const T bi_t = T(bi);
+      for (int j = 0; j < VPL; j++) {
+        const float code = f_min(f_round((w[j] - bi) / sc), 15.0f);
+        const int col = g * GS + LANE * VPL + j;
+        sCode[col] = code;
+        sNew[col] = T(float(sc_t) * code + float(bi_t));  // what a later reader dequantizes
+      }
+      if (LANE == 0) {
+        MUT(T, scales)[slot * NG + g] = sc_t;
+        MUT(T, biases)[slot * NG + g] = bi_t;
+      }
+    }
+    for (int i = TID; i < P; i += NT) {
+      const T v = new_kpe[b * P + i];
+      sNew[R + i] = v;
+      MUT(T, k_pe)[slot * P + i] = v;
+    }
+    BARRIER();
+    for (int i = TID; i < QW; i += NT) {
+      unsigned word = 0u;
+      for (int j = 0; j < 8; j++) {
+        word |= unsigned(sCode[i * 8 + j]) << (4 * j);
+      }
+      MUT(uint32_t, packed)[slot * QW + i] = word;
+    }
+  }
+
+  CFrag o[O_PER];
+  for (int q = 0; q < O_PER; q++) {
+    for (int i = 0; i < 4; i++) o[q].v[i] = 0.0f;
+  }
+  const int o_first = WARP * O_PER;
+  const int mt_o = o_first / (R / 8);
+
+  uint4 pk[PK_PER];
+  uint4 pe[PE_PER];
+  float psc[PK_PER];
+  float pbi[PK_PER];
+  const int n_tiles = (t_end - t_begin + TT - 1) / TT;
+
+  for (int it = 0; it <= n_tiles; it++) {
+    const int tc = t_begin + (it - 1) * TT;  // the tile computed in this iteration
+    if (it > 0) {
+      BARRIER();  // the previous tile is done with sK and sP
+      for (int i = 0; i < PK_PER; i++) {
+        const int c = TID + i * NT;
+        if (c < TT * PK_CH) {
+          const int tok = c / PK_CH, ch = c % PK_CH;
+          SHARED_PTR(T) dst = sK + tok * LDK + ch * 32;
+          if (tc + tok == ctx) {
+            for (int j = 0; j < 4; j++) SMEM_U4(dst + 8 * j) = SMEM_U4(sNew + ch * 32 + 8 * j);
+          } else {
+            for (int j = 0; j < 4; j++) {
+              const unsigned word = u4_get(pk[i], j);
+              uint4 v;
+              v.x = pack2<T>(float(word & 15u) * psc[i] + pbi[i],
+                             float((word >> 4) & 15u) * psc[i] + pbi[i]);
+              v.y = pack2<T>(float((word >> 8) & 15u) * psc[i] + pbi[i],
+                             float((word >> 12) & 15u) * psc[i] + pbi[i]);
+              v.z = pack2<T>(float((word >> 16) & 15u) * psc[i] + pbi[i],
+                             float((word >> 20) & 15u) * psc[i] + pbi[i]);
+              v.w = pack2<T>(float((word >> 24) & 15u) * psc[i] + pbi[i],
+                             float(word >> 28) * psc[i] + pbi[i]);
+              SMEM_U4(dst + 8 * j) = v;
+            }
+          }
+        }
+      }
+      for (int i = 0; i < PE_PER; i++) {
+        const int c = TID + i * NT;
+        if (c < TT * PE_CH) {
+          const int tok = c / PE_CH, ch = c % PE_CH;
+          SMEM_U4(sK + tok * LDK + R + ch * 8) =
+              tc + tok == ctx ? SMEM_U4(sNew + R + ch * 8) : pe[i];
+        }
+      }
+    }
+    if (it < n_tiles) {
+      // Issue the next tile's loads now; they land while this tile computes.
+      const int tn = t_begin + it * TT;
+      for (int i = 0; i < PK_PER; i++) {
+        const int c = TID + i * NT;
+        const int t = tn + c / PK_CH;
+        if (c < TT * PK_CH && t < t_end && t != ctx) {
+          const size_t slot = size_t(block_table[b * MAXB + t / BS]) * BS + t % BS;
+          const int ch = c % PK_CH;
+          pk[i] = LOAD_U4(packed, slot * PK_CH + ch);
+          psc[i] = float(scales[slot * NG + ch * 32 / GS]);
+          pbi[i] = float(biases[slot * NG + ch * 32 / GS]);
+        } else {
+          pk[i] = ZERO_U4;  // rows past the end dequantize to exact zeros
+          psc[i] = 0.0f;
+          pbi[i] = 0.0f;
+        }
+      }
+      for (int i = 0; i < PE_PER; i++) {
+        const int c = TID + i * NT;
+        const int t = tn + c / PE_CH;
+        if (c < TT * PE_CH && t < t_end && t != ctx) {
+          const size_t slot = size_t(block_table[b * MAXB + t / BS]) * BS + t % BS;
+          pe[i] = LOAD_U4(k_pe, slot * PE_CH + c % PE_CH);
+        } else {
+          pe[i] = ZERO_U4;
+        }
+      }
+    }
+    if (it > 0) {
+      BARRIER();
+      for (int j = WARP; j < S_TILES; j += NW) {
+        const int mt = j / (TT / 8), nt = j % (TT / 8);
+        CFrag c;
+        for (int i = 0; i < 4; i++) c.v[i] = 0.0f;
+        for (int kk = 0; kk < K; kk += 16) {
+          AFrag a;
+          BFrag bf;
+          load_a(a, sQ + mt * 16 * LDK + kk, LDK, LANE);
+          load_b_nmajor(bf, sK + nt * 8 * LDK + kk, LDK, LANE);
+          mma_t<T>(c, a, bf);
+        }
+        for (int i = 0; i < 4; i++) {
+          const int row = mt * 16 + c_row(LANE, i);
+          const int col = nt * 8 + c_col(LANE, i);
+          sS[row * TT + col] = tc + col < t_end ? c.v[i] * scale_log2 : NEG;
+        }
+      }
+      BARRIER();
+      for (int h = WARP; h < HG; h += NW) {
+        float mx = NEG;
+        for (int c = LANE; c < TT; c += 32) mx = f_max(mx, sS[h * TT + c]);
+        mx = warp_max(mx);
+        const float m_old = sM[h];
+        const float m_new = f_max(m_old, mx);
+        float sum = 0.0f;
+        for (int c = LANE; c < TT; c += 32) {
+          const float p = f_exp2(sS[h * TT + c] - m_new);
+          sum += p;
+          sP[h * LDP + c] = T(p);
+        }
+        sum = warp_sum(sum);
+        if (LANE == 0) {
+          const float alpha = f_exp2(m_old - m_new);
+          sAlpha[h] = alpha;
+          sL[h] = sL[h] * alpha + sum;
+          sM[h] = m_new;
+        }
+      }
+      BARRIER();
+      for (int i = 0; i < 4; i++) {
+        const float alpha = sAlpha[mt_o * 16 + c_row(LANE, i)];
+        for (int q = 0; q < O_PER; q++) o[q].v[i] *= alpha;
+      }
+      for (int kt = 0; kt < TT; kt += 16) {
+        AFrag a;
+        load_a(a, sP + mt_o * 16 * LDP + kt, LDP, LANE);
+        for (int q = 0; q < O_PER; q++) {
+          const int nt = (o_first + q) % (R / 8);
+          BFrag bf;
+          load_b_kmajor(bf, sK + kt * LDK + nt * 8, LDK, LANE);
+          mma_t<T>(o[q], a, bf);
+        }
+      }
+    }
+  }
+
+  for (int i = 0; i < 4; i++) {
+    const int row = mt_o * 16 + c_row(LANE, i);
+    const int h = h0 + row;
+    if (h < H) {
+#if MLA_DIRECT
+      const float inv = 1.0f / sL[row];
+      for (int q = 0; q < O_PER; q++) {
+        const int col = ((o_first + q) % (R / 8)) * 8 + c_col(LANE, i);
+        out[(b * H + h) * R + col] = T(o[q].v[i] * inv);
+      }
+#else
+      for (int q = 0; q < O_PER; q++) {
+        const int col = ((o_first + q) % (R / 8)) * 8 + c_col(LANE, i);
+        o_part[((size_t(b) * NSPLIT + split) * H + h) * R + col] = o[q].v[i];
+      }
+#endif
+    }
+  }
+#if !MLA_DIRECT
+  for (int h = TID; h < HG; h += NT) {
+    if (h0 + h < H) {
+      const size_t at = ((size_t(b) * NSPLIT + split) * H + h0 + h) * 2;
+      ml_part[at] = sM[h];
+      ml_part[at + 1] = sL[h];
+    }
+  }
+#endif
+"""
+
+# One threadgroup per (sequence, head): merges the splits that hold tokens.
+COMBINE = r"""
+  constexpr int NT = NW * 32;
+  const int b = BY / H;
+  const int h = BY % H;
+  const int n_split = (context_lens[b] + 1 + PPS * BS - 1) / (PPS * BS);
+  const size_t base = (size_t(b) * NSPLIT) * H + h;
+  float m = -1e30f;
+  for (int s = 0; s < n_split; s++) m = f_max(m, ml_part[(base + size_t(s) * H) * 2]);
+  float den = 0.0f;
+  for (int s = 0; s < n_split; s++) {
+    const size_t at = (base + size_t(s) * H) * 2;
+    den += ml_part[at + 1] * f_exp2(ml_part[at] - m);
+  }
+  const float inv = 1.0f / den;
+  for (int r = TID; r < R; r += NT) {
+    float acc = 0.0f;
+    for (int s = 0; s < n_split; s++) {
+      const size_t at = base + size_t(s) * H;
+      acc += o_part[at * R + r] * f_exp2(ml_part[at * 2] - m);
+    }
+    out[(b * H + h) * R + r] = T(acc * inv);
+  }
+"""
