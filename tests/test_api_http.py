@@ -370,3 +370,17 @@ async def test_a_client_that_leaves_cancels_its_engine_request(stream, disconnec
     body = {"model": MODEL, "messages": LONG, "stream": stream, "max_tokens": 50}
     await call_asgi(create_app(engine), body, disconnect_on_receive, slow_start)
     assert engine.finished == [] and engine.cancelled == [engine.requests[0][0]]
+
+
+@pytest.mark.parametrize(
+    "body,param,says",
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "text"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
+        ({"messages": HELLO, "stop": 5}, "stop", "list of strings"),
+        ({"messages": HELLO, "n": 3}, "n", "n=1"),
+    ],
+)
+async def test_error_messages_name_the_field_and_the_fix(client, body, param, says):
+    error = assert_openai_error(await client.post("/v1/chat/completions", json={"model": MODEL, **body}), 400, param)
+    assert error["message"].startswith(f"{param}: ") and says in error["message"]

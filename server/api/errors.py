@@ -52,29 +52,19 @@ def _param_name(loc: tuple) -> str | None:
     """("body", "messages", 0, "content") -> "messages[0].content"."""
     name = ""
     for part in loc[1:]:
-        name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
     return name or None
 
 
-def _common_prefix(locs: list[tuple]) -> tuple:
-    prefix = locs[0]
-    for loc in locs[1:]:
-        n = 0
-        while n < min(len(prefix), len(loc)) and prefix[n] == loc[n]:
-            n += 1
-        prefix = prefix[:n]
-    return prefix
-
-
 def validation_api_error(exc: RequestValidationError) -> APIError:
-    """Names the first offending field; a union's several failures collapse to that field."""
-    errors = exc.errors()
-    first = errors[0]
+    """Names the first offending field."""
+    first = exc.errors()[0]
     if first["type"] == "json_invalid":
         return APIError(400, f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
-    field = first["loc"][:2]
-    loc = _common_prefix([e["loc"] for e in errors if e["loc"][:2] == field])
-    param = _param_name(loc)
+    param = _param_name(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "field required"

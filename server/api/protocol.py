@@ -14,7 +14,9 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_serializer,
 )
@@ -32,7 +34,15 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content_shape(cls, content: object, handler: ValidatorFunctionWrapHandler) -> str | list[TextPart] | None:
+        # One clear message instead of one per member of the union.
+        try:
+            return handler(content)
+        except ValidationError:
+            raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts') from None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -64,7 +74,6 @@ class ChatCompletionRequest(_Request):
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    user: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -73,9 +82,13 @@ class ChatCompletionRequest(_Request):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("stop")
+    @field_validator("stop", mode="wrap")
     @classmethod
-    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+    def _stop_strings(cls, stop: object, handler: ValidatorFunctionWrapHandler) -> str | list[str] | None:
+        try:
+            stop = handler(stop)
+        except ValidationError:
+            raise ValueError("must be a string or a list of strings") from None
         strings = [stop] if isinstance(stop, str) else stop or []
         if len(strings) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
