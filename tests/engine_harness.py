@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 from mlx_lm import load
 
 from server.engine.demo_model import ensure_demo_model
@@ -19,10 +20,34 @@ def demo_model():
     return load(str(ensure_demo_model()))
 
 
-def make_engine(num_blocks: int = 64, **config) -> LLMEngine:
+def make_engine(num_blocks: int = 64, runner=None, **config) -> LLMEngine:
     model, tokenizer = demo_model()
-    runner = ModelRunner(model, num_blocks=num_blocks)
+    runner = runner or ModelRunner(model, num_blocks=num_blocks)
     return LLMEngine(runner, tokenizer, EngineConfig(**config), num_blocks)
+
+
+class ScriptedRunner:
+    """Stands in for `ModelRunner` where the model's numbers don't matter: each sampling row's
+    logits pick `script[request_id][i]` for its i-th output token (or token 100 past the end)."""
+
+    block_size = 64
+
+    def __init__(self, script: dict[str, list[int]] | None = None):
+        self.script = script or {}
+        self.model = demo_model()[0]
+
+    def run(self, plan) -> mx.array:
+        seqs = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
+        vocab = self.model.args.vocab_size
+        picks = []
+        for s in seqs:
+            script = self.script.get(s.request_id, [])
+            i = len(s.output_ids)
+            picks.append(script[i] if i < len(script) else 100)
+        return mx.where(mx.arange(vocab)[None] == mx.array(picks)[:, None], 10.0, 0.0)
+
+    def cache_arrays(self) -> list:
+        return []
 
 
 @dataclass

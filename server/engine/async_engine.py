@@ -104,10 +104,10 @@ class AsyncEngine:
 
     def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
-            self._drain(block=not engine.has_work)
-            if self._stopping.is_set():
-                break
             try:
+                self._drain(block=not engine.has_work)
+                if self._stopping.is_set():
+                    break
                 engine.step()
             except Exception as exc:  # a failed step must not take the server down
                 log.exception("engine step failed; failing the requests in flight")

@@ -42,7 +42,11 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.vocab_size)
+        try:
+            seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.vocab_size)
+        except EngineError as exc:
+            seq.emit(exc)
+            return
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
         self.by_id[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -75,8 +79,12 @@ class LLMEngine:
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
         result = sample(logits, [s.sampler for s in sampled]) if sampled else None
-        outputs = [] if result is None else [result.tokens, result.logprobs, result.top_ids, result.top_logprobs]
-        mx.eval(*[a for a in outputs if a is not None], *self.runner.cache_arrays())
+        outputs = []
+        if result is not None:
+            outputs = [result.tokens]
+            if any(s.params.logprobs for s in sampled):  # the log-softmax costs a pass over V
+                outputs += [a for a in (result.logprobs, result.top_ids, result.top_logprobs) if a is not None]
+        mx.eval(*outputs, *self.runner.cache_arrays())
         self.scheduler.advance(plan)
         self.counters["steps"] += 1
         if result is not None:
@@ -84,9 +92,10 @@ class LLMEngine:
 
     def _append(self, seqs: list[Sequence], result) -> None:
         tokens = result.tokens.tolist()
-        logprobs = result.logprobs.tolist() if any(s.params.logprobs for s in seqs) else None
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        wants_logprobs = any(s.params.logprobs for s in seqs)
+        logprobs = result.logprobs.tolist() if wants_logprobs else None
+        top_ids = result.top_ids.tolist() if wants_logprobs and result.top_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if wants_logprobs and result.top_logprobs is not None else None
         self.counters["generated_tokens"] += len(tokens)
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(tok)
