@@ -1,0 +1,72 @@
+"""`python -m server` / `mla-server`: help, --print-config, and one clear line when it cannot start."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_every_option():
+    result = run_server("--help")
+    assert result.returncode == 0
+    for option in ("--model", "--host", "--port", "--max-num-seqs", "--log-level", "--config", "--print-config"):
+        assert option in result.stdout
+    assert "MLA_SERVER_PORT" in result.stdout
+
+
+def test_print_config_through_the_command(tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text("max_num_seqs = 8\n")
+    result = run_server("--config", str(config), "--print-config", env={"MLA_SERVER_PORT": "9100"})
+    assert result.returncode == 0, result.stderr
+    assert "max_num_seqs = 8" in result.stdout and "port = 9100" in result.stdout
+
+
+def test_bad_setting_exits_2_with_one_line():
+    result = run_server(env={"MLA_SERVER_MAX_NUM_SEQS": "many"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "MLA_SERVER_MAX_NUM_SEQS" in result.stderr
+
+
+def test_port_in_use_exits_1_before_loading_the_model():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = run_server("--port", str(port), "--model", "/no/such/model")
+    assert result.returncode == 1
+    # the port is checked first: the missing model was never reached
+    assert result.stderr.strip().splitlines() == [
+        f"mla-server: port {port} on 127.0.0.1 is already in use "
+        f"(see who holds it: lsof -nP -iTCP:{port} -sTCP:LISTEN); stop that process or choose another --port"
+    ]
+    assert time.monotonic() - started < 30
+
+
+def test_missing_model_exits_1_without_a_traceback():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_server("--port", str(port), "--model", "/no/such/model", "--log-level", "error")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mla-server: ") and "/no/such/model" in last
