@@ -39,6 +39,7 @@ class AsyncEngine:
         self._thread.start()
         engine = ready.get()
         if isinstance(engine, BaseException):
+            self._thread.join()
             raise engine
         self.engine: LLMEngine = engine
         self.tokenizer = engine.tokenizer
@@ -95,12 +96,16 @@ class AsyncEngine:
     def _run(self, make_engine: Callable[[], LLMEngine], ready: queue.SimpleQueue) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))
         try:
-            engine = make_engine()
-        except BaseException as exc:
-            ready.put(exc)
-            return
-        ready.put(engine)
-        self._loop(engine)
+            try:
+                engine = make_engine()
+            except BaseException as exc:
+                ready.put(exc)
+                return
+            ready.put(engine)
+            self._loop(engine)
+        finally:
+            # A stream left behind by a finished thread aborts the process at exit.
+            mx.clear_streams()
 
     def _loop(self, engine: LLMEngine) -> None:
         while not self._stopping.is_set():
