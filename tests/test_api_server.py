@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -130,9 +131,8 @@ SERVER = textwrap.dedent(
 
 
 def test_sigterm_ends_every_stream_with_done(tmp_path):
-    """Under plain uvicorn too: a SIGTERM ends live streams with an error event and [DONE]."""
-    import socket
-
+    """Under plain uvicorn too (not only server/serve.py): a SIGTERM ends live streams with an
+    error event and [DONE]."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

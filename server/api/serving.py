@@ -7,20 +7,20 @@ to cancel), and the first delta is awaited before any response starts, so that a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 import uuid
 from contextlib import aclosing
 from functools import partial
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator
 
 import anyio
 from fastapi import Request, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from server.api.disconnect import ClientDisconnected, until_disconnected
 from server.api.errors import APIError, engine_api_error
 from server.api.protocol import (
     AssistantMessage,
@@ -40,15 +40,9 @@ from server.engine.types import EngineClient, EngineError, SamplingParams, Strea
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # How long a stream may take to end on its own after the server starts exiting, before
 # sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
 SHUTDOWN_GRACE_S = 5.0
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 class ChatService:
@@ -240,32 +234,6 @@ def choice_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
             for lp in logprobs
         ]
     )
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Result of `work`, or ClientDisconnected once `work` is cancelled because the client left.
-
-    Cancelling `work` throws into the engine iterator it awaits, which ends the generation.
-    """
-    work_task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({work_task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        work_task.cancel()
-        raise
-    finally:
-        gone.cancel()
-    if work_task in done:
-        return work_task.result()
-    work_task.cancel()
-    await asyncio.wait({work_task})  # let the engine iterator's cleanup run before answering
-    raise ClientDisconnected
-
-
-async def _disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _aclose(iterator: AsyncIterator) -> None:
