@@ -118,9 +118,10 @@ def render_plist(layout: Layout, python: Path, host: str, port: int, model: str 
 
 
 def render_newsyslog(layout: Layout) -> str:
-    logs = layout.logs
+    """Rotation entries owned by the agent's user: files newsyslog recreates stay writable by it."""
+    logs, user = layout.logs, pwd.getpwuid(layout.uid)
     return (TEMPLATES / "newsyslog.conf").read_text().format(
-        label=layout.label, owner=pwd.getpwuid(layout.uid).pw_name, group=grp.getgrgid(os.getgid()).gr_name,
+        label=layout.label, owner=user.pw_name, group=grp.getgrgid(user.pw_gid).gr_name,
         log_file=logs["server"], stdout_log=logs["stdout"], stderr_log=logs["stderr"],
     )
 

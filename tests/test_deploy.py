@@ -129,7 +129,8 @@ def test_newsyslog_entry_rotates_every_log_as_the_user(home):
     result = run_service(home, "install", "--dry-run", "--venv", str(home / "venv"), "--python", "/usr/bin/python3")
     staged = home / "Library" / "Application Support" / "local.mla-server" / "newsyslog.conf"
     entries = [line.split() for line in written_text(result.stdout, staged).splitlines() if line.startswith("/")]
-    owner = f"{pwd.getpwuid(os.getuid()).pw_name}:{grp.getgrgid(os.getgid()).gr_name}"
+    user = pwd.getpwuid(os.getuid())
+    owner = f"{user.pw_name}:{grp.getgrgid(user.pw_gid).gr_name}"
     logs = home / "Library" / "Logs" / "local.mla-server"
     assert [e[0] for e in entries] == [str(logs / f"{n}.log") for n in ("server", "stdout", "stderr")]
     for entry in entries:
@@ -217,3 +218,34 @@ def test_dockerfile_installs_the_readme_requirements_and_runs_the_server():
     assert user and user[-1] not in ("root", "0")
     header = dockerfile.split("\nFROM ")[0]
     assert "Metal" in header and "launchd" in header
+
+
+def test_install_then_uninstall_for_real_with_stub_commands(home, tmp_path):
+    """Without --dry-run: files land where the dry run said, commands run in its order."""
+    calls, stubs = tmp_path / "calls.txt", tmp_path / "bin"
+    stubs.mkdir()
+    venv_python = home / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    for stub in (stubs / "launchctl", stubs / "sudo", venv_python):
+        stub.write_text(f'#!/bin/sh\n{{ printf "%s\\t" "$(basename "$0")" "$@"; echo; }} >> {calls}\n')
+        stub.chmod(0o755)
+    env_path = {"PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}"}
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, str(SERVICE), *args], env={**os.environ, "HOME": str(home), **env_path},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    dry = run("install", "--dry-run", "--venv", str(venv_python.parent.parent), "--port", "9200")
+    real = run("install", "--venv", str(venv_python.parent.parent), "--port", "9200")
+    assert real.returncode == 0, real.stderr
+    layout = service.Layout("local.mla-server", home=home)
+    assert layout.plist.read_text() == written_text(dry.stdout, layout.plist)
+    assert layout.newsyslog_staged.read_text() == written_text(dry.stdout, layout.newsyslog_staged)
+    assert layout.log_dir.is_dir() and layout.workdir.is_dir()
+    ran = [line.rstrip("\t").split("\t") for line in calls.read_text().splitlines()]
+    _, planned = files_and_commands(dry.stdout)
+    assert ran == [[Path(c[0]).name, *c[1:]] for c in planned]
+
+    calls.unlink()
+    assert run("uninstall").returncode == 0
+    assert not layout.plist.exists()
+    assert calls.read_text().split() == ["launchctl", "bootout", f"gui/{os.getuid()}/local.mla-server"]
