@@ -70,3 +70,21 @@ def test_missing_model_exits_1_without_a_traceback():
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mla-server: ") and "/no/such/model" in last
+
+
+def test_log_file_is_reopened_after_rotation(tmp_path):
+    """newsyslog renames the log; the next record must start a new file, not follow the old one."""
+    log = tmp_path / "server.log"
+    code = (
+        "import logging, os, sys\n"
+        "from server.config import Settings\n"
+        "from server.serve import _configure_logging\n"
+        "_configure_logging(Settings(log_file=sys.argv[1]))\n"
+        "logging.getLogger('t').warning('before rotation')\n"
+        "os.rename(sys.argv[1], sys.argv[1] + '.0')\n"
+        "logging.getLogger('t').warning('after rotation')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(log)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "before rotation" in (tmp_path / "server.log.0").read_text()
+    assert "after rotation" in log.read_text() and "before rotation" not in log.read_text()
