@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.types import EngineError, PromptTooLong
+from server.engine.types import EngineError, InvalidRequest, PromptTooLong
 
 class APIError(Exception):
     def __init__(
@@ -45,6 +45,8 @@ def engine_api_error(exc: EngineError) -> APIError:
     """A prompt the model can't hold is the client's fault; other engine refusals are ours."""
     if isinstance(exc, PromptTooLong):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return APIError(400, str(exc))
     return APIError(503, str(exc) or "the engine could not serve this request", type="server_error")
 
 

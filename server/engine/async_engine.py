@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from .llm_engine import LLMEngine
 from .sequence import Sequence
-from .types import EngineError, PromptTooLong, SamplingParams, StreamDelta
+from .types import EngineError, InvalidRequest, PromptTooLong, SamplingParams, StreamDelta
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ class AsyncEngine:
 
     # -- EngineClient -------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except Exception as exc:  # the model's own jinja template rejected these messages
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .types import EngineError, SamplingParams
+from .types import InvalidRequest, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -65,7 +65,7 @@ class SamplerState:
 
         bad = [t for t in params.logit_bias if not 0 <= int(t) < vocab_size]
         if bad:
-            raise EngineError(f"logit_bias token ids out of range [0, {vocab_size}): {bad[:5]}")
+            raise InvalidRequest(f"logit_bias token ids out of range [0, {vocab_size}): {bad[:5]}")
         self.has_bias = bool(params.logit_bias)
         if self.has_bias:
             self._bias_ids = mx.array([int(t) for t in params.logit_bias], dtype=mx.int32)

@@ -60,7 +60,11 @@ class EngineError(Exception):
     """A request the engine could not serve; the message is safe to show a client."""
 
 
-class PromptTooLong(EngineError):
+class InvalidRequest(EngineError):
+    """The request itself is wrong (the client's fault, a 400)."""
+
+
+class PromptTooLong(InvalidRequest):
     pass
 
 
