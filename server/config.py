@@ -33,6 +33,8 @@ _POSITIVE = {"check": lambda v: v > 0, "rule": "must be > 0"}
 
 @dataclass
 class Settings:
+    """Every option of the server; each field's metadata holds its help text and validity rule."""
+
     model: str | None = _option(
         None, "local directory or Hugging Face repo id of an MLA model (unset: the embedded demo model)"
     )
