@@ -26,7 +26,7 @@ class ModelRunner:
         self.model = model
         self.inner = model.model
         self.block_size = block_size
-        self.dtype = self.inner.embed_tokens.weight.dtype
+        self.dtype = self.inner.norm.weight.dtype  # embeddings may be quantized
         rp = getattr(args, "rope_parameters", None) or {}
         self.llama4 = (
             (rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"])
@@ -77,10 +77,10 @@ class ModelRunner:
             h = h + mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch)
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]
         h = self.inner.norm(h[mx.array(last_rows, mx.int32)])
-        if self.model.args.tie_word_embeddings:
-            logits = self.inner.embed_tokens.as_linear(h)
-        else:
+        if hasattr(self.model, "lm_head"):
             logits = self.model.lm_head(h)
+        else:
+            logits = self.inner.embed_tokens.as_linear(h)
         return logits.astype(mx.float32)
 
     def cache_arrays(self) -> list[mx.array]:
