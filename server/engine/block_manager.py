@@ -27,8 +27,9 @@ def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Unreferenced blocks, least recently used first; those with a hash are still prefix hits.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -44,6 +45,8 @@ class BlockManager:
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks that hold a prefix of `token_ids`, leaving at least one token to compute."""
         bs, hits, h = self.block_size, [], None
+        if not self.prefix_caching:
+            return hits
         for start in range(0, len(token_ids) - 1 - bs + 1, bs):
             chunk = tuple(token_ids[start : start + bs])
             h = chain_hash(h, chunk)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = "1"
+VERSION = "2"
 
 CONFIG = {
     "architectures": ["Mistral4ForCausalLM"],
@@ -45,14 +45,14 @@ CONFIG = {
     "qk_rope_head_dim": 16,
     "qk_nope_head_dim": 32,
     "v_head_dim": 32,
-    "max_position_embeddings": 4096,
+    "max_position_embeddings": 32768,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
     # A small original context makes the llama-4 scale change inside short test prompts (at 256).
     "rope_parameters": {
         "type": "yarn",
         "rope_theta": 10000.0,
-        "factor": 16.0,
+        "factor": 128.0,
         "original_max_position_embeddings": 256,
         "beta_fast": 32.0,
         "beta_slow": 1.0,

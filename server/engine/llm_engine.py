@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineConfig(SchedulerConfig):
     max_model_len: int = 4096
+    enable_prefix_caching: bool = True
 
 
 class LLMEngine:
@@ -32,7 +33,7 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
-        self.blocks = BlockManager(num_blocks, runner.block_size)
+        self.blocks = BlockManager(num_blocks, runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
         self.vocab_size = runner.model.args.vocab_size

@@ -1,0 +1,140 @@
+"""Engine benchmark (no HTTP): output tokens/s and time to first token at several concurrencies,
+and the second turn of a long conversation with and without prefix reuse.
+
+    python scripts/bench_engine.py                       # the demo model, on this machine's default device
+    python scripts/bench_engine.py --model DIR --write   # any MLA model; --write updates docs/benchmarks.md
+
+Each concurrency level submits that many requests at once (prompt of --prompt-len tokens, exactly
+--output-len output tokens, greedy) and steps the engine until all finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import date
+
+import mlx.core as mx
+
+from server.bench.report import update_section
+from server.engine.demo_model import ensure_demo_model
+from server.engine.llm_engine import EngineConfig, LLMEngine
+from server.engine.loader import load_model
+from server.engine.model_runner import ModelRunner
+from server.engine.sequence import Sequence
+from server.engine.types import SamplingParams
+
+
+def make_engine(model, tokenizer, num_blocks: int, prefix_caching: bool = True, **config) -> LLMEngine:
+    runner = ModelRunner(model, num_blocks=num_blocks)
+    cfg = EngineConfig(max_model_len=num_blocks * runner.block_size, enable_prefix_caching=prefix_caching, **config)
+    return LLMEngine(runner, tokenizer, cfg, num_blocks)
+
+
+def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, first: dict) -> None:
+    t0 = time.perf_counter()
+
+    def emit(delta):
+        first.setdefault(rid, time.perf_counter() - t0)
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    engine.add(Sequence(rid, ids, params, emit=emit))
+
+
+def run_all(engine: LLMEngine) -> None:
+    while engine.has_work:
+        engine.step()
+
+
+def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
+    return [16 + (seed * 7919 + i * 104729) % (vocab - 32) for i in range(n)]
+
+
+def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int) -> dict:
+    first: dict[str, float] = {}
+    before = engine.counters["generated_tokens"]
+    t0 = time.perf_counter()
+    for i in range(c):
+        submit(engine, f"c{c}-{i}", prompt_ids(prompt_len, 1000 * c + i, vocab), output_len, first)
+    run_all(engine)
+    wall = time.perf_counter() - t0
+    tokens = engine.counters["generated_tokens"] - before
+    ttft = sorted(first.values())
+    return {"concurrency": c, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_max_ms": 1e3 * ttft[-1]}
+
+
+def second_turn_ttft(model, tokenizer, history: int, new: int, num_blocks: int, prefix_caching: bool, vocab: int,
+                     chunk: int) -> float:
+    engine = make_engine(model, tokenizer, num_blocks, prefix_caching, prefill_chunk_size=chunk,
+                         max_num_batched_tokens=chunk)
+    first_turn = prompt_ids(history, 7, vocab)
+    done: dict[str, float] = {}
+    submit(engine, "turn1", first_turn, 1, done)
+    run_all(engine)
+    second = first_turn + prompt_ids(new, 8, vocab)
+    submit(engine, "turn2", second, 1, done)
+    run_all(engine)
+    return 1e3 * done["turn2"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir or repo id (default: the embedded demo model)")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--history", type=int, default=8192, help="first-turn tokens for the prefix-reuse case")
+    ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (section: engine)")
+    ap.add_argument("--section", default="engine")
+    args = ap.parse_args(argv)
+
+    model_ref = args.model or str(ensure_demo_model())
+    model, tokenizer = load_model(model_ref)
+    vocab = model.args.vocab_size
+    levels = [int(c) for c in args.concurrency.split(",")]
+    per_seq_blocks = -(-(args.prompt_len + args.output_len) // 64)
+    engine = make_engine(model, tokenizer, num_blocks=max(levels) * per_seq_blocks + 8,
+                         max_num_seqs=max(levels), prefill_chunk_size=args.chunk,
+                         max_num_batched_tokens=max(args.chunk, max(levels)) * 2)
+    concurrency_row(engine, 2, 32, 4, vocab)  # warm-up: compiles kernels, touches the pool
+    rows = [concurrency_row(engine, c, args.prompt_len, args.output_len, vocab) for c in levels]
+
+    history_blocks = -(-(args.history + 256) // 64) + 4
+    turns = {flag: second_turn_ttft(model, tokenizer, args.history, 64, history_blocks, flag, vocab, args.chunk)
+             for flag in (False, True)}
+
+    device = f"{mx.default_device()} ({platform.machine()}, {platform.processor() or platform.system()})"
+    if mx.default_device() == mx.gpu and mx.cuda.is_available():
+        device = "NVIDIA GPU (MLX CUDA backend)"
+    lines = [
+        f"### Engine: {args.model or 'demo model'} on {device}, {date.today()}",
+        "",
+        f"Command: `python scripts/bench_engine.py {' '.join(argv or [])}`".replace("  ", " "),
+        "",
+        f"Prompt {args.prompt_len} tokens, {args.output_len} output tokens each, greedy, all requests submitted at once.",
+        "",
+        "| concurrency | output tok/s | TTFT p50 (ms) | TTFT max (ms) | wall (s) |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_max_ms']:.1f} | {r['wall_s']:.2f} |"
+          for r in rows],
+        "",
+        f"Second turn after {args.history} tokens of history (+64 new tokens), time to first token:",
+        "",
+        "| prefix reuse | TTFT (ms) |",
+        "|---|---:|",
+        f"| off | {turns[False]:.1f} |",
+        f"| on | {turns[True]:.1f} |",
+        f"| speed-up | {turns[False] / turns[True]:.1f}x |",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        update_section("docs/benchmarks.md", args.section, text)
+
+
+if __name__ == "__main__":
+    main()
