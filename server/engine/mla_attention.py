@@ -67,8 +67,15 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
         q_pe = q_pe * batch.attn_scale.astype(q_pe.dtype)
     q_latent = attn.embed_q(q_nope.swapaxes(0, 1)).swapaxes(0, 1)  # [T, H, R]
 
+    # Prefill writes go in before the decode kernel appends in place: the scatter can then take
+    # over the evaluated pool buffers instead of copying a pool the kernel has just written to.
+    d, offset = batch.num_decodes, batch.num_decodes
+    for chunk in batch.prefills:
+        rows = slice(offset, offset + chunk.length)
+        offset += chunk.length
+        cache.write(chunk.slots, latent[rows], k_pe[rows])
+
     outs = []
-    d = batch.num_decodes
     if d:
         outs.append(
             mla_decode_append(
@@ -80,15 +87,15 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
     for chunk in batch.prefills:
         rows = slice(offset, offset + chunk.length)
         offset += chunk.length
-        outs.append(_prefill_attention(attn, q_latent[rows], q_pe[rows], latent[rows], k_pe[rows], cache, chunk))
+        outs.append(_prefill_attention(attn, q_latent[rows], q_pe[rows], cache, chunk))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)  # [T, H, R]
     out = attn.unembed_out(out.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1)  # [T, H, v]
     return attn.o_proj(out.reshape(T, -1))
 
 
-def _prefill_attention(attn, q_latent, q_pe, latent, k_pe, cache: LatentCache, chunk: PrefillChunk):
-    """Causal attention of one chunk [n, H, *] over its sequence's cache prefix plus itself."""
-    cache.write(chunk.slots, latent, k_pe)
+def _prefill_attention(attn, q_latent, q_pe, cache: LatentCache, chunk: PrefillChunk):
+    """Causal attention of one chunk [n, H, *] over its sequence's cache prefix plus itself
+    (already written)."""
     S = chunk.start + chunk.length
     keys, keys_pe = cache.read(chunk.block_ids, S)
     scale = attn.scale
