@@ -7,7 +7,7 @@ import pytest
 
 from server.bench import cache_bytes
 from server.bench.render import render_section
-from server.bench.side_by_side import SERVERS, _busy, parse_args, prompt_plan
+from server.bench.side_by_side import SERVERS, parse_args, prompt_plan
 
 
 def test_defaults_cover_the_issue_matrix():
@@ -52,12 +52,6 @@ def test_prompt_plan_clamps_to_context():
         prompt_plan([1024], 100, 64)
 
 
-def test_busy_reads_running_counts_anywhere_in_health():
-    assert _busy({"status": "ok", "engine": {"running": 2, "waiting": 0}})
-    assert not _busy({"status": "ok", "engine": {"running": 0}})
-    assert not _busy(None) and not _busy({"status": "ok"})
-
-
 def test_cache_bytes_for_mistral_small_4_shape():
     config = {"kv_lora_rank": 256, "qk_rope_head_dim": 64, "torch_dtype": "bfloat16"}
     assert cache_bytes.ours(config) == 128 + 2 * 4 * 2 + 128  # nibbles + scales/biases + bf16 rope key
@@ -71,7 +65,7 @@ def _fake_run(tag: str) -> dict:
                "ttft_ms": {"p50": 10.0, "p90": 12.0, "p99": 13.0}, "itl_ms": {"p50": 1.0, "p99": 2.0},
                "request_tokens_per_s": {"mean": 900.0, "p50": 900.0}, "aggregate_tokens_per_s": 64.0}
     cell = {"config": {"concurrency": 1}, "summary": summary, "prompt_tokens_requested": 8192,
-            "prompt_tokens_target": 3968}
+            "prompt_tokens_target": 3968, "peak_rss_bytes": 290 * 2**20}
     server = {"name": "ours", "label": "ours (INT4 paged latent)", "startup_s": 2.0, "error": None,
               "peak_rss_bytes": 300 * 2**20, "health": {"status": "ok", "engine": {"running": 0}},
               "exit_code": 0, "cells": [cell]}
@@ -92,7 +86,7 @@ def test_render_section_from_summaries(tmp_path):
     render_section(docs, data)
     text = docs.read_text()
     assert "kernel numbers" in text and "<!-- section:serving -->" in text
-    assert "clamped to the model's context" in text and "| ours (INT4 paged latent) | 1 | 4/4 |" in text
+    assert "clamped to the model's context" in text and "| ours (INT4 paged latent) | 1 | 4/4 |" in text and "| 64.0 | 290 |" in text
     assert "(bench/side_by_side_cpu_8192.png)" in text and "| 144 | 300 |" in text
     assert "to be run on the H100" in text
 

@@ -18,17 +18,20 @@ GPU_COMMAND = (
 INTRO = """\
 ## Serving: side by side with mlx_lm.server
 
-`python -m server.bench.side_by_side` starts each server in turn on the same model directory and
-machine: ours, `mlx_lm.server` as it batches by default, and `mlx_lm.server --kv-bits 4`. It drives
-each with the load generator (`python -m server.bench`: streaming clients, greedy decoding, EOS
-suppressed with `logit_bias` so every request produces `max_tokens`, distinct random-word prompts so
-no prefix cache helps) at each concurrency and prompt length, a request count and a time bound per
-cell, then stops it. TTFT is from sending the request to the first content chunk; ITL is the gap
-between content chunks; "req tok/s" is a request's decode rate after its first token; "total tok/s"
-is every output token received in the cell over the cell's wall time. Requests still running when a
-cell's time bound passes are cut (counted in "done/sent", not as errors). Peak RSS is the server
-process's high-water mark (Linux VmHWM; sampled `ps -o rss` on macOS, where Metal buffers are not
-all counted). Cache bytes are per token per layer, from the model's config.
+`python -m server.bench.side_by_side` runs ours, `mlx_lm.server` as it batches by default, and
+`mlx_lm.server --kv-bits 4` in turn on the same model directory and machine. Every cell (prompt
+length x concurrency) gets a fresh server process, so requests a time bound cut off cannot slow the
+next cell and the peak RSS belongs to that cell; after one short unrecorded warm-up request the load
+generator (`python -m server.bench`) drives it: streaming clients, greedy decoding, EOS suppressed
+with `logit_bias` so every request produces `max_tokens`, distinct random-word prompts so no prefix
+cache helps, a request count and a time bound per cell. TTFT is from sending the request to the
+first content chunk; ITL is the gap between content chunks; "req tok/s" is a request's decode rate
+after its first token; "total tok/s" is every output token received in the cell over the cell's wall
+time. Requests still running when the time bound passes are cut (counted in "done/sent", not as
+errors), so a cell with few done requests reports the latencies of the lucky ones. Peak RSS is the
+server process's high-water mark (Linux VmHWM; sampled `ps -o rss` on macOS, where Metal buffers
+are not all counted). Cache bytes are per token per layer, computed from the model's config
+(server/bench/cache_bytes.py).
 
 mlx-lm 0.32.2 facts that shape the `--kv-bits 4` rows, checked on this version: `--kv-bits` disables
 batching (requests are served one at a time); the cache stays full precision until
@@ -44,7 +47,7 @@ def _fmt_mib(n: int | None) -> str:
 
 def _memory_table(run: dict) -> str:
     cache = run["cache_bytes_per_token_layer"]
-    lines = ["| server | cache bytes / token / layer | peak RSS MiB | startup s | exit | server-reported |",
+    lines = ["| server | cache bytes / token / layer | peak RSS MiB (max over cells) | startup s (max) | exit | server-reported (last cell) |",
              "|---|---:|---:|---:|---:|---|"]
     for s in run["servers"]:
         health = s.get("health") or {}

@@ -42,11 +42,13 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def results_table(series: dict[str, list[dict]]) -> str:
-    """A markdown table with one row per (label, concurrency) of `run_load` results."""
+    """A markdown table with one row per (label, concurrency) of `run_load` results; results that
+    carry `peak_rss_bytes` (the side-by-side runner's) get a server memory column."""
+    rss = any("peak_rss_bytes" in r for results in series.values() for r in results)
     lines = [
         "| run | clients | done/sent | errors | prompt / out tok | TTFT p50 / p90 / p99 ms | ITL p50 / p99 ms"
-        " | req tok/s (mean) | total tok/s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        " | req tok/s (mean) | total tok/s |" + (" peak RSS MiB |" if rss else ""),
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if rss else ""),
     ]
     for label, results in series.items():
         for r in results:
@@ -54,9 +56,11 @@ def results_table(series: dict[str, list[dict]]) -> str:
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "0"
             ttft = " / ".join(_fmt(s["ttft_ms"][p], 0) for p in ("p50", "p90", "p99"))
             itl = " / ".join(_fmt(s["itl_ms"][p]) for p in ("p50", "p99"))
+            mib = r.get("peak_rss_bytes")
             lines.append(
                 f"| {label} | {r['config']['concurrency']} | {s['completed']}/{s['requests']} | {errors}"
                 f" | {_fmt(s['mean_prompt_tokens'], 0)} / {_fmt(s['mean_output_tokens'], 0)} | {ttft} | {itl}"
                 f" | {_fmt(s['request_tokens_per_s']['mean'])} | {_fmt(s['aggregate_tokens_per_s'])} |"
+                + (f" {_fmt(None if mib is None else mib / 2**20, 0)} |" if rss else "")
             )
     return "\n".join(lines)

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from server.bench import cache_bytes
 from server.bench.__main__ import concurrency_list
 from server.bench.loadgen import LoadConfig, run_load
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths; clamped to the model's context")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per cell = this x clients, >= 4")
-    p.add_argument("--cell-seconds", type=float, default=40.0, help="time bound of one cell")
+    p.add_argument("--cell-seconds", type=float, default=30.0, help="time bound of one cell")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--quick", action="store_true",
                    help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells")
@@ -122,26 +124,6 @@ def detect_device() -> tuple[str, str]:
     return f"{cpu}, {os.cpu_count()} cores (MLX CPU backend)", "cpu"
 
 
-def _busy(health: dict | None) -> bool:
-    """Whether /health says requests are still running (servers that don't say count as idle)."""
-    if not isinstance(health, dict):
-        return False
-    for key, value in health.items():
-        if key in ("running", "num_running") and isinstance(value, int) and value > 0:
-            return True
-        if isinstance(value, dict) and _busy(value):
-            return True
-    return False
-
-
-def _settle(server: ServerProcess, timeout_s: float = 30.0) -> None:
-    """Let requests cut off by a cell's time bound drain before the next cell starts."""
-    deadline = time.monotonic() + timeout_s
-    time.sleep(1.0)
-    while _busy(server.health()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-
-
 def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tuple[int, int]]:
     """(requested, used) prompt lengths: each clamped so prompt + template + output fit the context."""
     limit = context - max_tokens - _TEMPLATE_MARGIN
@@ -155,40 +137,60 @@ def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tup
     return plan
 
 
-def run_server(name: str, args, model: Path, plan, tpw: float, eos_ids: list[int]) -> dict:
+def run_cell(name: str, args, model: Path, used: int, clients: int, tpw: float, extra: dict) -> dict:
+    """One fresh server process for one (prompt length, concurrency) cell, so that requests a time
+    bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell."""
     kind = SERVERS[name]
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
-    user_args = args.ours_args if name == "ours" else args.mlx_lm_args
-    argv = kind.argv(model, port, user_args)
-    server = ServerProcess(argv, base, args.results_dir / f"{name}.log")
-    print(f"== {kind.label}: {shlex.join(argv)}", file=sys.stderr)
-    cells, error = [], None
+    argv = kind.argv(model, port, args.ours_args if name == "ours" else args.mlx_lm_args)
+    server = ServerProcess(argv, base, args.results_dir / f"{name}_{used}_c{clients}.log")
+    print(f"== {kind.label}, ~{used}-token prompts, {clients} clients: {shlex.join(argv)}", file=sys.stderr)
+    common = dict(base_url=base, model=kind.model_name, temperature=0.0, ignore_eos=True, extra_body=extra,
+                  request_timeout_s=max(args.cell_seconds, 60.0))
+    cell = {"prompt_tokens_target": used, "argv": argv, "error": None, "health": None}
     t0 = time.monotonic()
     server.start()
     try:
         server.wait_healthy(args.startup_timeout)
-        startup_s = time.monotonic() - t0
-        for requested, used in plan:
-            # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
-            extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
-            source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, tokens_per_word=tpw, seed=used)
-            for i, c in enumerate(args.concurrency):
-                cfg = LoadConfig(base_url=base, model=kind.model_name, concurrency=c,
-                                 num_requests=max(4, args.requests_per_client * c), duration_s=args.cell_seconds,
-                                 warmup_requests=1 if i == 0 else 0, temperature=0.0, ignore_eos=True,
-                                 request_timeout_s=max(args.cell_seconds, 60.0), extra_body=extra)
-                result = asyncio.run(run_load(source, cfg))
-                result["prompt_tokens_requested"], result["prompt_tokens_target"] = requested, used
-                cells.append(result)
-                _settle(server)
-        health = server.health()
-    except (RuntimeError, TimeoutError) as e:
-        error, health, startup_s = str(e), None, None
+        cell["startup_s"] = time.monotonic() - t0
+        # Compile and allocate on a short request first, unrecorded.
+        warm = SyntheticPrompts(LengthDist("fixed", min(used, 128)), 4, tokens_per_word=tpw, seed=-1)
+        asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
+        source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, tokens_per_word=tpw, seed=used)
+        cfg = LoadConfig(concurrency=clients, num_requests=max(4, args.requests_per_client * clients),
+                         duration_s=args.cell_seconds, warmup_requests=0, **common)
+        cell.update(asyncio.run(run_load(source, cfg)))
+        cell["health"] = server.health()
+    except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
+        cell["error"] = str(e)
     finally:
-        exit_code = server.stop()
-    return {"name": name, "label": kind.label, "argv": argv, "startup_s": startup_s, "error": error,
-            "peak_rss_bytes": server.peak_rss, "health": health, "exit_code": exit_code, "cells": cells}
+        cell["exit_code"] = server.stop()
+    cell["peak_rss_bytes"] = server.peak_rss
+    return cell
+
+
+def run_server(name: str, args, model: Path, plan, tpw: float, eos_ids: list[int]) -> dict:
+    """Every cell of `plan` x concurrency on server `name`; stops at the first cell it fails to serve."""
+    # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
+    extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
+    cells = []
+    for requested, used in plan:
+        for clients in args.concurrency:
+            cell = run_cell(name, args, model, used, clients, tpw, extra)
+            cell["prompt_tokens_requested"] = requested
+            cells.append(cell)
+            if cell["error"]:
+                break
+        if cells and cells[-1]["error"]:
+            break
+    served = [c for c in cells if "summary" in c]
+    rss = [c["peak_rss_bytes"] for c in cells if c["peak_rss_bytes"] is not None]
+    return {"name": name, "label": SERVERS[name].label, "argv": cells[0]["argv"] if cells else None,
+            "startup_s": max((c.get("startup_s") or 0.0 for c in cells), default=None),
+            "error": next((c["error"] for c in cells if c["error"]), None),
+            "peak_rss_bytes": max(rss, default=None), "health": served[-1]["health"] if served else None,
+            "exit_code": cells[-1]["exit_code"] if cells else None, "cells": served}
 
 
 def _eos_ids(config: dict) -> list[int]:
