@@ -140,3 +140,26 @@ def test_cli_refuses_remote_and_bad_levels(capsys):
         with pytest.raises(SystemExit) as e:
             bench_main(argv)
         assert e.value.code == 2
+
+
+def test_prompt_words_follow_the_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from server.bench.prompts import DEFAULT_WORDS, calibrate_tokens_per_word, words_for_tokenizer
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 300)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    words = words_for_tokenizer(path)
+    assert words != DEFAULT_WORDS and all(w.startswith("w") for w in words) and len(set(words)) > 100
+    assert calibrate_tokens_per_word(path, words) == pytest.approx(1.0)
+    src = SyntheticPrompts(LengthDist("fixed", 50), 4, words=words)
+    a, b = (tok.encode(src.next_body()["messages"][0]["content"]).ids for _ in range(2))
+    assert a != b and len(set(a)) > 10
+
+    bpe = Tokenizer(models.WordLevel({w: i for i, w in enumerate(("<unk>",) + DEFAULT_WORDS)}, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.save(str(path))
+    assert words_for_tokenizer(path) == DEFAULT_WORDS

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from server.bench.loadgen import DEFAULT_BASE_URL, LoadConfig, check_address, run_sweep
-from server.bench.prompts import LengthDist, ReplayPrompts, SyntheticPrompts, calibrate_tokens_per_word
+from server.bench.prompts import (
+    DEFAULT_WORDS, LengthDist, ReplayPrompts, SyntheticPrompts, calibrate_tokens_per_word, words_for_tokenizer,
+)
 from server.bench.report import results_table
 
 
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--replay", type=Path, help="JSONL file of chat request bodies, replayed in a loop")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default %(default)s)")
     p.add_argument("--tokens-per-word", type=float, default=None, help="prompt words to tokens (default 1.0)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json to calibrate --tokens-per-word")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json: calibrates --tokens-per-word and picks words it keeps distinct")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (servers that lack it ignore it)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         source = ReplayPrompts(args.replay, args.max_tokens)
     else:
-        tpw = args.tokens_per_word or (calibrate_tokens_per_word(args.tokenizer) if args.tokenizer else 1.0)
-        source = SyntheticPrompts(args.prompt_len, args.max_tokens, tokens_per_word=tpw, seed=args.seed)
+        words = words_for_tokenizer(args.tokenizer) if args.tokenizer else DEFAULT_WORDS
+        tpw = args.tokens_per_word or (calibrate_tokens_per_word(args.tokenizer, words) if args.tokenizer else 1.0)
+        source = SyntheticPrompts(args.prompt_len, args.max_tokens, tokens_per_word=tpw, seed=args.seed, words=words)
     cfg = LoadConfig(
         base_url=args.base_url, model=args.model, num_requests=args.num_requests, duration_s=args.duration,
         request_timeout_s=args.timeout, warmup_requests=args.warmup, temperature=args.temperature,

@@ -8,13 +8,14 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 # Common short English words: most byte-level BPE vocabularies hold each as one token with its
 # leading space, which keeps the words-to-tokens estimate close without the model's tokenizer.
-_WORDS = (
+DEFAULT_WORDS = tuple(
     "the of and to in is was for on are as with his they at be this from have or by one had not but"
     " what all were when we there can an your which their said if do will each about how up out them"
     " then she many some so these would other into has more her two like him see time could no make"
@@ -24,7 +25,8 @@ _WORDS = (
     " because does part even place well such here take why things help put years different away again"
     " off went old number great tell men say small every found still between name should home big give"
     " air line set own under read last never us left end along while might next sound below saw something"
-).split()
+    .split()
+)
 
 
 class PromptSource(Protocol):
@@ -71,20 +73,23 @@ class LengthDist:
 class SyntheticPrompts:
     """Random-word prompts; a unique leading tag per request defeats servers' prefix caches.
 
-    `tokens_per_word` converts the token target into words (see `calibrate_tokens_per_word`).
+    `tokens_per_word` converts the token target into words (see `calibrate_tokens_per_word`);
+    `words` is the vocabulary drawn from (see `words_for_tokenizer`).
     """
 
-    def __init__(self, lengths: LengthDist, max_tokens: int, tokens_per_word: float = 1.0, seed: int = 0):
+    def __init__(self, lengths: LengthDist, max_tokens: int, tokens_per_word: float = 1.0, seed: int = 0,
+                 words: Sequence[str] = DEFAULT_WORDS):
         self.lengths = lengths
         self.max_tokens = max_tokens
         self.tokens_per_word = tokens_per_word
+        self.words = words
         self._rng = random.Random(seed)
         self._count = itertools.count()
 
     def next_body(self) -> dict:
         n_words = max(1, round(self.lengths.sample(self._rng) / self.tokens_per_word))
         words = [f"r{next(self._count)}x{self._rng.randrange(10**6)}"]
-        words += self._rng.choices(_WORDS, k=n_words - 1)
+        words += self._rng.choices(self.words, k=n_words - 1)
         return {"messages": [{"role": "user", "content": " ".join(words)}], "max_tokens": self.max_tokens}
 
 
@@ -111,11 +116,31 @@ class ReplayPrompts:
         return dict(next(self._cycle))
 
 
-def calibrate_tokens_per_word(tokenizer_json: str | Path, n_words: int = 2000, seed: int = 0) -> float:
+def words_for_tokenizer(tokenizer_json: str | Path, n: int = 512) -> Sequence[str]:
+    """Prompt words that stay distinct tokens under a Hugging Face `tokenizer.json`.
+
+    A word-level vocabulary (such as the synthetic benchmark checkpoints' "w0 w1 ...") turns the
+    default English words into one unknown token, which would make every prompt the same token
+    string and hand servers' prefix caches a win; then its own plain words are used instead.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    ids = tok.encode(" ".join(DEFAULT_WORDS), add_special_tokens=False).ids
+    if len(set(ids)) > len(DEFAULT_WORDS) // 2:
+        return DEFAULT_WORDS
+    plain = sorted(w for w in tok.get_vocab() if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", w))
+    if not plain:
+        raise ValueError(f"{tokenizer_json}: no plain words to build prompts from")
+    return tuple(plain[:: max(1, len(plain) // n)][:n])
+
+
+def calibrate_tokens_per_word(tokenizer_json: str | Path, words: Sequence[str] = DEFAULT_WORDS,
+                              n_words: int = 2000, seed: int = 0) -> float:
     """Tokens per prompt word under a Hugging Face `tokenizer.json` (the `tokenizers` library)."""
     from tokenizers import Tokenizer
 
-    source = SyntheticPrompts(LengthDist("fixed", n_words), max_tokens=1, seed=seed)
+    source = SyntheticPrompts(LengthDist("fixed", n_words), max_tokens=1, seed=seed, words=words)
     text = source.next_body()["messages"][0]["content"]
     n_tokens = len(Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids)
-    return n_tokens / n_words
+    return max(n_tokens, 1) / n_words

@@ -25,7 +25,7 @@ import httpx
 from server.bench import cache_bytes
 from server.bench.__main__ import concurrency_list
 from server.bench.loadgen import LoadConfig, run_load
-from server.bench.prompts import LengthDist, SyntheticPrompts, calibrate_tokens_per_word
+from server.bench.prompts import DEFAULT_WORDS, LengthDist, SyntheticPrompts, calibrate_tokens_per_word, words_for_tokenizer
 from server.bench.render import render_section
 from server.bench.servers import ServerProcess, free_port, python_module
 
@@ -137,7 +137,7 @@ def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tup
     return plan
 
 
-def run_cell(name: str, args, model: Path, used: int, clients: int, tpw: float, extra: dict) -> dict:
+def run_cell(name: str, args, model: Path, used: int, clients: int, prompt_kw: dict, extra: dict) -> dict:
     """One fresh server process for one (prompt length, concurrency) cell, so that requests a time
     bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell."""
     kind = SERVERS[name]
@@ -155,9 +155,9 @@ def run_cell(name: str, args, model: Path, used: int, clients: int, tpw: float, 
         server.wait_healthy(args.startup_timeout)
         cell["startup_s"] = time.monotonic() - t0
         # Compile and allocate on a short request first, unrecorded.
-        warm = SyntheticPrompts(LengthDist("fixed", min(used, 128)), 4, tokens_per_word=tpw, seed=-1)
+        warm = SyntheticPrompts(LengthDist("fixed", min(used, 128)), 4, seed=-1, **prompt_kw)
         asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
-        source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, tokens_per_word=tpw, seed=used)
+        source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, seed=used, **prompt_kw)
         cfg = LoadConfig(concurrency=clients, num_requests=max(4, args.requests_per_client * clients),
                          duration_s=args.cell_seconds, warmup_requests=0, **common)
         cell.update(asyncio.run(run_load(source, cfg)))
@@ -170,14 +170,14 @@ def run_cell(name: str, args, model: Path, used: int, clients: int, tpw: float, 
     return cell
 
 
-def run_server(name: str, args, model: Path, plan, tpw: float, eos_ids: list[int]) -> dict:
+def run_server(name: str, args, model: Path, plan, prompt_kw: dict, eos_ids: list[int]) -> dict:
     """Every cell of `plan` x concurrency on server `name`; stops at the first cell it fails to serve."""
     # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
     extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
     cells = []
     for requested, used in plan:
         for clients in args.concurrency:
-            cell = run_cell(name, args, model, used, clients, tpw, extra)
+            cell = run_cell(name, args, model, used, clients, prompt_kw, extra)
             cell["prompt_tokens_requested"] = requested
             cells.append(cell)
             if cell["error"]:
@@ -206,12 +206,14 @@ def run(args) -> dict:
     model = args.model.resolve()
     config = json.loads((model / "config.json").read_text())
     tokenizer = model / "tokenizer.json"
-    tpw = calibrate_tokens_per_word(tokenizer) if tokenizer.exists() else 1.0
+    words = words_for_tokenizer(tokenizer) if tokenizer.exists() else DEFAULT_WORDS
+    tpw = calibrate_tokens_per_word(tokenizer, words) if tokenizer.exists() else 1.0
+    prompt_kw = {"tokens_per_word": tpw, "words": words}
     plan = prompt_plan(args.prompt_tokens, config.get("max_position_embeddings", 4096), args.max_tokens)
     device, tag = detect_device()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.monotonic()
-    servers = [run_server(name, args, model, plan, tpw, _eos_ids(config)) for name in args.servers]
+    servers = [run_server(name, args, model, plan, prompt_kw, _eos_ids(config)) for name in args.servers]
     return {
         "tag": args.tag or tag,
         "device": args.device or device,
