@@ -10,9 +10,10 @@ from server.bench.report import results_table, update_section
 
 SECTION = "serving"
 
-GPU_COMMAND = (
-    "python -m server.bench.side_by_side --model MODEL_DIR --tag h100 "
-    "--results-dir $OUT/side_by_side --docs-data $OUT/bench --no-docs"
+GPU_COMMANDS = (
+    "python3 -m server.engine.synthetic_model /tmp/msm4-8l --layers 8 --shape mistral-small-4",
+    "python3 -m server.bench.side_by_side --model /tmp/msm4-8l --tag h100 --cell-seconds 20 "
+    "--results-dir $OUT/side_by_side --docs $OUT/benchmarks.md --docs-data $OUT/bench",
 )
 
 INTRO = """\
@@ -31,7 +32,13 @@ time. Requests still running when the time bound passes are cut (counted in "don
 errors), so a cell with few done requests reports the latencies of the lucky ones. Peak RSS is the
 server process's high-water mark (Linux VmHWM; sampled `ps -o rss` on macOS, where Metal buffers
 are not all counted). Cache bytes are per token per layer, computed from the model's config
-(server/bench/cache_bytes.py).
+(server/bench/cache_bytes.py). Full per-request results go to `--results-dir` (default
+`out/bench/side_by_side/`); the summaries this section is rendered from live in `docs/bench/`.
+
+The same load generator tests any OpenAI-compatible server on this machine, e.g.
+`python -m server.bench --base-url http://127.0.0.1:8080/v1 -c 1,4,16,64 --prompt-len uniform:512:2048
+--max-tokens 128 --duration 60` (or `--replay requests.jsonl`); it prints the table, writes JSON and a
+PNG under `out/bench/`.
 
 mlx-lm 0.32.2 facts that shape the `--kv-bits 4` rows, checked on this version: `--kv-bits` disables
 batching (requests are served one at a time); the cache stays full precision until
@@ -96,7 +103,7 @@ def render_section(docs: str | Path, data_dir: str | Path) -> str:
             "### h100: to be run on the H100\n\n"
             "Not run yet. On the GPU machine, with a Mistral-Small-4-shaped model directory (real\n"
             "dimensions, 8 layers, random 4-bit weights in HF layout, `embed_q`/`unembed_out` unquantized):\n\n"
-            f"    {GPU_COMMAND}\n\n"
+            + "".join(f"    {c}\n" for c in GPU_COMMANDS) + "\n"
             "then copy `$OUT/bench/side_by_side_h100*` into docs/bench/ and run\n"
             "`python -m server.bench.side_by_side --render-only` to re-render this section."
         )
