@@ -82,12 +82,13 @@ def test_concurrent_requests_match_their_solo_output(client, engine):
     assert engine.stats()["running"] == 0
 
 
-def test_bad_input_is_a_400_and_the_server_keeps_serving(client):
+def test_bad_input_is_a_400_and_the_server_keeps_serving(client, engine):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEMO_MODEL_NAME, messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4
+            model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "word " * engine.max_model_len}],
+            max_tokens=4,
         )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEMO_MODEL_NAME, messages=MESSAGES, logit_bias={"99999": 1})
