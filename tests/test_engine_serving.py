@@ -129,3 +129,13 @@ def test_timed_out_request_frees_its_blocks():
     engine.step()
     assert out.errors and "timed out" in str(out.errors[0])
     assert engine.blocks.num_free == len(engine.blocks.blocks)
+
+
+def test_prefills_that_outgrow_the_pool_preempt_instead_of_stalling():
+    # Two 300-token prompts in 64-token chunks, and room for only one of them at a time.
+    engine = make_engine(num_blocks=6, runner=ScriptedRunner(), prefill_chunk_size=64, max_num_batched_tokens=128)
+    outs = [submit(engine, f"p{i}", prompt(300, seed=i), max_tokens=4, ignore_eos=True) for i in range(2)]
+    run_until_idle(engine, max_steps=200)
+    assert [o.finish_reason for o in outs] == ["length", "length"]
+    assert engine.counters["preemptions"] > 0
+    assert engine.blocks.num_free == 6

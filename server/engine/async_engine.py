@@ -111,12 +111,14 @@ class AsyncEngine:
             mx.clear_streams()
 
     def _loop(self, engine: LLMEngine) -> None:
+        progressed = True
         while not self._stopping.is_set():
             try:
-                self._drain(block=not engine.has_work)
+                # Sleep on the inbox when idle, and when the last step could run nothing.
+                self._drain(block=not (engine.has_work and progressed))
                 if self._stopping.is_set():
                     break
-                engine.step()
+                progressed = engine.step()
             except Exception as exc:  # a failed step must not take the server down
                 log.exception("engine step failed; failing the requests in flight")
                 engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))

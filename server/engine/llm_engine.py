@@ -67,12 +67,13 @@ class LLMEngine:
         return self.scheduler.has_work
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Run one step; False when there was nothing it could run."""
         self._expire(time.monotonic())
         plan = self.scheduler.schedule()
         self.counters["preemptions"] += len(plan.preempted)
         if plan.empty:
-            return
+            return False
         sampled = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
         for seq, n in plan.prefills:
             if seq.num_computed == seq.num_cached_prompt and not seq.output_ids:
@@ -90,6 +91,7 @@ class LLMEngine:
         self.counters["steps"] += 1
         if result is not None:
             self._append(sampled, result)
+        return True
 
     def _append(self, seqs: list[Sequence], result) -> None:
         tokens = result.tokens.tolist()

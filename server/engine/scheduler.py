@@ -58,22 +58,15 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or seq.is_prefilling:
-                continue
-            while not self.blocks.grow(seq, 1):
-                victim = self.running[-1]
-                self._preempt(victim, plan)
-                if victim is seq:
-                    break
-            if seq.status is Status.RUNNING:
+            if seq.status is Status.RUNNING and not seq.is_prefilling and self._make_room(seq, 1, plan):
                 plan.decodes.append(seq)
                 budget -= 1
-        for seq in self.running:
+        for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.is_prefilling:
+            if seq.status is Status.RUNNING and seq.is_prefilling:
                 n = min(seq.num_remaining, self.config.prefill_chunk_size, budget)
-                if self.blocks.grow(seq, n):
+                if self._make_room(seq, n, plan):
                     plan.prefills.append((seq, n))
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -105,6 +98,16 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
 
+    def _make_room(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
+        """Grow `seq` by `n` tokens, preempting the newest running sequences until it fits;
+        False if `seq` itself had to go."""
+        while not self.blocks.grow(seq, n):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        return True
+
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         self.running.remove(seq)
         self.blocks.release(seq)
@@ -113,3 +116,4 @@ class Scheduler:
         plan.preempted.append(seq)
         if seq in plan.decodes:
             plan.decodes.remove(seq)
+        plan.prefills = [(s, n) for s, n in plan.prefills if s is not seq]
