@@ -11,8 +11,10 @@ Each concurrency level submits that many requests at once (prompt of --prompt-le
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -107,13 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     turns = {flag: second_turn_ttft(model, tokenizer, args.history, 64, history_blocks, flag, vocab, args.chunk)
              for flag in (False, True)}
 
-    device = f"{mx.default_device()} ({platform.machine()}, {platform.processor() or platform.system()})"
-    if mx.default_device() == mx.gpu and mx.cuda.is_available():
-        device = "NVIDIA GPU (MLX CUDA backend)"
+    device = f"{platform.system()} {platform.machine()} CPU, {os.cpu_count()} cores"
+    if mx.default_device() == mx.gpu:
+        device = mx.device_info().get("device_name", "GPU") + (" (MLX CUDA)" if mx.cuda.is_available() else " (Metal)")
     lines = [
         f"### Engine: {args.model or 'demo model'} on {device}, {date.today()}",
         "",
-        f"Command: `python scripts/bench_engine.py {' '.join(argv or [])}`".replace("  ", " "),
+        f"Command: `{' '.join(['python scripts/bench_engine.py', *(sys.argv[1:] if argv is None else argv)])}`",
         "",
         f"Prompt {args.prompt_len} tokens, {args.output_len} output tokens each, greedy, all requests submitted at once.",
         "",
