@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.kernels import codegen, mla_body
+from server.kernels.fused import TileConfig
 
 CUDA_TYPES = {"half": "__half", "bfloat": "__nv_bfloat16", "float": "float",
               "uint32": "uint32_t", "int32": "int32_t"}
@@ -51,9 +52,7 @@ def cuda_translation_unit(kind: str, dtype: str, consts: dict[str, int]) -> str:
 
 
 def smem_for(c: dict) -> int:
-    K = c["R"] + c["P"]
-    return 2 * ((c["HG"] + c["TT"]) * (K + 8) + c["HG"] * (c["TT"] + 8) + K) + \
-        4 * (c["HG"] * c["TT"] + 3 * c["HG"] + c["R"])
+    return TileConfig(c["HG"], c["TT"], c["NW"], c["PPS"]).smem_bytes(c["R"], c["P"])
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

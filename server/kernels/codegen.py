@@ -2,7 +2,7 @@
 
 The body (see `mla_body.py`) uses only the names defined by a backend's prelude:
 
-- indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup);
+- indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup); `UNROLL`;
 - `warp_sum/max/min(float)`, `f_max/f_min/f_abs/f_round/f_exp2(float)`, `BARRIER()`;
 - shared memory: `SMEM_ARRAY(name, bytes)` (16-byte aligned), `SHARED_PTR(type)`;
 - 16-byte moves: `LOAD_U4(global_ptr, i)` (i in 16-byte units), `SMEM_U4(ptr)` (an lvalue),
@@ -14,14 +14,16 @@ The body (see `mla_body.py`) uses only the names defined by a backend's prelude:
   `mma_t<T>(c, a, b)` does C[16x8] += A B in float; element i < 4 of `c.v` sits at row
   `c_row(LANE, i)`, column `c_col(LANE, i)` of the tile.
 
-CUDA implements the multiply with `mma.sync.aligned.m16n8k16` in inline PTX (MLX's runtime
-compiler cannot include wmma), Metal with four 8x8 `simdgroup_float8x8` products.
+CUDA implements the multiply with `mma.sync.aligned.m16n8k16` and the loads with `ldmatrix`, in
+inline PTX (MLX's runtime compiler cannot include wmma); Metal with four 8x8
+`simdgroup_float8x8` products on fragments loaded element by element.
 """
 
 from __future__ import annotations
 
 CUDA_PRELUDE = r"""
 #define SHARED_PTR(type) type*
+#define UNROLL _Pragma("unroll")
 #define SMEM_ARRAY(name, bytes) extern __shared__ uint4 name[]
 #define BARRIER() __syncthreads()
 #define MUT(type, ptr) const_cast<type*>(ptr)
@@ -74,22 +76,29 @@ template <typename T> __device__ inline unsigned ld_two(const T* lo, const T* hi
   return unsigned(*reinterpret_cast<const unsigned short*>(lo)) |
          (unsigned(*reinterpret_cast<const unsigned short*>(hi)) << 16);
 }
+// ldmatrix: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; each lane receives the
+// pair (row lane / 4, columns 2 (lane % 4) + {0, 1}) of each matrix, or with .trans of its
+// transpose, which is exactly the mma fragment layout.
+__device__ inline unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
 template <typename T> __device__ inline void load_a(AFrag& a, const T* p, int ld, int lane) {
-  const int g = lane >> 2, t = (lane & 3) * 2;
-  a.r[0] = ld_pair(p + g * ld + t);
-  a.r[1] = ld_pair(p + (g + 8) * ld + t);
-  a.r[2] = ld_pair(p + g * ld + t + 8);
-  a.r[3] = ld_pair(p + (g + 8) * ld + t + 8);
+  const int r = lane & 7, m = lane >> 3;
+  const unsigned addr = smem_addr(p + (r + 8 * (m & 1)) * ld + 8 * (m >> 1));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3]) : "r"(addr) : "memory");
 }
 template <typename T> __device__ inline void load_b_nmajor(BFrag& b, const T* p, int ld, int lane) {
-  const int g = lane >> 2, t = (lane & 3) * 2;
-  b.r[0] = ld_pair(p + g * ld + t);
-  b.r[1] = ld_pair(p + g * ld + t + 8);
+  const int r = lane & 7, m = (lane >> 3) & 1;
+  const unsigned addr = smem_addr(p + r * ld + 8 * m);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(b.r[0]), "=r"(b.r[1]) : "r"(addr) : "memory");
 }
 template <typename T> __device__ inline void load_b_kmajor(BFrag& b, const T* p, int ld, int lane) {
-  const int g = lane >> 2, t = (lane & 3) * 2;
-  b.r[0] = ld_two(p + t * ld + g, p + (t + 1) * ld + g);
-  b.r[1] = ld_two(p + (t + 8) * ld + g, p + (t + 9) * ld + g);
+  const int r = lane & 7, m = (lane >> 3) & 1;
+  const unsigned addr = smem_addr(p + (r + 8 * m) * ld);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(b.r[0]), "=r"(b.r[1]) : "r"(addr) : "memory");
 }
 
 template <typename T> struct Mma;
@@ -128,6 +137,7 @@ METAL_PRELUDE = r"""
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #define SHARED_PTR(type) threadgroup type*
+#define UNROLL _Pragma("clang loop unroll(full)")
 #define SMEM_ARRAY(name, bytes) threadgroup uint4 name[(bytes) / 16]
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define MUT(type, ptr) const_cast<device type*>(ptr)

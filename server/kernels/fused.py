@@ -4,11 +4,13 @@ In-place append: the kernel writes the new token's bytes straight into the cache
 `scales`, `biases` and `k_pe` buffers, which it receives as *inputs* (MLX does not know about
 that write). It is correct because of these invariants, kept here and by the engine:
 
-1. No copy reaches the kernel: the fields go in with `ensure_row_contiguous=False`, after
-   `mx.contiguous`, which shares the buffer of a row-contiguous array (LatentCache only ever
-   holds those). If a field were not row-contiguous, `mx.contiguous` would copy it and the
-   write would land in that copy, which this function then stores back into the cache: still
-   correct, only slower. Never hand the kernel a view or a slice of a field.
+1. No copy reaches the kernel: each field must be row-contiguous, since MLX hands a custom
+   kernel a row-contiguous input as is and copies any other (`ensure_row_contiguous=True`,
+   which also makes the query inputs contiguous for free); a write into such a temporary copy
+   would be lost. LatentCache only ever holds row-contiguous fields (zeros, scatter results,
+   `mx.depends` views of those); never set a field to a slice, transpose or broadcast. The
+   self-test checks on the GPU that the appended bytes land in the cache and that a step's
+   peak memory does not grow with the pool.
 2. Ordering: MLX orders work by data dependencies only, so after the launch each field is
    replaced by `mx.depends(field, out)`, the same buffer with a dependency on the kernel.
    Anything that reads `cache.packed` (etc.) afterwards runs after the write, and evaluating
@@ -49,7 +51,7 @@ class TileConfig:
     def smem_bytes(self, R: int, P: int) -> int:
         K = R + P
         halves = (self.hg + self.tt) * (K + 8) + self.hg * (self.tt + 8) + K
-        floats = self.hg * self.tt + 3 * self.hg + R
+        floats = self.hg * (self.tt + 8) + 3 * self.hg + R
         return 2 * halves + 4 * floats
 
 
@@ -83,12 +85,17 @@ def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str
         return f"R={R}, P={P}, group_size={cache.group_size}"
     if cfg.hg % 16 or cfg.tt % 16 or cache.block_size % cfg.tt:
         return f"tiles {cfg} with block_size={cache.block_size}"
-    o_tiles = (cfg.hg // 16) * (R // 8)
-    if o_tiles % cfg.nw or (R // 8) % (o_tiles // cfg.nw):
-        return f"{cfg.nw} warps cannot share {o_tiles} output tiles"
+    if (R // 8) % cfg.nw or cfg.nw % (cfg.hg // 16):
+        return f"{cfg.nw} warps cannot split R/8={R // 8} column tiles and {cfg.hg // 16} head tiles"
     if cfg.smem_bytes(R, P) > SMEM_LIMIT[backend]:
         return f"{cfg.smem_bytes(R, P)} bytes of threadgroup memory > {SMEM_LIMIT[backend]}"
     return None
+
+
+@lru_cache(maxsize=64)
+def _scalar(value: float) -> mx.array:
+    """float32 [1], cached: a decode loop passes the same scale at every step."""
+    return mx.array([value], mx.float32)
 
 
 @lru_cache(maxsize=None)
@@ -107,10 +114,10 @@ def _kernel(backend: str, kind: str, smem: int):
     name = f"mla_decode_{kind}"
     if backend == "cuda":
         return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs,
-                                   source=source, header=header, ensure_row_contiguous=False,
+                                   source=source, header=header, ensure_row_contiguous=True,
                                    shared_memory=smem)
     return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs,
-                                source=source, header=header, ensure_row_contiguous=False)
+                                source=source, header=header, ensure_row_contiguous=True)
 
 
 def mla_decode_append_fused(backend: str, q_latent: mx.array, q_pe: mx.array,
@@ -128,11 +135,10 @@ def mla_decode_append_fused(backend: str, q_latent: mx.array, q_pe: mx.array,
     nsplit = math.ceil(max_blocks / cfg.pps)
     smem = cfg.smem_bytes(R, P)
     dt = cache.dtype
-    fields = [mx.contiguous(a) for a in cache.arrays()]
-    inputs = [mx.contiguous(q_latent.astype(dt)), mx.contiguous(q_pe.astype(dt)),
-              mx.contiguous(new_latent.astype(dt)), mx.contiguous(new_kpe.astype(dt)),
-              *fields, mx.contiguous(block_table.astype(mx.int32)),
-              mx.contiguous(context_lens.astype(mx.int32)), mx.array([scale], mx.float32)]
+    fields = cache.arrays()
+    inputs = [q_latent.astype(dt), q_pe.astype(dt), new_latent.astype(dt), new_kpe.astype(dt),
+              *fields, block_table.astype(mx.int32), context_lens.astype(mx.int32),
+              _scalar(scale)]
     template = [("T", dt), ("H", H), ("HG", cfg.hg), ("R", R), ("P", P),
                 ("GS", cache.group_size), ("BS", cache.block_size), ("TT", cfg.tt),
                 ("PPS", cfg.pps), ("NW", cfg.nw), ("MAXB", max_blocks), ("NSPLIT", nsplit),

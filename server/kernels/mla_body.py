@@ -19,6 +19,7 @@ PARTIAL = r"""
   constexpr int K = R + P;
   constexpr int LDK = K + 8;  // +16 bytes a row: fragment loads hit 32 distinct banks
   constexpr int LDP = TT + 8;
+  constexpr int LDS = TT + 8;  // float rows shifted by 8 banks: conflict-free score stores
   constexpr int NT = NW * 32;
   constexpr int MT = HG / 16;
   constexpr int HGROUPS = (H + HG - 1) / HG;
@@ -28,8 +29,10 @@ PARTIAL = r"""
   constexpr int PE_CH = P / 8;
   constexpr int PK_PER = (TT * PK_CH + NT - 1) / NT;
   constexpr int PE_PER = (TT * PE_CH + NT - 1) / NT;
-  constexpr int S_TILES = MT * (TT / 8);
-  constexpr int O_PER = MT * (R / 8) / NW;
+  constexpr int NTW = (R / 8) / NW;  // output column tiles per warp, for every head tile
+  constexpr int WPM = NW / MT;       // warps per head tile in the score product
+  constexpr int SN = (TT / 8 + WPM - 1) / WPM;  // token tiles per warp
+  constexpr int O_PER = MT * NTW;
   constexpr int VPL = GS / 32;
   constexpr float NEG = -1e30f;
 
@@ -38,8 +41,8 @@ PARTIAL = r"""
   SHARED_PTR(T) sK = sQ + HG * LDK;             // [TT][LDK]  dequantized tile
   SHARED_PTR(T) sP = sK + TT * LDK;             // [HG][LDP]  probabilities
   SHARED_PTR(T) sNew = sP + HG * LDP;           // [K]        the new token, as cached
-  SHARED_PTR(float) sS = (SHARED_PTR(float))(sNew + K);  // [HG][TT] scores
-  SHARED_PTR(float) sM = sS + HG * TT;          // [HG] running max (log2 units)
+  SHARED_PTR(float) sS = (SHARED_PTR(float))(sNew + K);  // [HG][LDS] scores
+  SHARED_PTR(float) sM = sS + HG * LDS;         // [HG] running max (log2 units)
   SHARED_PTR(float) sL = sM + HG;               // [HG] running sum
   SHARED_PTR(float) sAlpha = sL + HG;           // [HG] rescale of this tile
   SHARED_PTR(float) sCode = sAlpha + HG;        // [R]  the new token's 4-bit codes
@@ -68,6 +71,8 @@ PARTIAL = r"""
     sM[h] = NEG;
     sL[h] = 0.0f;
   }
+  // Scores: warp w takes head tile w % MT and every WPM-th token tile of it.
+  const int mt_s = WARP % MT;
 
   if (owns_new) {
     const size_t slot = size_t(block_table[b * MAXB + ctx / BS]) * BS + ctx % BS;
@@ -121,8 +126,7 @@ PARTIAL = r"""
   for (int q = 0; q < O_PER; q++) {
     for (int i = 0; i < 4; i++) o[q].v[i] = 0.0f;
   }
-  const int o_first = WARP * O_PER;
-  const int mt_o = o_first / (R / 8);
+  const int nt_first = WARP * NTW;  // o[mt * NTW + j] is head tile mt, column tile nt_first + j
 
   uint4 pk[PK_PER];
   uint4 pe[PE_PER];
@@ -198,33 +202,42 @@ PARTIAL = r"""
     }
     if (it > 0) {
       BARRIER();
-      for (int j = WARP; j < S_TILES; j += NW) {
-        const int mt = j / (TT / 8), nt = j % (TT / 8);
-        CFrag c;
-        for (int i = 0; i < 4; i++) c.v[i] = 0.0f;
-        for (int kk = 0; kk < K; kk += 16) {
-          AFrag a;
-          BFrag bf;
-          load_a(a, sQ + mt * 16 * LDK + kk, LDK, LANE);
-          load_b_nmajor(bf, sK + nt * 8 * LDK + kk, LDK, LANE);
-          mma_t<T>(c, a, bf);
+      CFrag c[SN];
+      for (int s = 0; s < SN; s++) {
+        for (int i = 0; i < 4; i++) c[s].v[i] = 0.0f;
+      }
+      for (int kk = 0; kk < K; kk += 16) {
+        AFrag a;  // one load of the queries serves all of this warp's token tiles
+        load_a(a, sQ + mt_s * 16 * LDK + kk, LDK, LANE);
+        for (int s = 0; s < SN; s++) {
+          const int nt = WARP / MT + s * WPM;
+          if (nt < TT / 8) {
+            BFrag bf;
+            load_b_nmajor(bf, sK + nt * 8 * LDK + kk, LDK, LANE);
+            mma_t<T>(c[s], a, bf);
+          }
         }
-        for (int i = 0; i < 4; i++) {
-          const int row = mt * 16 + c_row(LANE, i);
-          const int col = nt * 8 + c_col(LANE, i);
-          sS[row * TT + col] = tc + col < t_end ? c.v[i] * scale_log2 : NEG;
+      }
+      for (int s = 0; s < SN; s++) {
+        const int nt = WARP / MT + s * WPM;
+        if (nt < TT / 8) {
+          for (int i = 0; i < 4; i++) {
+            const int row = mt_s * 16 + c_row(LANE, i);
+            const int col = nt * 8 + c_col(LANE, i);
+            sS[row * LDS + col] = tc + col < t_end ? c[s].v[i] * scale_log2 : NEG;
+          }
         }
       }
       BARRIER();
       for (int h = WARP; h < HG; h += NW) {
         float mx = NEG;
-        for (int c = LANE; c < TT; c += 32) mx = f_max(mx, sS[h * TT + c]);
+        for (int c = LANE; c < TT; c += 32) mx = f_max(mx, sS[h * LDS + c]);
         mx = warp_max(mx);
         const float m_old = sM[h];
         const float m_new = f_max(m_old, mx);
         float sum = 0.0f;
         for (int c = LANE; c < TT; c += 32) {
-          const float p = f_exp2(sS[h * TT + c] - m_new);
+          const float p = f_exp2(sS[h * LDS + c] - m_new);
           sum += p;
           sP[h * LDP + c] = T(p);
         }
@@ -237,39 +250,36 @@ PARTIAL = r"""
         }
       }
       BARRIER();
-      for (int i = 0; i < 4; i++) {
-        const float alpha = sAlpha[mt_o * 16 + c_row(LANE, i)];
-        for (int q = 0; q < O_PER; q++) o[q].v[i] *= alpha;
+      for (int mt = 0; mt < MT; mt++) {
+        for (int i = 0; i < 4; i++) {
+          const float alpha = sAlpha[mt * 16 + c_row(LANE, i)];
+          for (int j = 0; j < NTW; j++) o[mt * NTW + j].v[i] *= alpha;
+        }
       }
       for (int kt = 0; kt < TT; kt += 16) {
-        AFrag a;
-        load_a(a, sP + mt_o * 16 * LDP + kt, LDP, LANE);
-        for (int q = 0; q < O_PER; q++) {
-          const int nt = (o_first + q) % (R / 8);
-          BFrag bf;
-          load_b_kmajor(bf, sK + kt * LDK + nt * 8, LDK, LANE);
-          mma_t<T>(o[q], a, bf);
+        AFrag a[MT];
+        for (int mt = 0; mt < MT; mt++) load_a(a[mt], sP + mt * 16 * LDP + kt, LDP, LANE);
+        for (int j = 0; j < NTW; j++) {
+          BFrag bf;  // one load of the tile's values serves every head tile
+          load_b_kmajor(bf, sK + kt * LDK + (nt_first + j) * 8, LDK, LANE);
+          for (int mt = 0; mt < MT; mt++) mma_t<T>(o[mt * NTW + j], a[mt], bf);
         }
       }
     }
   }
 
-  for (int i = 0; i < 4; i++) {
-    const int row = mt_o * 16 + c_row(LANE, i);
-    const int h = h0 + row;
-    if (h < H) {
+  for (int q = 0; q < O_PER; q++) {
+    for (int i = 0; i < 4; i++) {
+      const int row = (q / NTW) * 16 + c_row(LANE, i);
+      const int h = h0 + row;
+      const int col = (nt_first + q % NTW) * 8 + c_col(LANE, i);
+      if (h < H) {
 #if MLA_DIRECT
-      const float inv = 1.0f / sL[row];
-      for (int q = 0; q < O_PER; q++) {
-        const int col = ((o_first + q) % (R / 8)) * 8 + c_col(LANE, i);
-        out[(b * H + h) * R + col] = T(o[q].v[i] * inv);
-      }
+        out[(b * H + h) * R + col] = T(o[q].v[i] / sL[row]);
 #else
-      for (int q = 0; q < O_PER; q++) {
-        const int col = ((o_first + q) % (R / 8)) * 8 + c_col(LANE, i);
         o_part[((size_t(b) * NSPLIT + split) * H + h) * R + col] = o[q].v[i];
-      }
 #endif
+      }
     }
   }
 #if !MLA_DIRECT
