@@ -148,7 +148,8 @@ def ncu_kernel_times(shapes, cfgs) -> list[float]:
                         "--shapes", ",".join(f"{b}x{s}" for b, s in shapes)], check=True)
         rows = [r for r in csv.DictReader(l for l in open(log) if l.startswith('"'))
                 if r.get("Metric Name") == "gpu__time_duration.sum"]
-    unit = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0}
+    unit = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3,
+            "msecond": 1e-3, "s": 1.0, "second": 1.0}
     durations = [float(r["Metric Value"].replace(",", "")) * unit[r["Metric Unit"]] for r in rows]
     out, i = [], 0
     for (B, S), c in zip(shapes, cfgs):
