@@ -32,6 +32,7 @@ PARTIAL = r"""
   constexpr int NTW = (R / 8) / NW;  // output column tiles per warp, for every head tile
   constexpr int WPM = NW / MT;       // warps per head tile in the score product
   constexpr int SN = (TT / 8 + WPM - 1) / WPM;  // token tiles per warp
+  constexpr int RPW = (HG + NW - 1) / NW;       // softmax rows per warp
   constexpr int O_PER = MT * NTW;
   constexpr int VPL = GS / 32;
   constexpr float NEG = -1e30f;
@@ -128,11 +129,14 @@ PARTIAL = r"""
   }
   const int nt_first = WARP * NTW;  // o[mt * NTW + j] is head tile mt, column tile nt_first + j
 
+  // Registers one tile ahead. Scales and biases stay in T until used, and the next tile's
+  // block id is read one tile earlier still: nothing in the prefetch waits on memory.
   uint4 pk[PK_PER];
   uint4 pe[PE_PER];
-  float psc[PK_PER];
-  float pbi[PK_PER];
+  T psc[PK_PER];
+  T pbi[PK_PER];
   const int n_tiles = (t_end - t_begin + TT - 1) / TT;
+  int page_next = block_table[b * MAXB + t_begin / BS];
 
   for (int it = 0; it <= n_tiles; it++) {
     const int tc = t_begin + (it - 1) * TT;  // the tile computed in this iteration
@@ -148,15 +152,12 @@ PARTIAL = r"""
           } else {
             for (int j = 0; j < 4; j++) {
               const unsigned word = u4_get(pk[i], j);
+              const float sc = float(psc[i]), bi = float(pbi[i]);
               uint4 v;
-              v.x = pack2<T>(float(word & 15u) * psc[i] + pbi[i],
-                             float((word >> 4) & 15u) * psc[i] + pbi[i]);
-              v.y = pack2<T>(float((word >> 8) & 15u) * psc[i] + pbi[i],
-                             float((word >> 12) & 15u) * psc[i] + pbi[i]);
-              v.z = pack2<T>(float((word >> 16) & 15u) * psc[i] + pbi[i],
-                             float((word >> 20) & 15u) * psc[i] + pbi[i]);
-              v.w = pack2<T>(float((word >> 24) & 15u) * psc[i] + pbi[i],
-                             float(word >> 28) * psc[i] + pbi[i]);
+              v.x = pack2<T>(float(word & 15u) * sc + bi, float((word >> 4) & 15u) * sc + bi);
+              v.y = pack2<T>(float((word >> 8) & 15u) * sc + bi, float((word >> 12) & 15u) * sc + bi);
+              v.z = pack2<T>(float((word >> 16) & 15u) * sc + bi, float((word >> 20) & 15u) * sc + bi);
+              v.w = pack2<T>(float((word >> 24) & 15u) * sc + bi, float(word >> 28) * sc + bi);
               SMEM_U4(dst + 8 * j) = v;
             }
           }
@@ -172,29 +173,31 @@ PARTIAL = r"""
       }
     }
     if (it < n_tiles) {
-      // Issue the next tile's loads now; they land while this tile computes.
+      // Issue the next tile's loads now; they land while this tile computes. A tile lies in
+      // one cache block (TT divides BS).
       const int tn = t_begin + it * TT;
+      const size_t slot0 = size_t(page_next) * BS + tn % BS;
+      if (it + 1 < n_tiles) page_next = block_table[b * MAXB + (tn + TT) / BS];
       for (int i = 0; i < PK_PER; i++) {
         const int c = TID + i * NT;
         const int t = tn + c / PK_CH;
         if (c < TT * PK_CH && t < t_end && t != ctx) {
-          const size_t slot = size_t(block_table[b * MAXB + t / BS]) * BS + t % BS;
+          const size_t slot = slot0 + c / PK_CH;
           const int ch = c % PK_CH;
           pk[i] = LOAD_U4(packed, slot * PK_CH + ch);
-          psc[i] = float(scales[slot * NG + ch * 32 / GS]);
-          pbi[i] = float(biases[slot * NG + ch * 32 / GS]);
+          psc[i] = scales[slot * NG + ch * 32 / GS];
+          pbi[i] = biases[slot * NG + ch * 32 / GS];
         } else {
           pk[i] = ZERO_U4;  // rows past the end dequantize to exact zeros
-          psc[i] = 0.0f;
-          pbi[i] = 0.0f;
+          psc[i] = T(0.0f);
+          pbi[i] = T(0.0f);
         }
       }
       for (int i = 0; i < PE_PER; i++) {
         const int c = TID + i * NT;
         const int t = tn + c / PE_CH;
         if (c < TT * PE_CH && t < t_end && t != ctx) {
-          const size_t slot = size_t(block_table[b * MAXB + t / BS]) * BS + t % BS;
-          pe[i] = LOAD_U4(k_pe, slot * PE_CH + c % PE_CH);
+          pe[i] = LOAD_U4(k_pe, (slot0 + c / PE_CH) * PE_CH + c % PE_CH);
         } else {
           pe[i] = ZERO_U4;
         }
@@ -229,24 +232,35 @@ PARTIAL = r"""
         }
       }
       BARRIER();
-      for (int h = WARP; h < HG; h += NW) {
-        float mx = NEG;
-        for (int c = LANE; c < TT; c += 32) mx = f_max(mx, sS[h * LDS + c]);
-        mx = warp_max(mx);
-        const float m_old = sM[h];
-        const float m_new = f_max(m_old, mx);
-        float sum = 0.0f;
-        for (int c = LANE; c < TT; c += 32) {
-          const float p = f_exp2(sS[h * LDS + c] - m_new);
-          sum += p;
-          sP[h * LDP + c] = T(p);
+      // Online softmax, warp w taking rows w, w + NW, ...: the rows' reductions interleave.
+      float mx[RPW], sum[RPW];
+      for (int r = 0; r < RPW; r++) {
+        const int h = WARP + r * NW;
+        mx[r] = NEG;
+        if (h < HG) {
+          for (int c = LANE; c < TT; c += 32) mx[r] = f_max(mx[r], sS[h * LDS + c]);
         }
-        sum = warp_sum(sum);
-        if (LANE == 0) {
-          const float alpha = f_exp2(m_old - m_new);
+      }
+      for (int r = 0; r < RPW; r++) mx[r] = f_max(warp_max(mx[r]), sM[(WARP + r * NW) % HG]);
+      for (int r = 0; r < RPW; r++) {
+        const int h = WARP + r * NW;
+        sum[r] = 0.0f;
+        if (h < HG) {
+          for (int c = LANE; c < TT; c += 32) {
+            const float p = f_exp2(sS[h * LDS + c] - mx[r]);
+            sum[r] += p;
+            sP[h * LDP + c] = T(p);
+          }
+        }
+      }
+      for (int r = 0; r < RPW; r++) sum[r] = warp_sum(sum[r]);
+      for (int r = 0; r < RPW; r++) {
+        const int h = WARP + r * NW;
+        if (LANE == 0 && h < HG) {
+          const float alpha = f_exp2(sM[h] - mx[r]);
           sAlpha[h] = alpha;
-          sL[h] = sL[h] * alpha + sum;
-          sM[h] = m_new;
+          sL[h] = sL[h] * alpha + sum[r];
+          sM[h] = mx[r];
         }
       }
       BARRIER();
