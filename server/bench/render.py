@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from server.bench.report import results_table, update_section
@@ -12,7 +13,7 @@ SECTION = "serving"
 
 GPU_COMMANDS = (
     "python3 -m server.engine.synthetic_model /tmp/msm4-8l --layers 8 --shape mistral-small-4",
-    "python3 -m server.bench.side_by_side --model /tmp/msm4-8l --tag h100 --cell-seconds 20 "
+    "python3 -m server.bench.side_by_side --model /tmp/msm4-8l --tag h100 --cell-seconds 20,40 "
     "--results-dir $OUT/side_by_side --docs $OUT/benchmarks.md --docs-data $OUT/bench",
 )
 
@@ -48,21 +49,33 @@ decode path raises `AttributeError: 'list' object has no attribute 'swapaxes'`),
 past 5000 tokens fails there."""
 
 
+_REPORTED = re.compile(r"cache|mem|bytes|peak|preempt")
+
+
+def _reported(health: dict | None, prefix: str = "") -> list[str]:
+    """`key=value` for the memory and cache figures anywhere in a /health JSON."""
+    out = []
+    for key, value in (health or {}).items():
+        if isinstance(value, dict):
+            out += _reported(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and _REPORTED.search(key):
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
 def _fmt_mib(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:.0f}"
 
 
 def _memory_table(run: dict) -> str:
     cache = run["cache_bytes_per_token_layer"]
-    lines = ["| server | cache bytes / token / layer | peak RSS MiB (max over cells) | startup s (max) | exit | server-reported (last cell) |",
+    lines = ["| server | cache bytes / token / layer | peak RSS MiB (max over cells) | startup s (max) | exit | /health cache figures (last cell) |",
              "|---|---:|---:|---:|---:|---|"]
     for s in run["servers"]:
-        health = s.get("health") or {}
-        reported = {k: v for k, v in health.items() if k not in ("status", "model", "object")}
-        shown = json.dumps(reported, separators=(",", ":"))[:160] if reported else "–"
+        shown = ", ".join(_reported(s.get("health"))) or "–"
         startup = "–" if s["startup_s"] is None else f"{s['startup_s']:.1f}"
         lines.append(f"| {s['label']} | {cache.get(s['name'], '–')} | {_fmt_mib(s['peak_rss_bytes'])} | "
-                     f"{startup} | {s['exit_code']} | `{shown}` |")
+                     f"{startup} | {s['exit_code']} | {shown} |")
     return "\n".join(lines)
 
 
@@ -73,14 +86,14 @@ def render_run(run: dict, docs_dir: Path, data_dir: Path) -> str:
         "",
         f"Command: `{run['command']}` ({run['wall_s'] / 60:.1f} min). Model: `{m['model_type']}`, "
         f"{m['layers']} layers, {m['dtype']}-byte dtype, context {m['context']}. Cells: "
-        f"{st['requests_per_client']} requests per client (at least 4), {st['cell_seconds']:.0f} s bound, "
+        f"{st['requests_per_client']} requests per client (at least 4), "
         f"{st['max_tokens']} output tokens.",
     ]
-    for requested, used in st["prompt_plan"]:
-        clamp = "" if requested == used else f" (asked for {requested}; clamped to the model's context)"
+    for (requested, used), seconds in zip(st["prompt_plan"], st["cell_seconds"]):
+        clamp = "" if requested == used else f"; asked for {requested}, clamped to the model's context"
         series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_target"] == used] for s in run["servers"]}
         series = {k: v for k, v in series.items() if v}
-        out += ["", f"#### ~{used}-token prompts{clamp}", ""]
+        out += ["", f"#### ~{used}-token prompts ({seconds:.0f} s per cell{clamp})", ""]
         out.append(results_table(series) if series else "No cell ran.")
         png = data_dir / f"side_by_side_{run['tag']}_{requested}.png"
         if png.exists():

@@ -54,6 +54,16 @@ SERVERS = {
 }
 
 
+def seconds_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError("cell time bounds must be > 0")
+    return values
+
+
 def server_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SERVERS]
@@ -72,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt lengths; clamped to the model's context")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per cell = this x clients, >= 4")
-    p.add_argument("--cell-seconds", type=float, default=30.0, help="time bound of one cell")
+    p.add_argument("--cell-seconds", type=seconds_list, default=[30.0, 60.0],
+                   help="time bound of one cell, one per prompt length or one for all (default 30,60)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--quick", action="store_true",
                    help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells")
@@ -93,9 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency, args.prompt_tokens = [c for c in args.concurrency if c <= 16] or [1], [1024]
-        args.max_tokens, args.requests_per_client, args.cell_seconds = 16, 1, 15.0
-    if args.max_tokens < 1 or args.requests_per_client < 1 or args.cell_seconds <= 0:
-        p.error("--max-tokens and --requests-per-client must be >= 1, --cell-seconds > 0")
+        args.max_tokens, args.requests_per_client, args.cell_seconds = 16, 1, [15.0]
+    if len(args.cell_seconds) == 1:
+        args.cell_seconds = args.cell_seconds * len(args.prompt_tokens)
+    if len(args.cell_seconds) != len(args.prompt_tokens):
+        p.error("--cell-seconds takes one value, or one per --prompt-tokens length")
+    if args.max_tokens < 1 or args.requests_per_client < 1:
+        p.error("--max-tokens and --requests-per-client must be >= 1")
     for name in ("ours_args", "mlx_lm_args"):
         try:
             setattr(args, name, shlex.split(getattr(args, name)))
@@ -129,15 +144,11 @@ def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tup
     limit = context - max_tokens - _TEMPLATE_MARGIN
     if limit < 1:
         raise ValueError(f"--max-tokens {max_tokens} leaves no room for a prompt in a {context}-token context")
-    plan = []
-    for n in requested:
-        used = min(n, limit)
-        if (n, used) not in plan:
-            plan.append((n, used))
-    return plan
+    return [(n, min(n, limit)) for n in requested]
 
 
-def run_cell(name: str, args, model: Path, used: int, clients: int, prompt_kw: dict, extra: dict) -> dict:
+def run_cell(name: str, args, model: Path, used: int, seconds: float, clients: int, prompt_kw: dict,
+             extra: dict) -> dict:
     """One fresh server process for one (prompt length, concurrency) cell, so that requests a time
     bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell."""
     kind = SERVERS[name]
@@ -147,8 +158,8 @@ def run_cell(name: str, args, model: Path, used: int, clients: int, prompt_kw: d
     server = ServerProcess(argv, base, args.results_dir / f"{name}_{used}_c{clients}.log")
     print(f"== {kind.label}, ~{used}-token prompts, {clients} clients: {shlex.join(argv)}", file=sys.stderr)
     common = dict(base_url=base, model=kind.model_name, temperature=0.0, ignore_eos=True, extra_body=extra,
-                  request_timeout_s=max(args.cell_seconds, 60.0))
-    cell = {"prompt_tokens_target": used, "argv": argv, "error": None, "health": None}
+                  request_timeout_s=max(seconds, 60.0))
+    cell = {"prompt_tokens_target": used, "cell_seconds": seconds, "argv": argv, "error": None, "health": None}
     t0 = time.monotonic()
     server.start()
     try:
@@ -159,7 +170,7 @@ def run_cell(name: str, args, model: Path, used: int, clients: int, prompt_kw: d
         asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
         source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, seed=used, **prompt_kw)
         cfg = LoadConfig(concurrency=clients, num_requests=max(4, args.requests_per_client * clients),
-                         duration_s=args.cell_seconds, warmup_requests=0, **common)
+                         duration_s=seconds, warmup_requests=0, **common)
         cell.update(asyncio.run(run_load(source, cfg)))
         cell["health"] = server.health()
     except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
@@ -175,9 +186,9 @@ def run_server(name: str, args, model: Path, plan, prompt_kw: dict, eos_ids: lis
     # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
     extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
     cells = []
-    for requested, used in plan:
+    for (requested, used), seconds in zip(plan, args.cell_seconds):
         for clients in args.concurrency:
-            cell = run_cell(name, args, model, used, clients, prompt_kw, extra)
+            cell = run_cell(name, args, model, used, seconds, clients, prompt_kw, extra)
             cell["prompt_tokens_requested"] = requested
             cells.append(cell)
             if cell["error"]:
