@@ -3,23 +3,18 @@ INT4 path, on this machine's GPU (H=32, R=256, P=64 bf16: Mistral Small 4's atte
 
     python scripts/bench_kernel.py [--md docs/benchmarks.md] [--sweep] [--shapes 1x1024,16x32768]
     python scripts/bench_kernel.py --merge OTHER.md   # copy our section from OTHER.md into --md
-    add --ncu to also read each kernel's own GPU time with Nsight Compute (CUDA).
 
-Each time is the median over 5 runs of (N calls evaluated together) / N. GB/s counts the cache bytes each path must
+Each time is the median over 5 runs of (N chained calls evaluated together) / N. GB/s counts the cache bytes each path must
 read (INT4 latent + scales/biases + bf16 rope key for ours; bf16 latent + rope key for mlx-lm).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,13 +32,16 @@ BEGIN, END = "<!-- section:kernel -->", "<!-- /section:kernel -->"
 
 
 def chain_time(step, n: int = 50, runs: int = 5) -> float:
-    """Seconds per call: n calls of `step()` evaluated together (one GPU stream runs them in
-    order), so launch and host overheads are amortized as in a decode loop."""
-    mx.eval(step())
+    """Seconds per call: n calls evaluated together, each `step(prev)` depending on the one
+    before (MLX's CUDA graph would otherwise run independent calls concurrently)."""
+    mx.eval(step(None))
     times = []
     for _ in range(runs):
         t = time.perf_counter()
-        mx.eval([step() for _ in range(n)])
+        out = None
+        for _ in range(n):
+            out = step(out)
+        mx.eval(out)
         times.append((time.perf_counter() - t) / n)
     return float(np.median(times))
 
@@ -56,7 +54,7 @@ def fused_time(backend, B, S, cfg=None):
     ql, qp, nl, nk = decode_inputs(B, H, R, P, DT)
     mx.eval(ql, qp, nl, nk)
 
-    def step():
+    def step(prev):  # chained through cache.last_out, as successive decode steps are
         return mla_decode_append_fused(backend, ql, qp, nl, nk, cache, table, ctx, 0.05, cfg)
 
     cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, BS)
@@ -72,9 +70,10 @@ def mlx_lm_time(B, S):
     mx.eval(k, k_pe, q, q_pe)
     scale = 1 / math.sqrt(R + P)
 
-    def step():
+    def step(prev):
+        qq = q if prev is None else q + 0 * prev[..., :1]
         pe = (q_pe * scale) @ k_pe.swapaxes(-1, -2)
-        return mx.fast.scaled_dot_product_attention(q, k, k, scale=scale, mask=pe)
+        return mx.fast.scaled_dot_product_attention(qq, k, k, scale=scale, mask=pe)
 
     return chain_time(step), B * S * (R + P) * 2
 
@@ -89,9 +88,10 @@ def composed_time(B, S):
     mx.eval(wq, sc, bi, k_pe, q, q_pe)
     scale = 1 / math.sqrt(R + P)
 
-    def step():
+    def step(prev):
+        qq = q if prev is None else q + 0 * prev[..., :1]
         kv = mx.dequantize(wq, sc, bi, 64, 4)
-        s = (q @ kv.swapaxes(1, 2) + q_pe @ k_pe.swapaxes(1, 2)) * scale
+        s = (qq @ kv.swapaxes(1, 2) + q_pe @ k_pe.swapaxes(1, 2)) * scale
         p = mx.softmax(s.astype(mx.float32), axis=-1).astype(DT)
         return p @ kv
 
@@ -124,56 +124,14 @@ def sweep(backend, B, S, t, cfg):
     return t, cfg
 
 
-def ncu_target(shapes, cfgs) -> None:
-    """Under ncu: 4 calls per shape, each evaluated alone."""
-    backend = default_backend()
-    for (B, S), cfg in zip(shapes, cfgs):
-        max_blocks = S // BS + 1
-        cache = random_pool(B * max_blocks, BS, R, P, DT)
-        table = contiguous_tables(B, max_blocks)
-        ctx = mx.full((B,), S - 1, mx.int32)
-        args = decode_inputs(B, H, R, P, DT)
-        for _ in range(4):
-            mx.eval(mla_decode_append_fused(backend, *args, cache, table, ctx, 0.05, cfg))
-
-
-def ncu_kernel_times(shapes, cfgs) -> list[float]:
-    """Seconds of GPU time per call (partial + combine kernels), median of the last 3 calls."""
-    spec = ";".join(f"{c.hg},{c.tt},{c.nw},{c.pps}" for c in cfgs)
-    with tempfile.TemporaryDirectory() as d:
-        log = os.path.join(d, "ncu.csv")
-        subprocess.run(["ncu", "--csv", "--log-file", log, "--clock-control", "none",
-                        "--metrics", "gpu__time_duration.sum", "-k", "regex:mla_decode",
-                        sys.executable, __file__, "--ncu-target", "--cfgs", spec,
-                        "--shapes", ",".join(f"{b}x{s}" for b, s in shapes)], check=True)
-        rows = [r for r in csv.DictReader(l for l in open(log) if l.startswith('"'))
-                if r.get("Metric Name") == "gpu__time_duration.sum"]
-    unit = {"ns": 1e-9, "nsecond": 1e-9, "us": 1e-6, "usecond": 1e-6, "ms": 1e-3,
-            "msecond": 1e-3, "s": 1.0, "second": 1.0}
-    durations = [float(r["Metric Value"].replace(",", "")) * unit[r["Metric Unit"]] for r in rows]
-    out, i = [], 0
-    for (B, S), c in zip(shapes, cfgs):
-        per_call = 1 if math.ceil((S // BS + 1) / c.pps) == 1 else 2
-        calls = [sum(durations[i + k * per_call: i + (k + 1) * per_call]) for k in range(4)]
-        i += 4 * per_call
-        out.append(float(np.median(calls[1:])))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--md", default="docs/benchmarks.md", help="file whose kernel section to write")
     ap.add_argument("--merge", help="copy the kernel section of this file into --md and exit")
     ap.add_argument("--sweep", action="store_true", help="also time tile variants per shape")
     ap.add_argument("--shapes", default="1x1024,1x8192,1x32768,16x8192,16x32768")
-    ap.add_argument("--ncu", action="store_true", help="also time the kernels alone with ncu")
-    ap.add_argument("--ncu-target", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--cfgs", help=argparse.SUPPRESS)
     a = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
-    if a.ncu_target:
-        ncu_target(shapes, [TileConfig(*map(int, c.split(","))) for c in a.cfgs.split(";")])
-        return 0
     md = Path(a.md)
     if a.merge:
         write_section(md, read_section(Path(a.merge)))
@@ -193,14 +151,12 @@ def main() -> int:
         tcmp, _ = composed_time(B, S)
         results.append((B, S, t, nbytes, cfg, tl, tcmp))
         print(B, S, f"{t * 1e3:.4f}", cfg, f"{tl * 1e3:.4f}", f"{tcmp * 1e3:.4f}", flush=True)
-    kernel = ncu_kernel_times(shapes, [r[4] for r in results]) if a.ncu else [None] * len(shapes)
-    pct = lambda nbytes, t: f"{100 * nbytes / t / peak:.0f}%" if peak and t else "n/a"  # noqa: E731
-    head = ("| B | S | fused INT4 (ms) | GB/s | % HBM | kernels alone, ncu (ms) | % HBM | "
-            "tiles (hg,tt,nw,pps) | mlx-lm bf16 (ms) | speed-up | composed INT4 (ms) |")
+    pct = lambda nbytes, t: f"{100 * nbytes / t / peak:.0f}%" if peak else "n/a"  # noqa: E731
+    head = ("| B | S | fused INT4 (ms) | GB/s | % HBM | tiles (hg,tt,nw,pps) | mlx-lm bf16 (ms) "
+            "| speed-up | composed INT4 (ms) |")
     rows = []
-    for (B, S, t, nbytes, cfg, tl, tcmp), tk in zip(results, kernel):
+    for B, S, t, nbytes, cfg, tl, tcmp in results:
         rows.append(f"| {B} | {S} | {t * 1e3:.4f} | {nbytes / t / 1e9:.0f} | {pct(nbytes, t)} | "
-                    f"{f'{tk * 1e3:.4f}' if tk else 'n/a'} | {pct(nbytes, tk)} | "
                     f"{cfg.hg},{cfg.tt},{cfg.nw},{cfg.pps} | {tl * 1e3:.4f} | {tl / t:.1f}x | "
                     f"{tcmp * 1e3:.4f} |")
     print("\n".join([head, *rows]))
@@ -211,12 +167,11 @@ def main() -> int:
     text = "\n".join([
         "## Fused INT4 MLA decode kernel", "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {device}, "
-        f"`python scripts/bench_kernel.py{' --sweep' if a.sweep else ''}{' --ncu' if a.ncu else ''} "
-        f"--shapes {a.shapes}`. "
+        f"`python scripts/bench_kernel.py{' --sweep' if a.sweep else ''} --shapes {a.shapes}`. "
         f"H={H}, R={R}, P={P}, bfloat16, block size {BS}; per layer and decode step. "
-        "GB/s = cache bytes read / time; % HBM of 3.35 TB/s. Times are MLX end to end (N calls "
-        "evaluated together); 'kernels alone' is the GPU time of our kernels per call under ncu.",
-        "", head, "|" + "---|" * 11, *rows])
+        "GB/s = cache bytes read / time; % HBM of 3.35 TB/s. Times are MLX end to end: N calls "
+        "evaluated together, ours chained call to call through the cache as in a decode loop.",
+        "", head, "|" + "---|" * 9, *rows])
     write_section(md, text)
     return 0
 

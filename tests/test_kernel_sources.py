@@ -17,7 +17,8 @@ CUDA_TYPES = {"half": "__half", "bfloat": "__nv_bfloat16", "float": "float",
               "uint32": "uint32_t", "int32": "int32_t"}
 PARTIAL_INPUTS = [("q_latent", "T"), ("q_pe", "T"), ("new_latent", "T"), ("new_kpe", "T"),
                   ("packed", "uint32"), ("scales", "T"), ("biases", "T"), ("k_pe", "T"),
-                  ("block_table", "int32"), ("context_lens", "int32"), ("params", "float")]
+                  ("block_table", "int32"), ("context_lens", "int32"), ("params", "float"),
+                  ("after", "T")]
 COMBINE_INPUTS = [("o_part", "float"), ("ml_part", "float"), ("context_lens", "int32")]
 # Mistral Small 4 (R=256, H=32) and DeepSeek-V3 (R=512, H=128) shapes.
 SHAPES = [dict(H=32, HG=32, R=256, P=64, GS=64, BS=64, TT=64, PPS=8, NW=8, MAXB=512, NSPLIT=64),

@@ -11,12 +11,16 @@ that write). It is correct because of these invariants, kept here and by the eng
    `mx.depends` views of those); never set a field to a slice, transpose or broadcast. The
    self-test checks on the GPU that the appended bytes land in the cache and that a step's
    peak memory does not grow with the pool.
-2. Ordering: MLX orders work by data dependencies only, so after the launch each field is
-   replaced by `mx.depends(field, out)`, the same buffer with a dependency on the kernel.
-   Anything that reads `cache.packed` (etc.) afterwards runs after the write, and evaluating
-   the fields (the engine calls `mx.eval(*cache.arrays())` after each step) runs the step.
-   Read the fields from the cache at the time of use; do not keep an old field array and
-   build lazy reads from it across a decode step.
+2. Ordering, at two levels. MLX's graph: after the launch each field is replaced by
+   `mx.depends(field, out)`, the same buffer with a dependency on the kernel, so anything
+   built later from `cache.packed` (etc.) is scheduled after the write, and evaluating the
+   fields (the engine calls `mx.eval(*cache.arrays())` after each step) runs the step. The
+   GPU: within one evaluation MLX's CUDA graph (and Metal's barriers) order a kernel only
+   after the kernels that *output* the buffers it touches, and the append is not an output.
+   So each call also takes the previous call's `out` (`cache.last_out`) as an input, which
+   chains successive decode steps on one cache; any other reader or writer of the fields
+   (prefill's `write`/`read`) must be evaluated in a later `mx.eval` than the decode step.
+   Read the fields from the cache at the time of use; never keep an old field array.
 3. Ownership: the block that holds position context_lens[b] belongs to sequence b alone (a
    shared prefix block is always full), so no other threadgroup reads the bytes being written.
 4. Memory: a step allocates `out` and, with split-K, partials of B * NSPLIT * H * (R + 2)
@@ -95,16 +99,16 @@ def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str
 
 
 @lru_cache(maxsize=64)
-def _scalar(value: float) -> mx.array:
-    """float32 [1], cached: a decode loop passes the same scale at every step."""
-    return mx.array([value], mx.float32)
+def _scalar(value: float, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """[1], cached: a decode loop passes the same scale at every step."""
+    return mx.array([value], dtype)
 
 
 @lru_cache(maxsize=None)
 def _kernel(backend: str, kind: str, smem: int):
     """kind: 'direct' (one split, writes out), 'split' (writes partials) or 'combine'."""
     inputs = ["q_latent", "q_pe", "new_latent", "new_kpe", "packed", "scales", "biases", "k_pe",
-              "block_table", "context_lens", "params"]
+              "block_table", "context_lens", "params", "after"]
     if kind == "combine":
         body, inputs, outputs = mla_body.COMBINE, ["o_part", "ml_part", "context_lens"], ["out"]
         defines = {}
@@ -140,7 +144,7 @@ def mla_decode_append_fused(backend: str, q_latent: mx.array, q_pe: mx.array,
     fields = cache.arrays()
     inputs = [q_latent.astype(dt), q_pe.astype(dt), new_latent.astype(dt), new_kpe.astype(dt),
               *fields, block_table.astype(mx.int32), context_lens.astype(mx.int32),
-              _scalar(scale)]
+              _scalar(scale), cache.last_out if cache.last_out is not None else _scalar(0.0, dt)]
     template = [("T", dt), ("H", H), ("HG", cfg.hg), ("R", R), ("P", P),
                 ("GS", cache.group_size), ("BS", cache.block_size), ("TT", cfg.tt),
                 ("PPS", cfg.pps), ("NW", cfg.nw), ("MAXB", max_blocks), ("NSPLIT", nsplit),
@@ -164,4 +168,5 @@ def mla_decode_append_fused(backend: str, q_latent: mx.array, q_pe: mx.array,
             grid=(nt_c, B * H, 1), threadgroup=(nt_c, 1, 1),
             output_shapes=[(B, H, R)], output_dtypes=[dt])
     cache.packed, cache.scales, cache.biases, cache.k_pe = mx.depends(fields, [out])
+    cache.last_out = out
     return out

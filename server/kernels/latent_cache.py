@@ -35,6 +35,9 @@ class LatentCache:
         self.scales = mx.zeros((num_blocks, block_size, R // group_size), dtype=dtype)
         self.biases = mx.zeros((num_blocks, block_size, R // group_size), dtype=dtype)
         self.k_pe = mx.zeros((num_blocks, block_size, P), dtype=dtype)
+        # The last fused decode step's output: the next step takes it as an input so that the
+        # GPU runs the two in order (see fused.py, invariant 2).
+        self.last_out: mx.array | None = None
 
     @property
     def bytes_per_token(self) -> int:
