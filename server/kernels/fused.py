@@ -40,10 +40,11 @@ from .latent_cache import LatentCache
 
 # Threadgroup memory per threadgroup; Apple GPUs have 32 KB.
 SMEM_LIMIT = {"cuda": 200 * 1024, "metal": 32 * 1024}
-# Threadgroups wanted to fill the GPU (an H100 has 132 SMs) and the fewest cache blocks per
-# split (fewer make the combine pass cost more than it saves); set by measurement on the H100.
-TARGET_GROUPS = {"cuda": 132, "metal": 128}
-MIN_PPS = 4
+# Threadgroups wanted in flight (the kernel is latency-bound: about 4 per H100 SM did best)
+# and the fewest cache blocks per split (fewer make the combine pass cost more than it saves).
+# Set from the H100 sweep in docs/benchmarks.md; Metal's are guesses, to be measured on a Mac.
+TARGET_GROUPS = {"cuda": 528, "metal": 128}
+MIN_PPS = 8
 COMBINE_WARPS = 4
 
 
