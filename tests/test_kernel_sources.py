@@ -76,3 +76,95 @@ def test_cuda_source_compiles_for_sm90(tmp_path: Path, shape):
                                 str(src)], capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr[-4000:]
             assert "mma.sync.aligned.m16n8k16.row.col.f32" in ptx.read_text()
+
+
+# Just enough of the Metal language for g++ to type-check the generated Metal body: address
+# spaces are empty macros, the types are stand-ins of the right size, builtins are no-ops.
+METAL_SHIM = r"""
+#include <cstdint>
+#include <cstddef>
+#include <cstring>
+#define device
+#define threadgroup
+#define thread
+#define constant
+struct half { uint16_t bits; half() = default; half(float) : bits(0) {} operator float() const { return 0.f; } };
+struct bfloat16_t { uint16_t bits; bfloat16_t() = default; bfloat16_t(float) : bits(0) {}
+                    operator float() const { return 0.f; } };
+typedef unsigned uint;
+struct uint3 { uint x, y, z; };
+struct float2 { float x, y; float2() = default; float2(float a, float b) : x(a), y(b) {} };
+struct uint4 {
+  uint x, y, z, w;
+  uint4() = default;
+  explicit uint4(uint a) : x(a), y(a), z(a), w(a) {}
+  uint operator[](int i) const { return i == 0 ? x : (i == 1 ? y : (i == 2 ? z : w)); }
+};
+template <typename T, int N> struct vec;
+template <typename T> struct vec<T, 2> { T x, y; vec(T a, T b) : x(a), y(b) {} };
+template <typename To, typename From> To as_type(From f) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs equal sizes");
+  To t; std::memcpy(&t, &f, sizeof t); return t;
+}
+struct simdgroup_float8x8 { float2 e; float2& thread_elements() { return e; } };
+inline void simdgroup_multiply_accumulate(simdgroup_float8x8&, const simdgroup_float8x8&,
+                                          const simdgroup_float8x8&, const simdgroup_float8x8&) {}
+inline float simd_sum(float v) { return v; }
+inline float simd_max(float v) { return v; }
+inline float simd_min(float v) { return v; }
+enum class mem_flags { mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) {}
+namespace metal {
+inline float max(float a, float b) { return a > b ? a : b; }
+inline float min(float a, float b) { return a < b ? a : b; }
+inline float abs(float a) { return a < 0 ? -a : a; }
+inline float round(float a) { return a; }
+inline float exp2(float a) { return a; }
+}
+using namespace metal;
+"""
+METAL_TYPES = {"half": "half", "bfloat": "bfloat16_t", "float": "float", "uint32": "uint32_t",
+               "int32": "int32_t"}
+METAL_ATTRIBUTES = ("uint3 thread_position_in_threadgroup, uint thread_index_in_simdgroup, "
+                    "uint simdgroup_index_in_threadgroup, uint3 threadgroup_position_in_grid")
+
+
+def metal_translation_unit(kind: str, consts: dict[str, int]) -> str:
+    """The Metal source as MLX's metal_kernel lays it out (a template over T and the constants,
+    inputs as const device pointers), instantiated for half and bfloat16_t."""
+    if kind == "combine":
+        body, params, outputs, defines = mla_body.COMBINE, COMBINE_INPUTS, [("out", "T")], {}
+    else:
+        body, params = mla_body.PARTIAL, PARTIAL_INPUTS
+        direct = kind == "direct"
+        outputs = [("out", "T")] if direct else [("o_part", "float"), ("ml_part", "float")]
+        defines = {"MLA_DIRECT": int(direct)}
+    header, source = codegen.render("metal", body, defines)
+    typ = lambda t: "T" if t == "T" else METAL_TYPES[t]  # noqa: E731
+    args = [f"const device {typ(t)}* {n}" for n, t in params] + \
+        [f"device {typ(t)}* {n}" for n, t in outputs] + [METAL_ATTRIBUTES]
+    names = list(consts)
+    tmpl = "template <typename T, " + ", ".join(f"int {k}" for k in names) + ">\n"
+    fn = f"mla_{kind}"
+    inst = "".join(
+        f"template void {fn}<{t}, {', '.join(str(consts[k]) for k in names)}>("
+        + ", ".join(a.rsplit(" ", 1)[0].replace("T*", f"{t}*") if "T*" in a else a.rsplit(" ", 1)[0]
+                    for a in args[:-1]) + ", uint3, uint, uint, uint3);\n"
+        for t in ("half", "bfloat16_t"))
+    return METAL_SHIM + header + tmpl + f"void {fn}(" + ", ".join(args) + ") {\n" + source + \
+        "\n}\n" + inst
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("kind", ["direct", "split", "combine"])
+def test_metal_source_type_checks_as_cpp(tmp_path: Path, kind):
+    for inc in ("metal_simdgroup", "metal_simdgroup_matrix"):
+        (tmp_path / inc).write_text("")
+    shape = dict(H=32, HG=16, R=256, P=64, GS=64, BS=64, TT=16, PPS=8, NW=4, MAXB=512, NSPLIT=64)
+    consts = dict(shape, SMEM_BYTES=smem_for(shape))
+    assert consts["SMEM_BYTES"] <= 32 * 1024  # Apple GPUs' threadgroup memory
+    src = tmp_path / f"{kind}.cpp"
+    src.write_text(metal_translation_unit(kind, consts))
+    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wno-unknown-pragmas",
+                        "-I", str(tmp_path), str(src)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]

@@ -2,7 +2,7 @@
 
 The body (see `mla_body.py`) uses only the names defined by a backend's prelude:
 
-- indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup); `UNROLL`;
+- indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup);
 - `warp_sum/max/min(float)`, `f_max/f_min/f_abs/f_round/f_exp2(float)`, `BARRIER()`;
 - shared memory: `SMEM_ARRAY(name, bytes)` (16-byte aligned), `SHARED_PTR(type)`;
 - 16-byte moves: `LOAD_U4(global_ptr, i)` (i in 16-byte units), `SMEM_U4(ptr)` (an lvalue),
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 CUDA_PRELUDE = r"""
 #define SHARED_PTR(type) type*
-#define UNROLL _Pragma("unroll")
 #define SMEM_ARRAY(name, bytes) extern __shared__ uint4 name[]
 #define BARRIER() __syncthreads()
 #define MUT(type, ptr) const_cast<type*>(ptr)
@@ -137,7 +136,6 @@ METAL_PRELUDE = r"""
 #include <metal_simdgroup>
 #include <metal_simdgroup_matrix>
 #define SHARED_PTR(type) threadgroup type*
-#define UNROLL _Pragma("clang loop unroll(full)")
 #define SMEM_ARRAY(name, bytes) threadgroup uint4 name[(bytes) / 16]
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define MUT(type, ptr) const_cast<device type*>(ptr)
