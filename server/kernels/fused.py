@@ -40,11 +40,13 @@ from .latent_cache import LatentCache
 
 # Threadgroup memory per threadgroup; Apple GPUs have 32 KB.
 SMEM_LIMIT = {"cuda": 200 * 1024, "metal": 32 * 1024}
-# Threadgroups wanted in flight (the kernel is latency-bound: about 4 per H100 SM did best)
-# and the fewest cache blocks per split (fewer make the combine pass cost more than it saves).
-# Set from the H100 sweep in docs/benchmarks.md; Metal's are guesses, to be measured on a Mac.
-TARGET_GROUPS = {"cuda": 528, "metal": 128}
+# Threadgroups wanted (the kernel is latency-bound: about 2 per H100 SM did best), the fewest
+# cache blocks per split (fewer make the combine pass cost more than it saves), and the SM count
+# under which a threadgroup gets 16 warps instead of 8 (a long single sequence then has more
+# warps per split). Set from the H100 sweeps behind docs/benchmarks.md; Metal's are guesses.
+TARGET_GROUPS = {"cuda": 264, "metal": 128}
 MIN_PPS = 8
+SM_COUNT = {"cuda": 132, "metal": 0}
 COMBINE_WARPS = 4
 
 
@@ -62,25 +64,29 @@ class TileConfig:
         return 2 * halves + 4 * floats
 
 
-def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int, int]:
-    """(hg, tt, nw) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
+def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int]:
+    """(hg, tt) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
     hp = 16 * math.ceil(H / 16)
     if backend == "metal":
-        return 16, 16, 4
+        return 16, 16
     tt = 64 if block_size % 64 == 0 else (32 if block_size % 32 == 0 else 16)
-    return min(hp, 32), tt, 8
+    return min(hp, 32), tt
 
 
 def choose_config(backend: str, B: int, H: int, R: int, P: int, max_blocks: int,
                   block_size: int, hg: int | None = None, tt: int | None = None,
                   nw: int | None = None, pps: int | None = None) -> TileConfig:
-    d_hg, d_tt, d_nw = default_tiles(backend, H, block_size)
-    hg, tt, nw = hg or d_hg, tt or d_tt, nw or d_nw
+    d_hg, d_tt = default_tiles(backend, H, block_size)
+    hg, tt = hg or d_hg, tt or d_tt
+    groups = B * math.ceil(H / hg)
     if pps is None:
-        groups = B * math.ceil(H / hg)
         splits = max(1, math.ceil(TARGET_GROUPS[backend] / groups))
         pps = max(MIN_PPS, math.ceil(max_blocks / splits))
-    return TileConfig(hg, tt, nw, min(pps, max_blocks))
+    pps = min(pps, max_blocks)
+    if nw is None:
+        few = groups * math.ceil(max_blocks / pps) < SM_COUNT[backend]
+        nw = 4 if backend == "metal" else (16 if few else 8)
+    return TileConfig(hg, tt, nw, pps)
 
 
 def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str | None:
