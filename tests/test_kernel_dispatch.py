@@ -53,3 +53,38 @@ def test_unsupported_shapes_are_named():
     assert "warps" in unsupported_reason("cuda", odd, TileConfig(32, 64, 3, 4))
     assert "tiles" in unsupported_reason("cuda", LatentCache(2, 48, 256, 64, 64, mx.float16),
                                          TileConfig(32, 64, 8, 4))
+
+
+def test_fused_launch_keeps_the_in_place_invariants(monkeypatch):
+    """The host side of the fused path, with a stand-in kernel (no GPU here): the cache fields
+    themselves go in (no copy), each call takes the previous call's output (GPU ordering), and
+    the fields come back as views that depend on the step (MLX ordering)."""
+    from server.kernels import fused
+
+    calls = []
+
+    def fake_kernel(backend, kind, smem):
+        def run(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+            calls.append((kind, inputs))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return run
+
+    monkeypatch.setattr(fused, "_kernel", fake_kernel)
+    cache, table = filled_cache([100, 5], 256, 64, mx.bfloat16)
+    before = [mx.array(a) for a in cache.arrays()]
+    args = decode_inputs(2, 32, 256, 64, mx.bfloat16)
+    ctx = mx.array([100, 5], mx.int32)
+    cfg = TileConfig(32, 64, 8, 1)  # two splits of one block: partial + combine
+    fields = cache.arrays()
+    out1 = fused.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
+    (k1, in1), (k2, _) = calls
+    assert (k1, k2) == ("split", "combine")
+    assert all(a is b for a, b in zip(in1[4:8], fields))
+    assert cache.last_out is out1
+    fields = cache.arrays()
+    out2 = fused.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
+    assert calls[2][1][11] is out1 and cache.last_out is out2
+    assert all(a is b for a, b in zip(calls[2][1][4:8], fields))
+    mx.eval(out2, *cache.arrays())
+    for old, new in zip(before, cache.arrays()):
+        assert mx.array_equal(old, new)  # the stand-in wrote nothing; the views show the pool
