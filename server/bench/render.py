@@ -46,7 +46,14 @@ batching (requests are served one at a time); the cache stays full precision unt
 `--quantized-kv-start` tokens (default 5000); and mlx-lm's `mistral4` cannot decode from a quantized
 cache at all (with the rope head 16 wide the quantize fails on group size 64; with 64 wide the
 decode path raises `AttributeError: 'list' object has no attribute 'swapaxes'`), so any request
-past 5000 tokens fails there."""
+past 5000 tokens fails there (the `protocol` errors: the stream ends without `[DONE]`).
+`mlx_lm.server` serves through Python's `ThreadingHTTPServer`, whose listen backlog is
+socketserver's default of 5: a burst of 16-64 connects to a busy process gets some connections reset
+before any byte (the `connection` errors, httpx `ReadError`). A plain `ThreadingHTTPServer` next to
+a CPU-bound thread showed the same here (2 of 64 reset with backlog 5, none with 128).
+
+CPU rows come from a small shared development machine with the tiny demo model: read them as a check
+of the tooling and of relative behaviour, not as performance figures."""
 
 
 _REPORTED = re.compile(r"cache|mem|bytes|peak|preempt")

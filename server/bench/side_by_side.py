@@ -230,7 +230,7 @@ def run(args) -> dict:
         "device": args.device or device,
         "date": started,
         "wall_s": time.monotonic() - t0,
-        "command": "python -m server.bench.side_by_side " + shlex.join(sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "server.bench.side_by_side", *sys.argv[1:]]),
         "model": {"path": str(model), "model_type": config.get("model_type"),
                   "layers": config.get("num_hidden_layers"), "dtype": cache_bytes.dtype_bytes(config),
                   "context": config.get("max_position_embeddings"), "tokens_per_word": tpw},
