@@ -1,6 +1,7 @@
 """The side-by-side script's argument handling and docs rendering; no server is started."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,11 @@ def test_render_section_from_summaries(tmp_path):
     render_section(docs, data)
     text = docs.read_text()
     assert "to be run on the H100" not in text and text.index("### cpu") < text.index("### h100")
+    assert (data / "side_by_side_h100_8192.png").stat().st_size > 1000  # drawn from the summary
+
+
+def test_render_without_matplotlib_leaves_plots_out(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    (tmp_path / "side_by_side_cuda.json").write_text(json.dumps(_fake_run("cuda")))
+    text = render_section(tmp_path / "benchmarks.md", tmp_path)
+    assert "| ours (INT4 paged latent) | 1 | 4/4 |" in text and "![" not in text

@@ -1,10 +1,15 @@
-"""The `serving` section of docs/benchmarks.md, rendered from every side-by-side summary in docs/bench/."""
+"""The `serving` section of docs/benchmarks.md, rendered from every side-by-side summary in docs/bench/.
+
+Plots are drawn here, from the summaries, so a run on a machine without matplotlib (the GPU machine)
+still yields everything the docs need.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 from server.bench.report import results_table, update_section
@@ -86,7 +91,22 @@ def _memory_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def render_run(run: dict, docs_dir: Path, data_dir: Path) -> str:
+def _plot(series: dict, png: Path, source: Path, title: str) -> bool:
+    """Draw `png` unless it is newer than its `source` summary; False without matplotlib."""
+    if png.exists() and png.stat().st_mtime >= source.stat().st_mtime:
+        return True
+    try:
+        from server.bench.plots import plot_series
+
+        plot_series(series, png, title)
+    except ImportError:
+        print(f"matplotlib is not installed: {png} not drawn", file=sys.stderr)
+        return False
+    return True
+
+
+def render_run(run: dict, docs_dir: Path, source: Path) -> str:
+    """Markdown for one device's summary (`source`), drawing its plots beside it."""
     m, st = run["model"], run["settings"]
     out = [
         f"### {run['tag']}: {run['device']}, {run['date']}",
@@ -98,12 +118,13 @@ def render_run(run: dict, docs_dir: Path, data_dir: Path) -> str:
     ]
     for (requested, used), seconds in zip(st["prompt_plan"], st["cell_seconds"]):
         clamp = "" if requested == used else f"; asked for {requested}, clamped to the model's context"
-        series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_target"] == used] for s in run["servers"]}
+        series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_requested"] == requested]
+                  for s in run["servers"]}
         series = {k: v for k, v in series.items() if v}
         out += ["", f"#### ~{used}-token prompts ({seconds:.0f} s per cell{clamp})", ""]
         out.append(results_table(series) if series else "No cell ran.")
-        png = data_dir / f"side_by_side_{run['tag']}_{requested}.png"
-        if png.exists():
+        png = source.parent / f"side_by_side_{run['tag']}_{requested}.png"
+        if series and _plot(series, png, source, f"{run['device']}: ~{used}-token prompts"):
             out += ["", f"![{run['tag']} ~{used}-token prompts]({os.path.relpath(png, docs_dir)})"]
     out += ["", "#### Memory", "", _memory_table(run)]
     failed = [f"- {s['label']} failed: {s['error'].splitlines()[0]}" for s in run["servers"] if s["error"]]
@@ -115,10 +136,10 @@ def render_run(run: dict, docs_dir: Path, data_dir: Path) -> str:
 def render_section(docs: str | Path, data_dir: str | Path) -> str:
     """Rewrite the `serving` section of `docs` from `data_dir/side_by_side_*.json`; returns its text."""
     docs, data_dir = Path(docs), Path(data_dir)
-    runs = [json.loads(p.read_text()) for p in sorted(data_dir.glob("side_by_side_*.json"))]
-    parts = [INTRO]
-    parts += [render_run(r, docs.parent, data_dir) for r in sorted(runs, key=lambda r: r["tag"] != "cpu")]
-    if not any(r["tag"] in ("h100", "cuda") for r in runs):
+    runs = [(json.loads(p.read_text()), p) for p in sorted(data_dir.glob("side_by_side_*.json"))]
+    runs.sort(key=lambda run_path: run_path[0]["tag"] != "cpu")
+    parts = [INTRO] + [render_run(run, docs.parent, path) for run, path in runs]
+    if not any(run["tag"] in ("h100", "cuda") for run, _ in runs):
         parts.append(
             "### h100: to be run on the H100\n\n"
             "Not run yet. On the GPU machine, with a Mistral-Small-4-shaped model directory (real\n"

@@ -245,27 +245,19 @@ def run(args) -> dict:
 
 
 def write_outputs(run_result: dict, args) -> None:
+    """Full results to --results-dir; unless --no-docs, the summary (no per-request records) that
+    the docs section and its plots are rendered from to --docs-data."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
     full = args.results_dir / f"side_by_side_{run_result['tag']}.json"
     full.write_text(json.dumps(run_result, indent=1))
     print(f"results: {full}", file=sys.stderr)
     if args.no_docs:
         return
-    from server.bench.plots import plot_series
-
-    tag = run_result["tag"]
-    args.docs_data.mkdir(parents=True, exist_ok=True)
-    for requested, used in run_result["settings"]["prompt_plan"]:
-        series = {s["label"]: [c for c in s["cells"] if c["prompt_tokens_target"] == used]
-                  for s in run_result["servers"]}
-        series = {k: v for k, v in series.items() if v}
-        if series:
-            plot_series(series, args.docs_data / f"side_by_side_{tag}_{requested}.png",
-                        f"{run_result['device']}: ~{used}-token prompts")
     summary = {**run_result, "servers": [
         {**s, "cells": [{k: v for k, v in c.items() if k != "records"} for c in s["cells"]]}
         for s in run_result["servers"]]}
-    (args.docs_data / f"side_by_side_{tag}.json").write_text(json.dumps(summary, indent=1))
+    args.docs_data.mkdir(parents=True, exist_ok=True)
+    (args.docs_data / f"side_by_side_{run_result['tag']}.json").write_text(json.dumps(summary, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
