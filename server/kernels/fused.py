@@ -64,6 +64,13 @@ class TileConfig:
         return 2 * halves + 4 * floats
 
 
+def bucket(n: int) -> int:
+    """The next power of two. PPS, MAXB and NSPLIT are template constants, and the runtime
+    compiler builds one kernel per distinct set: a serving engine whose batch size and longest
+    context change every step would otherwise compile a kernel every step."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int]:
     """(hg, tt) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
     hp = 16 * math.ceil(H / 16)
@@ -81,7 +88,7 @@ def choose_config(backend: str, B: int, H: int, R: int, P: int, max_blocks: int,
     groups = B * math.ceil(H / hg)
     if pps is None:
         splits = max(1, math.ceil(TARGET_GROUPS[backend] / groups))
-        pps = max(MIN_PPS, math.ceil(max_blocks / splits))
+        pps = bucket(max(MIN_PPS, math.ceil(max_blocks / splits)))
     pps = min(pps, max_blocks)
     if nw is None:
         few = groups * math.ceil(max_blocks / pps) < SM_COUNT[backend]
@@ -140,7 +147,9 @@ def mla_decode_append_fused(backend: str, q_latent: mx.array, q_pe: mx.array,
     """Shapes as `mla_decode.mla_decode_append`; `cfg` overrides the tiles (benchmarks)."""
     B, H, R = q_latent.shape
     P = cache.P
-    max_blocks = block_table.shape[1]
+    max_blocks = bucket(block_table.shape[1])
+    if max_blocks > block_table.shape[1]:
+        block_table = mx.pad(block_table, [(0, 0), (0, max_blocks - block_table.shape[1])])
     cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, cache.block_size)
     reason = unsupported_reason(backend, cache, cfg)
     if reason:
