@@ -65,8 +65,6 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
     if batch.attn_scale is not None:
         q_nope = q_nope * batch.attn_scale.astype(q_nope.dtype)
         q_pe = q_pe * batch.attn_scale.astype(q_pe.dtype)
-    q_latent = attn.embed_q(q_nope.swapaxes(0, 1)).swapaxes(0, 1)  # [T, H, R]
-
     # Prefill writes go in before the decode kernel appends in place: the scatter can then take
     # over the evaluated pool buffers instead of copying a pool the kernel has just written to.
     d, offset = batch.num_decodes, batch.num_decodes
@@ -75,37 +73,39 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
         offset += chunk.length
         cache.write(chunk.slots, latent[rows], k_pe[rows])
 
-    outs = []
+    outs = []  # each [rows, H, v]
     if d:
-        outs.append(
-            mla_decode_append(
-                q_latent[:d], q_pe[:d], latent[:d], k_pe[:d], cache,
-                batch.block_table, batch.context_lens, attn.scale,
-            )
+        q_latent = attn.embed_q(q_nope[:d].swapaxes(0, 1)).swapaxes(0, 1)  # [d, H, R]
+        o = mla_decode_append(
+            q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
         )
+        outs.append(attn.unembed_out(o.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1))
     offset = d
     for chunk in batch.prefills:
         rows = slice(offset, offset + chunk.length)
         offset += chunk.length
-        outs.append(_prefill_attention(attn, q_latent[rows], q_pe[rows], cache, chunk))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)  # [T, H, R]
-    out = attn.unembed_out(out.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1)  # [T, H, v]
-    return attn.o_proj(out.reshape(T, -1))
+        outs.append(_prefill_attention(attn, q_nope[rows], q_pe[rows], cache, chunk))
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+    return attn.o_proj(out.astype(x.dtype).reshape(T, -1))
 
 
-def _prefill_attention(attn, q_latent, q_pe, cache: LatentCache, chunk: PrefillChunk):
-    """Causal attention of one chunk [n, H, *] over its sequence's cache prefix plus itself
-    (already written)."""
+def _prefill_attention(attn, q_nope, q_pe, cache: LatentCache, chunk: PrefillChunk):
+    """Causal attention of one chunk (q [n, H, *]) over its sequence's dequantized cache prefix
+    plus itself (already written): [n, H, v].
+
+    Unlike decode, prefill expands the latent into per-head keys and values (mlx-lm's own prefill
+    form): with n queries per chunk the expansion costs less than the absorbed form's H x R wide
+    scores, and SDPA's built-in causal mask (queries aligned to the last keys) needs no mask tensor.
+    """
     S = chunk.start + chunk.length
-    keys, keys_pe = cache.read(chunk.block_ids, S)
-    scale = attn.scale
-    # The rope scores ride in as SDPA's additive mask, as in mlx-lm's own MLA decode.
-    pe_scores = (q_pe.swapaxes(0, 1) * scale) @ keys_pe.T.astype(q_pe.dtype)  # [H, n, S]
-    q_pos = chunk.start + mx.arange(chunk.length)
-    causal = mx.arange(S)[None, :] <= q_pos[:, None]
-    pe_scores = mx.where(causal, pe_scores, mx.array(-mx.inf, pe_scores.dtype))
-    keys = keys.astype(q_latent.dtype)[None, None]
+    latent, k_pe = cache.read(chunk.block_ids, S)
+    latent = latent.astype(q_nope.dtype)[None]  # [1, S, R]
+    k_nope = attn.embed_q(latent, transpose=False)  # [H, S, nope]
+    values = attn.unembed_out(latent)  # [H, S, v]
+    k_pe = mx.broadcast_to(k_pe.astype(q_pe.dtype)[None], (k_nope.shape[0], S, k_pe.shape[-1]))
+    keys = mx.concatenate([k_nope, k_pe], axis=-1)
+    queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
     out = mx.fast.scaled_dot_product_attention(
-        q_latent.swapaxes(0, 1)[None], keys, keys, scale=scale, mask=pe_scores[None]
+        queries[None], keys[None], values[None], scale=attn.scale, mask="causal"
     )
-    return out[0].swapaxes(0, 1)  # [n, H, R]
+    return out[0].swapaxes(0, 1)  # [n, H, v]
