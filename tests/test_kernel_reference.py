@@ -8,19 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from server.kernels.cases import cache_as_numpy, decode_inputs, filled_cache
+from server.kernels.cases import SHAPE_CASES, cache_as_numpy, decode_inputs, filled_cache
 from kernel_numpy_ref import decode_np, dequantize_np
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append
 
-CASES = [
-    # (context_lens, H, R, dtype)
-    ([0], 1, 256, mx.float16),
-    ([1], 32, 256, mx.bfloat16),
-    ([0, 1, 63, 64, 65], 32, 256, mx.float16),
-    ([65, 0, 64, 1, 63, 7, 130, 2], 16, 512, mx.bfloat16),
-    ([3000, 64, 0], 8, 256, mx.float16),
-    ([2500], 128, 512, mx.bfloat16),
+CASES = SHAPE_CASES + [
     (list(range(0, 160, 10)), 4, 256, mx.bfloat16),  # B=16
 ]
 

@@ -7,6 +7,17 @@ import numpy as np
 
 from .latent_cache import LatentCache
 
+# (context_lens, H, R, dtype): lengths 0, 1, 63, 64, 65 and thousands, mixed in one batch,
+# Mistral Small 4 (R=256) and DeepSeek-V3 (R=512) widths, 1 to 128 heads, both half types.
+SHAPE_CASES = [
+    ([0], 1, 256, mx.float16),
+    ([1], 32, 256, mx.bfloat16),
+    ([0, 1, 63, 64, 65], 32, 256, mx.float16),
+    ([65, 0, 64, 1, 63, 7, 130, 2], 16, 512, mx.bfloat16),
+    ([3000, 64, 0], 8, 256, mx.float16),
+    ([2500], 128, 512, mx.bfloat16),
+]
+
 
 def filled_cache(context_lens: list[int], R: int, P: int, dtype, block_size: int = 64,
                  group_size: int = 64, spare_blocks: int = 3, seed: int = 0):

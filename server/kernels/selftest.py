@@ -17,17 +17,11 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from .cases import contiguous_tables, decode_inputs, filled_cache, random_pool
+from .cases import SHAPE_CASES, contiguous_tables, decode_inputs, filled_cache, random_pool
 from .mla_decode import default_backend, mla_decode_append
 
-# (context_lens, H, R, dtype): the CPU test's mix, plus long and DeepSeek-sized cases.
-CHECKS = [
-    ([0], 1, 256, mx.float16),
-    ([1], 32, 256, mx.bfloat16),
-    ([0, 1, 63, 64, 65], 32, 256, mx.float16),
-    ([65, 0, 64, 1, 63, 7, 130, 2], 16, 512, mx.bfloat16),
-    ([3000, 64, 0], 8, 256, mx.float16),
-    ([2500], 128, 512, mx.bfloat16),
+# The CPU test's shapes, plus a full B=16 batch, long single sequences and DeepSeek-sized ones.
+CHECKS = SHAPE_CASES + [
     (list(range(0, 1600, 100)), 32, 256, mx.bfloat16),  # B=16
     ([20000], 32, 256, mx.float16),                     # many splits
     ([4000, 17, 1000, 2047], 128, 512, mx.float16),
