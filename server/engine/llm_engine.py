@@ -5,7 +5,6 @@ Everything here runs on the engine thread; `emit` callbacks hand deltas to other
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -15,11 +14,10 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .sampling import SamplerState, sample
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
-from .sequence import Sequence, Status
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
 from .types import EngineError, StreamDelta, TokenLogprob
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

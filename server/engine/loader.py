@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import mlx.core as mx
 from .model_runner import SUPPORTED_ARCHITECTURES
 from .types import EngineError
 
-log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 64
 
