@@ -7,6 +7,9 @@ does not cover (float32 caches; Metal shapes beyond its 32 KB of threadgroup mem
 
 from __future__ import annotations
 
+import logging
+from functools import lru_cache
+
 import mlx.core as mx
 
 from .fused import mla_decode_append_fused
@@ -14,6 +17,13 @@ from .latent_cache import LatentCache
 from .reference import mla_decode_append_reference
 
 BACKENDS = ("reference", "metal", "cuda")
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    log.warning("%s; decoding with the plain-MLX reference instead", reason)
 
 
 def default_backend() -> str:
@@ -45,10 +55,11 @@ def mla_decode_append(q_latent: mx.array, q_pe: mx.array, new_latent: mx.array, 
         try:
             return mla_decode_append_fused(chosen, q_latent, q_pe, new_latent, new_kpe, cache,
                                            block_table, context_lens, scale)
-        except NotImplementedError:
+        except NotImplementedError as exc:
             if backend is not None:
                 raise
             # A shape the kernel does not cover (e.g. float32, or too big for Metal's 32 KB
-            # of threadgroup memory): the reference computes the same thing.
+            # of threadgroup memory): the reference computes the same thing, only slower.
+            _warn_once(str(exc))
     return mla_decode_append_reference(q_latent, q_pe, new_latent, new_kpe, cache,
                                        block_table, context_lens, scale)
