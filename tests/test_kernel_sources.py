@@ -31,17 +31,20 @@ def kernel_signature(kind: str, typ, params: list[tuple[str, str]], outputs) -> 
     return f"__global__ void mla_{kind}(\n" + ",\n".join(ins + outs) + ") {\n"
 
 
+def kernel_parts(kind: str):
+    """(body, inputs, outputs, defines) of one launch kind, as fused.py launches it."""
+    if kind == "combine":
+        return mla_body.COMBINE, COMBINE_INPUTS, [("out", "T")], {}
+    direct = kind == "direct"
+    outputs = [("out", "T")] if direct else [("o_part", "float"), ("ml_part", "float")]
+    return mla_body.PARTIAL, PARTIAL_INPUTS, outputs, {"MLA_DIRECT": int(direct)}
+
+
 def cuda_translation_unit(kind: str, dtype: str, consts: dict[str, int]) -> str:
     """What MLX's cuda_kernel builds from (header, source): includes, header, a kernel whose
     parameters are the inputs as const pointers then the outputs, template constants, body."""
     typ = lambda t: CUDA_TYPES[dtype] if t == "T" else CUDA_TYPES[t]  # noqa: E731
-    if kind == "combine":
-        body, params, outputs, defines = mla_body.COMBINE, COMBINE_INPUTS, [("out", "T")], {}
-    else:
-        body, params = mla_body.PARTIAL, PARTIAL_INPUTS
-        direct = kind == "direct"
-        outputs = [("out", "T")] if direct else [("o_part", "float"), ("ml_part", "float")]
-        defines = {"MLA_DIRECT": int(direct)}
+    body, params, outputs, defines = kernel_parts(kind)
     header, source = codegen.render("cuda", body, defines)
     consts_src = "".join(f"  constexpr int {k} = {v};\n" for k, v in consts.items())
     return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cstdint>\n"
@@ -132,13 +135,7 @@ METAL_ATTRIBUTES = ("uint3 thread_position_in_threadgroup, uint thread_index_in_
 def metal_translation_unit(kind: str, consts: dict[str, int]) -> str:
     """The Metal source as MLX's metal_kernel lays it out (a template over T and the constants,
     inputs as const device pointers), instantiated for half and bfloat16_t."""
-    if kind == "combine":
-        body, params, outputs, defines = mla_body.COMBINE, COMBINE_INPUTS, [("out", "T")], {}
-    else:
-        body, params = mla_body.PARTIAL, PARTIAL_INPUTS
-        direct = kind == "direct"
-        outputs = [("out", "T")] if direct else [("o_part", "float"), ("ml_part", "float")]
-        defines = {"MLA_DIRECT": int(direct)}
+    body, params, outputs, defines = kernel_parts(kind)
     header, source = codegen.render("metal", body, defines)
     typ = lambda t: "T" if t == "T" else METAL_TYPES[t]  # noqa: E731
     args = [f"const device {typ(t)}* {n}" for n, t in params] + \
