@@ -15,8 +15,11 @@ import sys
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+
+from server.engine.args import EngineArgs
 
 ENV_PREFIX = "MLA_SERVER_"
 PROG = "mla-server"
@@ -28,7 +31,9 @@ def _option(default: Any, help: str, check: Callable[[Any], bool] | None = None,
     return field(default=default, metadata={"help": help, "check": check, "rule": rule})
 
 
-_POSITIVE = {"check": lambda v: v > 0, "rule": "must be > 0"}
+_POSITIVE: dict[str, Any] = {"check": lambda v: v > 0, "rule": "must be > 0"}
+# Engine options take their defaults from the engine's own declaration.
+_ENGINE = EngineArgs()
 
 
 @dataclass
@@ -40,24 +45,24 @@ class Settings:
     )
     host: str = _option("127.0.0.1", "address to listen on (0.0.0.0 serves the whole network)")
     port: int = _option(8080, "TCP port to listen on", lambda v: 0 <= v <= 65535, "must be in 0..65535")
-    max_num_seqs: int = _option(64, "most sequences decoded together in one batch", **_POSITIVE)
+    max_num_seqs: int = _option(_ENGINE.max_num_seqs, "most sequences decoded together in one batch", **_POSITIVE)
     max_model_len: int | None = _option(
-        None, "longest prompt + completion in tokens (unset: the model's own limit)", **_POSITIVE
+        _ENGINE.max_model_len, "longest prompt + completion in tokens (unset: the model's own limit)", **_POSITIVE
     )
     cache_tokens: int | None = _option(
-        None, "latent cache capacity in tokens (unset: sized by --cache-memory-fraction)", **_POSITIVE
+        _ENGINE.cache_tokens, "latent cache capacity in tokens (unset: sized by --cache-memory-fraction)", **_POSITIVE
     )
     cache_memory_fraction: float = _option(
-        0.5,
+        _ENGINE.cache_memory_fraction,
         "share of device memory given to the latent cache when --cache-tokens is unset",
         lambda v: 0 < v <= 1,
         "must be in (0, 1]",
     )
-    prefill_chunk_size: int = _option(512, "prompt tokens prefilled per sequence per engine step", **_POSITIVE)
+    prefill_chunk_size: int = _option(_ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE)
     max_num_batched_tokens: int = _option(
-        2048, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
+        _ENGINE.max_num_batched_tokens, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
     )
-    request_timeout: float = _option(600.0, "seconds a request may run before it is ended", **_POSITIVE)
+    request_timeout: float = _option(_ENGINE.request_timeout, "seconds a request may run before it is ended", **_POSITIVE)
     log_level: str = _option(
         "info", "one of " + ", ".join(LOG_LEVELS), lambda v: v in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS)
     )
@@ -69,6 +74,12 @@ class Settings:
         None, "model name clients send and see (unset: derived from --model)"
     )
     config: str | None = _option(None, "TOML file holding any of these options, keys spelled with underscores")
+
+
+    def engine_args(self) -> EngineArgs:
+        """The engine's share of the settings."""
+        names = {f.name for f in dataclasses.fields(EngineArgs)} & {f.name for f in dataclasses.fields(self)}
+        return EngineArgs(**{name: getattr(self, name) for name in names})
 
 
 class ConfigError(Exception):

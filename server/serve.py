@@ -14,13 +14,14 @@ import logging.handlers
 import signal
 import socket
 import sys
-from typing import Iterator
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
-from server import engine as engine_package
 from server.api.app import create_app
 from server.config import PROG, Settings
+from server.engine import factory
 from server.engine.types import EngineClient, EngineError
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,12 @@ def serve(settings: Settings) -> int:
     with sock:
         log.info("loading %s", settings.model or "the embedded demo model")
         try:
-            engine = engine_package.build_engine(settings)
+            engine = factory.start_engine(settings.engine_args())
         except EngineError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
         try:
-            app = create_app(engine, api_key=settings.api_key, served_model_name=settings.served_model_name)
+            app = create_app(engine, api_key=settings.api_key)
             config = uvicorn.Config(
                 app,
                 host=settings.host,
@@ -109,7 +110,7 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self._engine = engine
 
-    def handle_exit(self, sig: int, frame) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
             # uvicorn waits for open connections before its lifespan shutdown, so streams must be
             # ended here or it would wait forever. Run on the loop, not inside the signal handler,

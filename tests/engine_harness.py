@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 from mlx_lm import load
 
+from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
-from server.engine.llm_engine import EngineConfig, LLMEngine
-from server.engine.model_runner import ModelRunner
+from server.engine.factory import load_engine
+from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams, StreamDelta
 
@@ -20,10 +21,16 @@ def demo_model():
     return load(str(ensure_demo_model()))
 
 
-def make_engine(num_blocks: int = 64, runner=None, **config) -> LLMEngine:
-    model, tokenizer = demo_model()
-    runner = runner or ModelRunner(model, num_blocks=num_blocks)
-    return LLMEngine(runner, tokenizer, EngineConfig(**config), num_blocks)
+def make_engine(num_blocks: int = 64, runner=None, model=None, **args) -> LLMEngine:
+    """The factory's engine on the demo model (or `model`) with a cache of `num_blocks` blocks;
+    `runner` replaces the model runner (the cache size is then the runner's)."""
+    loaded = demo_model() if model is None else (model, demo_model()[1])
+    engine_args = EngineArgs(cache_tokens=num_blocks * 64, **args)
+    if runner is None:
+        return load_engine(engine_args, loaded)
+    runner.num_blocks = num_blocks
+    max_model_len = min(engine_args.max_model_len or num_blocks * 64, num_blocks * 64)
+    return LLMEngine(runner, loaded[1], replace(engine_args, max_model_len=max_model_len))
 
 
 class ScriptedRunner:
@@ -34,11 +41,11 @@ class ScriptedRunner:
 
     def __init__(self, script: dict[str, list[int]] | None = None):
         self.script = script or {}
-        self.model = demo_model()[0]
+        self.vocab_size = demo_model()[0].args.vocab_size
 
     def run(self, plan) -> mx.array:
         seqs = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab_size
         picks = []
         for s in seqs:
             script = self.script.get(s.request_id, [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from server.engine.types import EngineError, PromptTooLong, SamplingParams, StreamDelta, TokenLogprob
+from server.engine.types import EngineError, SamplingParams, StreamDelta, TokenLogprob, fit_to_context
 
 
 class FakeEngine:
@@ -37,6 +37,7 @@ class FakeEngine:
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self.is_shut_down = False
+        self.aborted: list[str] = []
         self._vocab: dict[str, int] = {}
         self._words: list[str] = []
         self._running = 0
@@ -48,7 +49,7 @@ class FakeEngine:
             self._words.append(word)
         return self._vocab[word]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
         """One role-marker token per message, then one token per word of its content."""
         ids: list[int] = []
         for message in messages:
@@ -62,8 +63,8 @@ class FakeEngine:
         self.requests.append((request_id, list(prompt_ids), params))
         if self.is_shut_down:
             raise EngineError("the engine is shutting down")
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptTooLong(f"prompt of {len(prompt_ids)} tokens exceeds {self.max_model_len}")
+        params = fit_to_context(params, len(prompt_ids), self.max_model_len)
+        self.requests[-1] = (request_id, list(prompt_ids), params)  # as the engine would run it
         reply = self._reply_words(prompt_ids)
         emitted = ""  # text already sent, a prefix of `text`
         text = ""
@@ -128,6 +129,9 @@ class FakeEngine:
 
     def stats(self) -> dict:
         return {"running": self._running, "waiting": 0, "cache_usage": 0.0}
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
 
     def shutdown(self) -> None:
         """Ends every live generation with EngineError at its next step; idempotent."""

@@ -2,20 +2,19 @@
 
 import asyncio
 import contextlib
-import dataclasses
 
 import httpx
 import openai
 import pytest
 
 from server.api.app import create_app
-from server.config import Settings
-from server.engine import DEMO_MODEL_NAME, build_engine
+from server.engine import DEMO_MODEL_NAME, EngineArgs
+from server.engine.factory import start_engine
 
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = build_engine(dataclasses.replace(Settings(), cache_tokens=64 * 256, max_num_seqs=16))
+    engine = start_engine(EngineArgs(cache_tokens=64 * 256, max_num_seqs=16))
     yield engine
     engine.shutdown()
 

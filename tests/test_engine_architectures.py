@@ -9,10 +9,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3, llama
 
-from engine_harness import Collector, demo_model, prompt, run_until_idle
+from engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
 from reference_loop import greedy_reference
 from server.engine.demo_model import ensure_demo_model
-from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.loader import load_model
 from server.engine.model_runner import ModelRunner
 from server.engine.sequence import Sequence
@@ -40,7 +39,7 @@ def test_deepseek_v3_greedy_matches_reference_loop():
     ids = prompt(150, seed=4)
     expected = greedy_reference(model, ids, 16)
     _, tokenizer = demo_model()
-    engine = LLMEngine(ModelRunner(model, num_blocks=16), tokenizer, EngineConfig(prefill_chunk_size=64), 16)
+    engine = make_engine(num_blocks=16, model=model, prefill_chunk_size=64)
     out = Collector()
     engine.add(Sequence("d", ids, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), emit=out))
     run_until_idle(engine)

@@ -17,13 +17,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `python -m server` with build_engine swapped for the FakeEngine: fast, and every stream stays
+# `python -m server` with the engine factory's start_engine swapped for the FakeEngine: fast, and every stream stays
 # live for as long as the test needs (one word every 50 ms).
 FAKE_SERVER = """
 import sys
-import server.engine
+import server.engine.factory
 from tests.fake_engine import FakeEngine
-server.engine.build_engine = lambda settings: FakeEngine(model_name="mla-demo", token_delay=0.05)
+server.engine.factory.start_engine = lambda args: FakeEngine(model_name="mla-demo", token_delay=0.05)
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -8,49 +8,42 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.api.errors import APIError, install_error_handlers
+from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from server.api.protocol import ChatCompletionRequest, ChatCompletionResponse, HealthStatus, ModelCard, ModelList
 from server.api.serving import ChatService
 from server.engine.types import EngineClient
 
 
-@dataclass(frozen=True)
-class Settings:
-    model_name: str
-    api_key: str | None
-    started: int
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 def get_engine(request: Request) -> EngineClient:
-    return request.app.state.engine
+    engine: EngineClient = request.app.state.engine
+    return engine
 
 
 def get_chat(request: Request) -> ChatService:
-    return request.app.state.chat
+    chat: ChatService = request.app.state.chat
+    return chat
 
 
 def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
 ) -> None:
-    if settings.api_key is None:
+    api_key: str | None = request.app.state.api_key
+    if api_key is None:
         return
-    if credentials is None or not secrets.compare_digest(credentials.credentials, settings.api_key):
+    if credentials is None or not secrets.compare_digest(credentials.credentials, api_key):
         raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 
 @v1.post("/chat/completions", response_model=ChatCompletionResponse)
@@ -62,27 +55,21 @@ async def chat_completions(
 
 
 @v1.get("/models", response_model=ModelList)
-async def list_models(
-    settings: Annotated[Settings, Depends(get_settings)], engine: Annotated[EngineClient, Depends(get_engine)]
-) -> ModelList:
-    card = ModelCard(id=settings.model_name, created=settings.started, max_model_len=engine.max_model_len)
+async def list_models(request: Request, engine: Annotated[EngineClient, Depends(get_engine)]) -> ModelList:
+    card = ModelCard(id=engine.model_name, created=request.app.state.started, max_model_len=engine.max_model_len)
     return ModelList(data=[card])
 
 
-health = APIRouter()
+health = APIRouter(responses={500: ERROR_RESPONSES[500]})
 
 
 @health.get("/health", response_model=HealthStatus)
-async def get_health(
-    settings: Annotated[Settings, Depends(get_settings)], engine: Annotated[EngineClient, Depends(get_engine)]
-) -> HealthStatus:
-    return HealthStatus(model=settings.model_name, engine=engine.stats())
+async def get_health(engine: Annotated[EngineClient, Depends(get_engine)]) -> HealthStatus:
+    return HealthStatus(model=engine.model_name, engine=engine.stats())
 
 
-def create_app(
-    engine: EngineClient, *, api_key: str | None = None, served_model_name: str | None = None
-) -> FastAPI:
-    """An app serving `engine` as `served_model_name` (default: engine.model_name).
+def create_app(engine: EngineClient, *, api_key: str | None = None) -> FastAPI:
+    """An app serving `engine` under its `model_name`.
 
     With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never does.
     Leaving the lifespan calls `engine.shutdown()`.
@@ -99,11 +86,23 @@ def create_app(
         lifespan=lifespan,
         strict_content_type=False,  # `curl -d '{...}'` without a Content-Type header still works
     )
-    model_name = served_model_name or engine.model_name
-    app.state.settings = Settings(model_name=model_name, api_key=api_key, started=int(time.time()))
     app.state.engine = engine
-    app.state.chat = ChatService(engine, model_name)
+    app.state.api_key = api_key
+    app.state.started = int(time.time())
+    app.state.chat = ChatService(engine)
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(health)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less the 422 it declares for every body: validation errors are 400s."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,19 +1,24 @@
-"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and their handlers.
+"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: the one place
+where any failure becomes an HTTP status and an error body.
 
-Every failure a client can cause maps to a 4xx here; anything else is a 500 in the same shape
-so that SDKs always find an error object to raise.
+`to_api_error` maps every exception a request can meet; the app's exception handlers and the
+stream's error event both use it. Every failure a client can cause maps to a 4xx; anything else
+is a 500 in the same shape, so that SDKs always find an error object to raise.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.protocol import ErrorInfo, ErrorResponse
 from server.engine.types import EngineError, InvalidRequest, PromptTooLong
+
 
 class APIError(Exception):
     def __init__(
@@ -27,30 +32,35 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
 
-    def body(self) -> dict:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        }
+    def body(self) -> dict[str, Any]:
+        return ErrorResponse(error=self.info).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def engine_api_error(exc: EngineError) -> APIError:
-    """A prompt the model can't hold is the client's fault; other engine refusals are ours."""
+def to_api_error(exc: BaseException) -> APIError:
+    """The HTTP status and OpenAI error for any exception met while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
     if isinstance(exc, PromptTooLong):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
-        return APIError(400, str(exc))
-    return APIError(503, str(exc) or "the engine could not serve this request", type="server_error")
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineError):  # the engine could not serve a valid request: ours
+        return APIError(503, str(exc) or "the engine could not serve this request", type="server_error")
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, StarletteHTTPException):
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return APIError(exc.status_code, message, type=error_type)
+    return APIError(500, "internal server error", type="server_error")
 
 
-def _param_name(loc: tuple) -> str | None:
+def _param_name(loc: tuple[int | str, ...]) -> str | None:
     """("body", "messages", 0, "content") -> "messages[0].content"."""
     name = ""
     for part in loc[1:]:
@@ -61,7 +71,7 @@ def _param_name(loc: tuple) -> str | None:
     return name or None
 
 
-def validation_api_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError) -> APIError:
     """Names the first offending field."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
@@ -77,26 +87,16 @@ def validation_api_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message, param=param)
 
 
+# The error responses every route may send, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase} for status in (400, 401, 404, 500, 503)
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        # For a 500, Starlette re-raises after this response, so the server logs the traceback.
+        return to_api_error(exc).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_api_error(exc).response()
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        return engine_api_error(exc).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return APIError(exc.status_code, message, type=error_type).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this response, so the server logs the traceback.
-        return APIError(500, "internal server error", type="server_error").response()
+    for kind in (APIError, RequestValidationError, EngineError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

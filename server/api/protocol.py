@@ -7,7 +7,7 @@ ignore unknown fields, as OpenAI-compatible servers do.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,8 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+
+from server.engine.types import SamplingParams
 
 
 class _Request(BaseModel):
@@ -69,7 +71,7 @@ class ChatCompletionRequest(_Request):
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # normalized to a list by validation
     seed: int | None = None
     n: int | None = None
     stream: bool | None = None
@@ -84,17 +86,17 @@ class ChatCompletionRequest(_Request):
 
     @field_validator("stop", mode="wrap")
     @classmethod
-    def _stop_strings(cls, stop: object, handler: ValidatorFunctionWrapHandler) -> str | list[str] | None:
+    def _stop_strings(cls, stop: object, handler: ValidatorFunctionWrapHandler) -> list[str]:
         try:
             stop = handler(stop)
         except ValidationError:
             raise ValueError("must be a string or a list of strings") from None
-        strings = [stop] if isinstance(stop, str) else stop or []
+        strings = [stop] if isinstance(stop, str) else list(stop or [])
         if len(strings) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in strings):
             raise ValueError("stop sequences must be non-empty")
-        return stop
+        return strings
 
     @field_validator("logit_bias")
     @classmethod
@@ -113,11 +115,30 @@ class ChatCompletionRequest(_Request):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top
 
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's view of this request; `max_tokens` stays unset when the client sent none
+        (the engine fits it to the context: `fit_to_context`)."""
+        optional = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": max(self.top_k, 0) if self.top_k is not None else None,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            "top_logprobs": self.top_logprobs,
+        }
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            stop=list(self.stop or []),
+            logprobs=bool(self.logprobs),
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            **{name: value for name, value in optional.items() if value is not None},
+        )
 
 
 # Responses
@@ -213,4 +234,17 @@ class ModelList(BaseModel):
 class HealthStatus(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
-    engine: dict
+    engine: dict[str, Any]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server sends, whatever its status."""
+
+    error: ErrorInfo

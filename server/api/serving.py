@@ -13,7 +13,8 @@ import time
 import uuid
 from contextlib import aclosing
 from functools import partial
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import Request, Response
@@ -21,7 +22,7 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from server.api.disconnect import ClientDisconnected, until_disconnected
-from server.api.errors import APIError, engine_api_error
+from server.api.errors import APIError, to_api_error
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -36,7 +37,7 @@ from server.api.protocol import (
     TopLogprob,
     Usage,
 )
-from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
+from server.engine.types import EngineClient, EngineError, StreamDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +49,21 @@ SHUTDOWN_GRACE_S = 5.0
 class ChatService:
     """Serves /v1/chat/completions for one engine under one model name."""
 
-    def __init__(self, engine: EngineClient, model_name: str) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
-        self.model_name = model_name
+        self.model_name = engine.model_name
 
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
         if req.model != self.model_name:
             raise APIError(
-                404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                param="model", code="model_not_found",
+                404,
+                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
             )
-        try:
-            prompt_ids = self.engine.encode_chat(engine_messages(req))
-        except EngineError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
-        params = sampling_params(req, len(prompt_ids), self.engine.max_model_len)
+        prompt_ids = await self.engine.encode_chat(engine_messages(req))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        deltas = self.engine.generate(request_id, prompt_ids, params)
+        deltas = self.engine.generate(request_id, prompt_ids, req.to_sampling_params())
         try:
             first = await until_disconnected(request, anext(deltas, None))
             if first is None:
@@ -72,9 +71,9 @@ class ChatService:
         except ClientDisconnected:
             await deltas.aclose()
             return Response(status_code=499)
-        except EngineError as exc:
+        except EngineError:
             await deltas.aclose()
-            raise engine_api_error(exc) from exc
+            raise
         if req.stream:
             return self._stream(req, request_id, first, deltas)
         try:
@@ -83,21 +82,20 @@ class ChatService:
             return Response(status_code=499)
 
     async def _complete(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncIterator[StreamDelta]
+        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
     ) -> ChatCompletionResponse:
-        text, logprobs, last = [], [], first
-        try:
-            async with aclosing(deltas):
-                while True:
-                    text.append(last.text)
-                    logprobs.extend(last.logprobs or [])
-                    if last.finish_reason:
-                        break
-                    last = await anext(deltas, None)
-                    if last is None:
-                        raise _ended_early()
-        except EngineError as exc:
-            raise engine_api_error(exc) from exc
+        text: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        last: StreamDelta | None = first
+        async with aclosing(deltas):
+            while True:
+                text.append(last.text)
+                logprobs.extend(last.logprobs or [])
+                if last.finish_reason:
+                    break
+                last = await anext(deltas, None)
+                if last is None:
+                    raise _ended_early()
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
@@ -112,27 +110,28 @@ class ChatService:
         )
 
     def _stream(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncIterator[StreamDelta]
+        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
     ) -> EventSourceResponse:
         exiting = anyio.Event()
         return EventSourceResponse(
             self._events(req, request_id, first, deltas),
             sep="\n",
+            # sse-starlette sets `exiting` when uvicorn starts to exit, however it was started;
+            # the engine then ends every stream (with an error event and [DONE]).
             shutdown_event=exiting,
             shutdown_grace_period=SHUTDOWN_GRACE_S,
             data_sender_callable=partial(self._shutdown_engine_when, exiting),
             # A client gone before the first event leaves _events unstarted; close the engine
-            # iterator anyway (a no-op when _events already did).
+            # generator anyway (a no-op when _events already did).
             background=BackgroundTask(_aclose, deltas),
         )
 
     async def _shutdown_engine_when(self, exiting: anyio.Event) -> None:
-        """The server is exiting: have the engine end every stream, so each ends with [DONE]."""
         await exiting.wait()
         self.engine.shutdown()
 
     async def _events(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncIterator[StreamDelta]
+        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
     ) -> AsyncIterator[str]:
         """SSE data: a role chunk, content chunks, a finish chunk, [usage chunk], [DONE].
 
@@ -159,58 +158,18 @@ class ChatService:
                 ).model_dump_json()
                 if req.include_usage():
                     yield chunk(choices=[], usage=usage(delta)).model_dump_json()
-            except EngineError as exc:
-                yield json.dumps(engine_api_error(exc).body())
-            except Exception:
-                logger.exception("stream %s failed", request_id)
-                yield json.dumps(APIError(500, "internal server error", type="server_error").body())
+            except Exception as exc:
+                if not isinstance(exc, EngineError):
+                    logger.exception("stream %s failed", request_id)
+                yield json.dumps(to_api_error(exc).body())
             yield "[DONE]"
 
 
-def engine_messages(req: ChatCompletionRequest) -> list[dict]:
+def engine_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Chat-template input: plain-string content; "developer" is OpenAI's newer name for system."""
     return [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
     ]
-
-
-def sampling_params(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> SamplingParams:
-    """Raises APIError(400) when the prompt, or prompt plus the requested tokens, can't fit."""
-    if prompt_len >= max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens, but the messages "
-            f"resulted in {prompt_len} tokens. Please shorten the messages.",
-            param="messages", code="context_length_exceeded",
-        )
-    requested = req.max_completion_tokens or req.max_tokens
-    if requested is not None and prompt_len + requested > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens; the messages use "
-            f"{prompt_len} and {requested} more were requested. Lower max_tokens to at most "
-            f"{max_model_len - prompt_len}.",
-            param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-            code="context_length_exceeded",
-        )
-    optional = {
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": max(req.top_k, 0) if req.top_k is not None else None,
-        "min_p": req.min_p,
-        "repetition_penalty": req.repetition_penalty,
-        "presence_penalty": req.presence_penalty,
-        "frequency_penalty": req.frequency_penalty,
-        "seed": req.seed,
-        "top_logprobs": req.top_logprobs,
-    }
-    return SamplingParams(
-        max_tokens=requested or max_model_len - prompt_len,
-        stop=req.stop_list(),
-        logprobs=bool(req.logprobs),
-        logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
-        **{name: value for name, value in optional.items() if value is not None},
-    )
 
 
 def usage(last: StreamDelta) -> Usage:
@@ -236,7 +195,7 @@ def choice_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
     )
 
 
-async def _aclose(iterator: AsyncIterator) -> None:
+async def _aclose(iterator: AsyncGenerator[Any, None]) -> None:
     # A coroutine function, so that Starlette awaits it rather than calling it in a thread.
     await iterator.aclose()
 

@@ -2,8 +2,8 @@
 
 Requests enter through a thread-safe queue; the thread steps the engine while it has work and
 sleeps on the queue while it has none. Deltas flow back through `loop.call_soon_threadsafe` into
-one asyncio queue per request. Closing a request's iterator early (client gone) aborts it, and the
-engine frees its blocks at the start of the next step.
+one asyncio queue per request. Closing a request's generator early (client gone) aborts it, and
+the engine frees its blocks at the start of the next step.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
 import mlx.core as mx
 
 from .llm_engine import LLMEngine
 from .sequence import Sequence
-from .types import EngineError, InvalidRequest, PromptTooLong, SamplingParams, StreamDelta
+from .types import EngineError, EngineShutdown, InvalidRequest, SamplingParams, StreamDelta
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,14 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
 
-    def __init__(self, make_engine: Callable[[], LLMEngine], model_name: str, request_timeout: float = 600.0):
+    def __init__(self, make_engine: Callable[[], LLMEngine], model_name: str, request_timeout: float = 600.0) -> None:
         """`make_engine` runs on the engine thread: MLX arrays and streams belong to the thread
         that made them, so the model is loaded there too. Its errors are raised here."""
         self.model_name = model_name
         self.request_timeout = request_timeout
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stopping = threading.Event()
-        ready: queue.SimpleQueue = queue.SimpleQueue()
+        ready: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(make_engine, ready), name="engine", daemon=True)
         self._thread.start()
         engine = ready.get()
@@ -43,30 +44,30 @@ class AsyncEngine:
             raise engine
         self.engine: LLMEngine = engine
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.config.max_model_len
+        self.max_model_len = engine.max_model_len
 
     # -- EngineClient -------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        # A worker thread: a long prompt's template and tokenization would stall every stream.
+        return await asyncio.to_thread(self._encode_chat, messages)
+
+    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         try:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         except Exception as exc:  # the model's own jinja template rejected these messages
-            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         if self._stopping.is_set():
-            raise EngineError("server is shutting down")
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptTooLong(
-                f"prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}"
-            )
-        if not prompt_ids:
-            raise EngineError("prompt is empty")
+            raise EngineShutdown("server is shutting down")
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
+        deltas: asyncio.Queue[StreamDelta | Exception] = asyncio.Queue()
         seq = Sequence(
-            request_id, list(prompt_ids), params,
+            request_id,
+            list(prompt_ids),
+            params,
             emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
             deadline=time.monotonic() + self.request_timeout,
         )
@@ -82,9 +83,12 @@ class AsyncEngine:
                 yield item
         finally:
             if not done:
-                self._inbox.put(("abort", request_id))
+                self.abort(request_id)
 
-    def stats(self) -> dict:
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict[str, Any]:
         return {"model": self.model_name, "max_model_len": self.max_model_len, **self.engine.stats()}
 
     def shutdown(self) -> None:
@@ -96,7 +100,7 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     # -- the engine thread ----------------------------------------------------------------------
-    def _run(self, make_engine: Callable[[], LLMEngine], ready: queue.SimpleQueue) -> None:
+    def _run(self, make_engine: Callable[[], LLMEngine], ready: queue.SimpleQueue[LLMEngine | BaseException]) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))
         try:
             try:
@@ -115,25 +119,27 @@ class AsyncEngine:
         while not self._stopping.is_set():
             try:
                 # Sleep on the inbox when idle, and when the last step could run nothing.
-                self._drain(block=not (engine.has_work and progressed))
+                self._drain(engine, block=not (engine.has_work and progressed))
                 if self._stopping.is_set():
                     break
                 progressed = engine.step()
             except Exception as exc:  # a failed step must not take the server down
                 log.exception("engine step failed; failing the requests in flight")
                 engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
-        engine.fail_all(EngineError("server is shutting down"))
+        engine.fail_all(EngineShutdown("server is shutting down"))
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, engine: LLMEngine, block: bool) -> None:
         try:
             kind, item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
             if kind == "add":
-                self.engine.add(item)
+                engine.add(item)
             elif kind == "abort":
-                self.engine.abort(item)
+                seq = engine.abort(item)
+                if seq is not None:  # its generator (if still open) ends with this error
+                    seq.emit(EngineError("the request was aborted"))
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:

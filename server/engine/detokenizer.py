@@ -12,6 +12,10 @@ last byte arrives) and the longest tail that could still grow into a stop string
 
 from __future__ import annotations
 
+from typing import Any
+
+from .types import SamplingParams
+
 _INCOMPLETE = "\ufffd"
 # Prompt tokens decoded ahead of the output, so the first output token is decoded in context
 # (e.g. keeps its SentencePiece leading space when it continues the prompt's text).
@@ -23,14 +27,14 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer,
+        tokenizer: Any,
         prompt_ids: list[int] | None,
         stop: list[str],
         skip_special_tokens: bool = True,
-    ):
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
-        self._stop = [s for s in stop if s]
+        self._stop = stop  # non-empty strings: the API layer's validation guarantees it
         self._stopped = False
         self._pending = ""  # released text that may be the start of a stop string
 
@@ -81,9 +85,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         # No clean-up of tokenization spaces: it rewrites text across token boundaries
         # (" ," -> ","), so a streamed space could be taken back later.
-        return self._tokenizer.decode(
+        text: str = self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
+        return text
 
     def _window_text(self) -> str:
         """Text the tokens after the read offset add to the window."""
@@ -110,3 +115,32 @@ def _stop_prefix_len(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+class TokenStream:
+    """When one sequence's output ends, and the text each new token releases.
+
+    The one owner of a request's end: EOS (unless `ignore_eos`), a completed stop string, or
+    `max_tokens` (already fitted to the context, see `types.fit_to_context`). The engine and the
+    tests' fake engine both stream through it.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> None:
+        if params.max_tokens is None:
+            raise ValueError("max_tokens must be fitted to the context first (types.fit_to_context)")
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.stop)
+        self._eos_ids = set() if params.ignore_eos else eos_ids
+        self._max_tokens = params.max_tokens
+        self.num_tokens = 0
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """(text now safe to emit, finish_reason or None) after the sequence's next token."""
+        self.num_tokens += 1
+        if token_id in self._eos_ids:
+            return self._detokenizer.finish(), "stop"
+        text = self._detokenizer.add(token_id)
+        if self._detokenizer.stopped:
+            return text, "stop"
+        if self.num_tokens >= self._max_tokens:
+            return text + self._detokenizer.finish(), "length"
+        return text, None

@@ -6,54 +6,73 @@ Everything here runs on the engine thread; `emit` callbacks hand deltas to other
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import mlx.core as mx
 
+from .args import EngineArgs
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
-from .sampling import SamplerState, sample
-from .scheduler import Scheduler, SchedulerConfig
+from .detokenizer import TokenStream
+from .sampling import SampleResult, SamplerState, sample
+from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
-from .types import EngineError, StreamDelta, TokenLogprob
+from .types import EngineError, InvalidRequest, RequestTimeout, StreamDelta, TokenLogprob, fit_to_context
 
 
+class Runner(Protocol):
+    """What the step loop needs of a model runner (`ModelRunner`, or a test's stand-in)."""
 
-@dataclass
-class EngineConfig(SchedulerConfig):
-    max_model_len: int = 4096
-    enable_prefix_caching: bool = True
+    block_size: int
+    num_blocks: int
+    vocab_size: int
+
+    def run(self, plan: StepPlan) -> mx.array: ...
+
+    def cache_arrays(self) -> list[mx.array]: ...
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer, config: EngineConfig, num_blocks: int):
+    """One model's engine. `args` is resolved (`max_model_len` set): see `factory.load_engine`."""
+
+    def __init__(self, runner: Runner, tokenizer: Any, args: EngineArgs) -> None:
+        if args.max_model_len is None:
+            raise ValueError("EngineArgs.max_model_len must be resolved before building the engine")
         self.runner = runner
         self.tokenizer = tokenizer
-        self.config = config
-        self.blocks = BlockManager(num_blocks, runner.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.args = args
+        self.max_model_len: int = args.max_model_len
+        self.blocks = BlockManager(runner.num_blocks, runner.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(args, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
-        self.vocab_size = runner.model.args.vocab_size
         self.by_id: dict[str, Sequence] = {}
-        self.counters = {"steps": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
-                         "generated_tokens": 0, "preemptions": 0}
+        self.counters = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "generated_tokens": 0,
+            "preemptions": 0,
+        }
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Admit a request, or emit the reason it cannot run (an `EngineError`) as its only item."""
         try:
-            seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.vocab_size)
+            if not seq.prompt_ids:
+                raise InvalidRequest("the prompt is empty", param="messages")
+            seq.params = fit_to_context(seq.params, len(seq.prompt_ids), self.max_model_len)
+            seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.runner.vocab_size)
         except EngineError as exc:
             seq.emit(exc)
             return
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.stop)
+        seq.output = TokenStream(self.tokenizer, seq.prompt_ids, seq.params, self.eos_ids)
         self.by_id[seq.request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> Sequence | None:
         seq = self.by_id.pop(request_id, None)
         if seq is not None:
             self.scheduler.finish(seq)
+        return seq
 
     def fail_all(self, error: EngineError) -> None:
         for seq in list(self.by_id.values()):
@@ -73,12 +92,13 @@ class LLMEngine:
         if plan.empty:
             return False
         sampled = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
-        for seq, n in plan.prefills:
+        for seq, _ in plan.prefills:
             if seq.num_computed == seq.num_cached_prompt and not seq.output_ids:
                 self.counters["prompt_tokens"] += len(seq.prompt_ids)
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
-        result = sample(logits, [s.sampler for s in sampled]) if sampled else None
+        samplers = [s.sampler for s in sampled if s.sampler is not None]
+        result = sample(logits, samplers) if sampled else None
         outputs = []
         if result is not None:
             outputs = [result.tokens]
@@ -91,35 +111,36 @@ class LLMEngine:
             self._append(sampled, result)
         return True
 
-    def _append(self, seqs: list[Sequence], result) -> None:
-        tokens = result.tokens.tolist()
+    def _append(self, seqs: list[Sequence], result: SampleResult) -> None:
+        tokens: list[int] = result.tokens.tolist()  # type: ignore[assignment]
         wants_logprobs = any(s.params.logprobs for s in seqs)
-        logprobs = result.logprobs.tolist() if wants_logprobs else None
-        top_ids = result.top_ids.tolist() if wants_logprobs and result.top_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if wants_logprobs and result.top_logprobs is not None else None
+        logprobs: list[float] = result.logprobs.tolist() if wants_logprobs else []  # type: ignore[assignment]
+        top_ids: list[list[int]] = []
+        top_lps: list[list[float]] = []
+        if wants_logprobs and result.top_ids is not None and result.top_logprobs is not None:
+            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()  # type: ignore[assignment]
         self.counters["generated_tokens"] += len(tokens)
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            seq.output_ids.append(tok)
+        for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            assert seq.sampler is not None and seq.output is not None  # set by add()
+            seq.append(tok)
             seq.sampler.record(tok)
-            finish = None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
-                text, finish = seq.detokenizer.finish(), "stop"
-            else:
-                text = seq.detokenizer.add(tok)
-                if seq.detokenizer.stopped:
-                    finish = "stop"
-                elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.config.max_model_len:
-                    text, finish = text + seq.detokenizer.finish(), "length"
+            text, finish = seq.output.add(tok)
             lp = None
             if seq.params.logprobs:
                 k = seq.params.top_logprobs
-                top = [(self._piece(t), l) for t, l in zip(top_ids[i][:k], top_lps[i][:k])] if k else []
+                top = [(self._piece(t), v) for t, v in zip(top_ids[i][:k], top_lps[i][:k], strict=True)] if k else []
                 lp = [TokenLogprob(self._piece(tok), logprobs[i], top)]
-            seq.emit(StreamDelta(
-                text=text, token_ids=[tok], prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_prompt,
-                finish_reason=finish, logprobs=lp,
-            ))
+            seq.emit(
+                StreamDelta(
+                    text=text,
+                    token_ids=[tok],
+                    prompt_tokens=len(seq.prompt_ids),
+                    completion_tokens=len(seq.output_ids),
+                    cached_tokens=seq.num_cached_prompt,
+                    finish_reason=finish,
+                    logprobs=lp,
+                )
+            )
             if finish:
                 self.by_id.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
@@ -127,12 +148,13 @@ class LLMEngine:
     def _expire(self, now: float) -> None:
         for seq in [s for s in self.by_id.values() if s.deadline < now]:
             self.abort(seq.request_id)
-            seq.emit(EngineError("request timed out"))
+            seq.emit(RequestTimeout("request timed out"))
 
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        piece: str = self.tokenizer.decode([token_id])
+        return piece
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

@@ -1,9 +1,9 @@
-"""Loads a model (local directory or Hugging Face repo id) through mlx-lm and sizes the cache pool."""
+"""Loads a model (local directory or Hugging Face repo id) through mlx-lm, with errors a user can act on."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -11,10 +11,7 @@ from .model_runner import SUPPORTED_ARCHITECTURES
 from .types import EngineError
 
 
-BLOCK_SIZE = 64
-
-
-def load_model(model: str):
+def load_model(model: str) -> tuple[Any, Any]:
     """(model, tokenizer) through mlx-lm's loader; clear errors for what a user can fix."""
     from mlx_lm.utils import load
 
@@ -34,7 +31,7 @@ def load_model(model: str):
     return model_obj, tokenizer
 
 
-def _unquantize_absorbed_on_cuda(model) -> None:
+def _unquantize_absorbed_on_cuda(model: Any) -> None:
     """MLX's CUDA backend has no quantized matmul for `embed_q`/`unembed_out` (transpose=False)."""
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
         return
@@ -49,25 +46,3 @@ def _unquantize_absorbed_on_cuda(model) -> None:
                 lin = MultiLinear(w.shape[-1], w.shape[-2], w.shape[0])
                 lin.weight = w.astype(q.scales.dtype)
                 setattr(attn, name, lin)
-
-
-def cache_tokens_for(settings, bytes_per_token: int, max_model_len: int) -> int:
-    """Pool size in tokens: --cache-tokens, or a fraction of free memory, never more than
-    `max_num_seqs` full-length sequences could use."""
-    if getattr(settings, "cache_tokens", None):
-        return int(settings.cache_tokens)
-    ceiling = settings.max_num_seqs * max_model_len
-    free = _free_memory_bytes()
-    by_memory = int(free * settings.cache_memory_fraction) // bytes_per_token
-    return max(BLOCK_SIZE, min(ceiling, by_memory))
-
-
-def _free_memory_bytes() -> int:
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    total = info.get("max_recommended_working_set_size") or info.get("memory_size")
-    if total:
-        return max(0, int(total) - mx.get_active_memory())
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 4 << 30

@@ -6,17 +6,33 @@ ours (`mla_attention`), over one `LatentCache` per layer.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 
-from ..kernels.latent_cache import LatentCache
+from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
 from .scheduler import StepPlan
 
 SUPPORTED_ARCHITECTURES = ("mistral4", "deepseek_v3")
+LATENT_GROUP_SIZE = 64  # MLX affine 4-bit quantization of the latent, in groups of 64
+
+
+def cache_dtype(model: Any) -> mx.Dtype:
+    """The cache's dtype: the model's activations' (its embeddings may be quantized)."""
+    dtype: mx.Dtype = model.model.norm.weight.dtype
+    return dtype
+
+
+def cache_bytes_per_token(model: Any) -> int:
+    """Latent cache bytes one token takes over all of the model's layers."""
+    args = model.args
+    per_layer = latent_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, cache_dtype(model))
+    return len(model.model.layers) * per_layer
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int = 64):
+    def __init__(self, model: Any, num_blocks: int, block_size: int = 64) -> None:
         args = model.args
         if args.model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
@@ -25,8 +41,10 @@ class ModelRunner:
             )
         self.model = model
         self.inner = model.model
+        self.num_blocks = num_blocks
         self.block_size = block_size
-        self.dtype = self.inner.norm.weight.dtype  # embeddings may be quantized
+        self.vocab_size: int = args.vocab_size
+        self.dtype = cache_dtype(model)
         rp = getattr(args, "rope_parameters", None) or {}
         self.llama4 = (
             (rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"])
@@ -34,7 +52,9 @@ class ModelRunner:
             else None
         )
         self.caches = [
-            LatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, dtype=self.dtype)
+            LatentCache(
+                num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, self.dtype
+            )
             for _ in self.inner.layers
         ]
         mx.eval(*[a for c in self.caches for a in c.arrays()])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .args import EngineArgs
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
@@ -33,15 +34,8 @@ class StepPlan:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
 
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    prefill_chunk_size: int = 512
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: EngineArgs, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Any, Callable
+from typing import TYPE_CHECKING
 
 from .types import SamplingParams, StreamDelta
+
+if TYPE_CHECKING:
+    from .detokenizer import TokenStream
+    from .sampling import SamplerState
 
 
 class Status(Enum):
@@ -26,20 +31,24 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
+    # Prompt then output, kept as one list so a step reads it without rebuilding it.
+    token_ids: list[int] = field(init=False)
     # Tokens whose latents are in the cache (prefix hits included).
     num_computed: int = 0
     num_cached_prompt: int = 0
     block_table: list[int] = field(default_factory=list)
-    sampler: Any = None
-    detokenizer: Any = None
-    finish_reason: str | None = None
+    sampler: SamplerState | None = None
+    output: TokenStream | None = None  # when the output ends, and the text each token releases
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def __post_init__(self) -> None:
+        self.token_ids = self.prompt_ids + self.output_ids
+
+    def append(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def num_remaining(self) -> int:

@@ -6,13 +6,14 @@ streams `StreamDelta`s back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: as many as the context leaves (see `fit_to_context`)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 disables
@@ -57,7 +58,15 @@ class StreamDelta:
 
 
 class EngineError(Exception):
-    """A request the engine could not serve; the message is safe to show a client."""
+    """A request the engine could not serve; the message is safe to show a client.
+
+    `param` names the request field at fault, where there is one. server/api/errors.py maps each
+    kind to its HTTP status and OpenAI error type.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidRequest(EngineError):
@@ -65,7 +74,39 @@ class InvalidRequest(EngineError):
 
 
 class PromptTooLong(InvalidRequest):
-    pass
+    """Prompt, or prompt plus the requested completion, beyond the model's context."""
+
+    def __init__(self, message: str, *, param: str | None = "messages") -> None:
+        super().__init__(message, param=param)
+
+
+class EngineShutdown(EngineError):
+    """The engine is stopping (or stopped) and ends or refuses the request."""
+
+
+class RequestTimeout(EngineError):
+    """The request ran past the engine's request timeout."""
+
+
+def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """`params` with `max_tokens` resolved against the context: the one place this is decided.
+
+    Raises PromptTooLong when the prompt leaves no room, or when an explicit `max_tokens` would not
+    fit; an unset `max_tokens` takes whatever the context leaves.
+    """
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise PromptTooLong(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_len} tokens. Please shorten the prompt."
+        )
+    if params.max_tokens is not None and params.max_tokens > room:
+        raise PromptTooLong(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt uses "
+            f"{prompt_len} and {params.max_tokens} more were requested. Lower max_tokens to at most {room}.",
+            param="max_tokens",
+        )
+    return replace(params, max_tokens=params.max_tokens or room)
 
 
 class EngineClient(Protocol):
@@ -74,13 +115,25 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Apply the model's chat template and tokenize, ready for generation."""
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Apply the model's chat template and tokenize (off the event loop), ready for generation."""
+        ...
 
     def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]:
-        """Stream deltas; closing the iterator early cancels the request and frees its cache."""
+    ) -> AsyncGenerator[StreamDelta, None]:
+        """Stream deltas. A refusal (EngineError) is raised at the first `anext`; closing the
+        generator early (`aclose()`) aborts the request and frees its cache."""
+        ...
 
-    def stats(self) -> dict:
+    def abort(self, request_id: str) -> None:
+        """End a request wherever it is; its generator then stops. Unknown ids are ignored."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
         """Counters for /health and metrics: running, waiting, cache usage."""
+        ...
+
+    def shutdown(self) -> None:
+        """End every live generation with EngineShutdown and stop; idempotent, safe from any thread."""
+        ...

@@ -2,7 +2,7 @@
 
 Tokens live in blocks of `block_size`; a slot is `block_id * block_size + offset`.
 The four fields are plain `mx.array`s that the engine may read and set; the decode kernels
-update them in place (see `inplace.py` for the invariants that requires).
+update them in place (see `mla_decode.py` for the invariants that requires).
 """
 
 from __future__ import annotations
@@ -10,6 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 
 BITS = 4
+
+
+def latent_bytes_per_token(R: int, P: int, group_size: int, dtype: mx.Dtype) -> int:
+    """Cache bytes one token takes in one layer: packed INT4 latent, its scales and biases, k_pe."""
+    groups = R // group_size
+    return 4 * (R // 8) + dtype.size * (2 * groups + P)
 
 
 class LatentCache:
@@ -36,13 +42,12 @@ class LatentCache:
         self.biases = mx.zeros((num_blocks, block_size, R // group_size), dtype=dtype)
         self.k_pe = mx.zeros((num_blocks, block_size, P), dtype=dtype)
         # The last fused decode step's output: the next step takes it as an input so that the
-        # GPU runs the two in order (see fused.py, invariant 2).
+        # GPU runs the two in order (see mla_decode.py, invariant 2).
         self.last_out: mx.array | None = None
 
     @property
     def bytes_per_token(self) -> int:
-        groups = self.R // self.group_size
-        return 4 * (self.R // 8) + self.dtype.size * (2 * groups + self.P)
+        return latent_bytes_per_token(self.R, self.P, self.group_size, self.dtype)
 
     @property
     def nbytes(self) -> int:
