@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -52,7 +52,7 @@ class Run:
     required: bool = True  # a failing required command stops the plan with its exit status
 
 
-Step = Union[MakeDir, Write, Remove, Run]
+Step = MakeDir | Write | Remove | Run
 
 
 @dataclass
@@ -97,16 +97,28 @@ class Layout:
         return f"{self.domain}/{self.label}"
 
 
-def render_plist(layout: Layout, python: Path, host: str, port: int, model: str | None = None,
-                 config: Path | None = None, env: dict[str, str] | None = None) -> bytes:
+def render_plist(
+    layout: Layout,
+    python: Path,
+    host: str,
+    port: int,
+    model: str | None = None,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> bytes:
     """The agent's plist: the template with the user's paths and values, options appended."""
     with open(TEMPLATES / "agent.plist", "rb") as fh:
         job = plistlib.load(fh)
     logs = layout.logs
     values = {
-        "label": layout.label, "python": str(python), "host": host, "port": str(port),
-        "workdir": str(layout.workdir), "log_file": str(logs["server"]),
-        "stdout_log": str(logs["stdout"]), "stderr_log": str(logs["stderr"]),
+        "label": layout.label,
+        "python": str(python),
+        "host": host,
+        "port": str(port),
+        "workdir": str(layout.workdir),
+        "log_file": str(logs["server"]),
+        "stdout_log": str(logs["stdout"]),
+        "stderr_log": str(logs["stderr"]),
     }
     job = _fill(job, values)
     if model:
@@ -120,9 +132,17 @@ def render_plist(layout: Layout, python: Path, host: str, port: int, model: str 
 def render_newsyslog(layout: Layout) -> str:
     """Rotation entries owned by the agent's user: files newsyslog recreates stay writable by it."""
     logs, user = layout.logs, pwd.getpwuid(layout.uid)
-    return (TEMPLATES / "newsyslog.conf").read_text().format(
-        label=layout.label, owner=user.pw_name, group=grp.getgrgid(user.pw_gid).gr_name,
-        log_file=logs["server"], stdout_log=logs["stdout"], stderr_log=logs["stderr"],
+    return (
+        (TEMPLATES / "newsyslog.conf")
+        .read_text()
+        .format(
+            label=layout.label,
+            owner=user.pw_name,
+            group=grp.getgrgid(user.pw_gid).gr_name,
+            log_file=logs["server"],
+            stdout_log=logs["stdout"],
+            stderr_log=logs["stderr"],
+        )
     )
 
 
@@ -137,13 +157,16 @@ def plan_install(layout: Layout, args: argparse.Namespace) -> list[Step]:
     steps += [
         Run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"]),
         Run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)]),
-        MakeDir(layout.plist.parent), MakeDir(layout.workdir), MakeDir(layout.log_dir),
+        MakeDir(layout.plist.parent),
+        MakeDir(layout.workdir),
+        MakeDir(layout.log_dir),
     ]
     if layout.plist.exists():
         # Reinstalling replaces the running job; it may not be loaded, hence not required.
         steps.append(Run(["launchctl", "bootout", layout.target], required=False))
-    plist = render_plist(layout, python, args.host, args.port, _model_ref(args.model), _config_path(args.config),
-                         _env_pairs(args.env))
+    plist = render_plist(
+        layout, python, args.host, args.port, _model_ref(args.model), _config_path(args.config), _env_pairs(args.env)
+    )
     steps.append(Write(layout.plist, plist.decode()))
     if args.rotate_logs:
         steps += [
@@ -186,8 +209,11 @@ def plan_restart(layout: Layout, args: argparse.Namespace) -> list[Step]:
 
 
 PLANS = {
-    "install": plan_install, "uninstall": plan_uninstall, "status": plan_status,
-    "logs": plan_logs, "restart": plan_restart,
+    "install": plan_install,
+    "uninstall": plan_uninstall,
+    "status": plan_status,
+    "logs": plan_logs,
+    "restart": plan_restart,
 }
 
 
@@ -253,12 +279,21 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0: the whole network)")
     install.add_argument("--port", type=int, default=8080)
     install.add_argument("--config", help="TOML file with further server options (see docs/deploy.md)")
-    install.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                         help="extra environment for the server, e.g. HF_TOKEN=...; repeatable")
+    install.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the server, e.g. HF_TOKEN=...; repeatable",
+    )
     install.add_argument("--venv", default=str(REPO / ".venv"), help="virtual environment to create or reuse")
     install.add_argument("--python", default=sys.executable, help="Python 3.11+ that creates the environment")
-    install.add_argument("--no-log-rotation", dest="rotate_logs", action="store_false",
-                         help="skip the newsyslog entry (its installation asks for your password via sudo)")
+    install.add_argument(
+        "--no-log-rotation",
+        dest="rotate_logs",
+        action="store_false",
+        help="skip the newsyslog entry (its installation asks for your password via sudo)",
+    )
     sub.add_parser("uninstall", parents=[common], help="unload the agent, remove its plist and rotation entry")
     sub.add_parser("status", parents=[common], help="launchd's view of the job, then GET /health")
     logs = sub.add_parser("logs", parents=[common], help="follow the log files")
@@ -267,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fill(value, values: dict[str, str]):
+def _fill(value: Any, values: dict[str, str]) -> Any:
     """Formats every string inside a parsed plist with `values`."""
     if isinstance(value, str):
         return value.format_map(values)

@@ -58,11 +58,15 @@ class Settings:
         lambda v: 0 < v <= 1,
         "must be in (0, 1]",
     )
-    prefill_chunk_size: int = _option(_ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE)
+    prefill_chunk_size: int = _option(
+        _ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE
+    )
     max_num_batched_tokens: int = _option(
         _ENGINE.max_num_batched_tokens, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
     )
-    request_timeout: float = _option(_ENGINE.request_timeout, "seconds a request may run before it is ended", **_POSITIVE)
+    request_timeout: float = _option(
+        _ENGINE.request_timeout, "seconds a request may run before it is ended", **_POSITIVE
+    )
     log_level: str = _option(
         "info", "one of " + ", ".join(LOG_LEVELS), lambda v: v in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS)
     )
@@ -70,11 +74,8 @@ class Settings:
         None, "append the log to this file, reopened after log rotation moves it (unset: stderr)"
     )
     api_key: str | None = _option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
-    served_model_name: str | None = _option(
-        None, "model name clients send and see (unset: derived from --model)"
-    )
+    served_model_name: str | None = _option(None, "model name clients send and see (unset: derived from --model)")
     config: str | None = _option(None, "TOML file holding any of these options, keys spelled with underscores")
-
 
     def engine_args(self) -> EngineArgs:
         """The engine's share of the settings."""
@@ -166,9 +167,7 @@ def _merge(cli: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any],
     values = {name: f.default for name, f in fields.items()}
     sources = dict.fromkeys(fields, "default")
     from_env = {
-        name: _parse_text(f, env[env_name(name)], env_name(name))
-        for name, f in fields.items()
-        if env_name(name) in env
+        name: _parse_text(f, env[env_name(name)], env_name(name)) for name, f in fields.items() if env_name(name) in env
     }
     path = cli.get("config", from_env.get("config"))
     layers = [("file", _read_file(path, fields) if path else {}), ("env", from_env), ("cli", cli)]
@@ -178,7 +177,7 @@ def _merge(cli: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, Any],
     return values, sources
 
 
-def _read_file(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+def _read_file(path: str, fields: dict[str, dataclasses.Field[Any]]) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -195,7 +194,7 @@ def _read_file(path: str, fields: dict[str, dataclasses.Field]) -> dict[str, Any
     return values
 
 
-def _kind(f: dataclasses.Field) -> tuple[type, bool]:
+def _kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
     """The option's value type and whether it may be unset (None)."""
     hint = typing.get_type_hints(Settings)[f.name]
     if isinstance(hint, types.UnionType):
@@ -204,7 +203,7 @@ def _kind(f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
-def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
+def _parse_text(f: dataclasses.Field[Any], text: str, where: str) -> Any:
     kind, optional = _kind(f)
     if optional and text == "":
         return None
@@ -214,7 +213,7 @@ def _parse_text(f: dataclasses.Field, text: str, where: str) -> Any:
         raise ConfigError(f"{where}={text!r} is not a valid {kind.__name__}") from None
 
 
-def _parse_toml(f: dataclasses.Field, value: Any, where: str) -> Any:
+def _parse_toml(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     kind, _ = _kind(f)
     # TOML writes 8080 as int where a float is expected; bool is an int subclass but never a number here.
     ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
@@ -223,7 +222,7 @@ def _parse_toml(f: dataclasses.Field, value: Any, where: str) -> Any:
     return kind(value)
 
 
-def _cli_parser(f: dataclasses.Field) -> Callable[[str], Any]:
+def _cli_parser(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             return _parse_text(f, text, flag(f.name))

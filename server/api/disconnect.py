@@ -7,7 +7,8 @@ request (or a stream still waiting for its first token) would run to max_tokens 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 

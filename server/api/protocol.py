@@ -7,6 +7,7 @@ ignore unknown fields, as OpenAI-compatible servers do.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import (
@@ -42,7 +43,8 @@ class ChatMessage(_Request):
     def _content_shape(cls, content: object, handler: ValidatorFunctionWrapHandler) -> str | list[TextPart] | None:
         # One clear message instead of one per member of the union.
         try:
-            return handler(content)
+            checked: str | list[TextPart] | None = handler(content)
+            return checked
         except ValidationError:
             raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts') from None
 
@@ -88,10 +90,10 @@ class ChatCompletionRequest(_Request):
     @classmethod
     def _stop_strings(cls, stop: object, handler: ValidatorFunctionWrapHandler) -> list[str]:
         try:
-            stop = handler(stop)
+            checked: str | list[str] | None = handler(stop)
         except ValidationError:
             raise ValueError("must be a string or a list of strings") from None
-        strings = [stop] if isinstance(stop, str) else list(stop or [])
+        strings = [checked] if isinstance(checked, str) else list(checked or [])
         if len(strings) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         if any(not s for s in strings):
@@ -120,8 +122,15 @@ class ChatCompletionRequest(_Request):
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's view of this request; `max_tokens` stays unset when the client sent none
-        (the engine fits it to the context: `fit_to_context`)."""
-        optional = {
+        (the engine fits it to the context: `fit_to_context`). Fields the client left out keep
+        the engine's defaults."""
+        params = SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            stop=list(self.stop or []),
+            logprobs=bool(self.logprobs),
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+        )
+        given: dict[str, Any] = {
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": max(self.top_k, 0) if self.top_k is not None else None,
@@ -132,13 +141,7 @@ class ChatCompletionRequest(_Request):
             "seed": self.seed,
             "top_logprobs": self.top_logprobs,
         }
-        return SamplingParams(
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            stop=list(self.stop or []),
-            logprobs=bool(self.logprobs),
-            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
-            **{name: value for name, value in optional.items() if value is not None},
-        )
+        return replace(params, **{name: value for name, value in given.items() if value is not None})
 
 
 # Responses
@@ -195,7 +198,7 @@ class ChunkDelta(BaseModel):
     content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _only_present(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def _only_present(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # OpenAI sends {"role", "content"} first, {"content"} after, {} with the finish_reason.
         return {key: value for key, value in handler(self).items() if value is not None}
 

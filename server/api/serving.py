@@ -11,9 +11,9 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from functools import partial
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -65,9 +65,7 @@ class ChatService:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         deltas = self.engine.generate(request_id, prompt_ids, req.to_sampling_params())
         try:
-            first = await until_disconnected(request, anext(deltas, None))
-            if first is None:
-                raise _ended_early()
+            first = await until_disconnected(request, _next(deltas))
         except ClientDisconnected:
             await deltas.aclose()
             return Response(status_code=499)
@@ -86,16 +84,14 @@ class ChatService:
     ) -> ChatCompletionResponse:
         text: list[str] = []
         logprobs: list[TokenLogprob] = []
-        last: StreamDelta | None = first
+        last = first
         async with aclosing(deltas):
             while True:
                 text.append(last.text)
                 logprobs.extend(last.logprobs or [])
                 if last.finish_reason:
                     break
-                last = await anext(deltas, None)
-                if last is None:
-                    raise _ended_early()
+                last = await _next(deltas)
         return ChatCompletionResponse(
             id=request_id,
             model=self.model_name,
@@ -150,9 +146,7 @@ class ChatService:
                         ).model_dump_json()
                     if delta.finish_reason:
                         break
-                    delta = await anext(deltas, None)
-                    if delta is None:
-                        raise _ended_early()
+                    delta = await _next(deltas)
                 yield chunk(
                     choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=delta.finish_reason)]
                 ).model_dump_json()
@@ -167,9 +161,7 @@ class ChatService:
 
 def engine_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Chat-template input: plain-string content; "developer" is OpenAI's newer name for system."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-    ]
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
 
 
 def usage(last: StreamDelta) -> Usage:
@@ -200,6 +192,9 @@ async def _aclose(iterator: AsyncGenerator[Any, None]) -> None:
     await iterator.aclose()
 
 
-def _ended_early() -> EngineError:
-    """An iterator that ends without a finish_reason was ended by the engine (e.g. shutdown)."""
-    return EngineError("the engine ended the request before it finished")
+async def _next(deltas: AsyncGenerator[StreamDelta, None]) -> StreamDelta:
+    """The next delta. A generator that ends without a finish_reason was ended by the engine."""
+    try:
+        return await anext(deltas)
+    except StopAsyncIteration:
+        raise EngineError("the engine ended the request before it finished") from None

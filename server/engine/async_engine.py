@@ -68,7 +68,7 @@ class AsyncEngine:
             request_id,
             list(prompt_ids),
             params,
-            emit=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
+            emit=lambda item: _ignore(loop.call_soon_threadsafe(deltas.put_nowait, item)),
             deadline=time.monotonic() + self.request_timeout,
         )
         self._inbox.put(("add", seq))
@@ -144,3 +144,7 @@ class AsyncEngine:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+
+def _ignore(_: object) -> None:
+    """`Sequence.emit` returns nothing; the loop's handle is not needed."""

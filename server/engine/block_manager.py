@@ -44,7 +44,8 @@ class BlockManager:
 
     def match_prefix(self, token_ids: list[int]) -> list[int]:
         """Cached blocks that hold a prefix of `token_ids`, leaving at least one token to compute."""
-        bs, hits, h = self.block_size, [], None
+        bs, h = self.block_size, None
+        hits: list[int] = []
         if not self.prefix_caching:
             return hits
         for start in range(0, len(token_ids) - 1 - bs + 1, bs):

@@ -15,13 +15,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 VERSION = "2"
 
-CONFIG = {
+CONFIG: dict[str, Any] = {
     "architectures": ["Mistral4ForCausalLM"],
     "model_type": "mistral4",
     "torch_dtype": "float32",
@@ -157,13 +159,14 @@ def _write_tokenizer(path: Path) -> None:
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def _weights(c: dict) -> dict[str, np.ndarray]:
+def _weights(c: dict[str, Any]) -> dict[str, np.ndarray]:
     """Deterministic random weights, named as a Hugging Face Mistral 4 checkpoint names them."""
     rng = np.random.default_rng(20261126)
     dtype = np.float32
 
     def linear(out_dim: int, in_dim: int) -> np.ndarray:
-        return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(dtype)
+        w: np.ndarray = (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(dtype)
+        return w
 
     def norm(dim: int) -> np.ndarray:
         return np.ones(dim, dtype)
@@ -200,7 +203,9 @@ def _weights(c: dict) -> dict[str, np.ndarray]:
     return w
 
 
-def _mlp(w: dict, prefix: str, hidden: int, dim: int, linear) -> None:
+def _mlp(
+    w: dict[str, np.ndarray], prefix: str, hidden: int, dim: int, linear: Callable[[int, int], np.ndarray]
+) -> None:
     w[f"{prefix}.gate_proj.weight"] = linear(hidden, dim)
     w[f"{prefix}.up_proj.weight"] = linear(hidden, dim)
     w[f"{prefix}.down_proj.weight"] = linear(dim, hidden)

@@ -61,12 +61,12 @@ class IncrementalDetokenizer:
         if new.endswith(_INCOMPLETE):
             # Pass on the complete characters; the window stays until the sequence completes.
             ready = new.rstrip(_INCOMPLETE)
-            text = ready[self._released:]
+            text = ready[self._released :]
             self._released = max(self._released, len(ready))
         else:
-            text = new[self._released:]
+            text = new[self._released :]
             self._prefix, self._read = self._read, len(self._ids)
-            self._prefix_len = len(self._decode(self._ids[self._prefix:self._read]))
+            self._prefix_len = len(self._decode(self._ids[self._prefix : self._read]))
             self._released = 0
         return self._filter_stop(text)
 
@@ -75,7 +75,7 @@ class IncrementalDetokenizer:
         if self._stopped:
             return ""
         new = self._window_text()
-        text = self._filter_stop(new[self._released:])
+        text = self._filter_stop(new[self._released :])
         self._released = len(new)
         if not self._stopped:
             text += self._pending
@@ -92,7 +92,7 @@ class IncrementalDetokenizer:
 
     def _window_text(self) -> str:
         """Text the tokens after the read offset add to the window."""
-        return self._decode(self._ids[self._prefix:])[self._prefix_len:]
+        return self._decode(self._ids[self._prefix :])[self._prefix_len :]
 
     def _filter_stop(self, text: str) -> str:
         """Cut at the first completed stop string; hold back a tail that may begin one."""
@@ -103,10 +103,10 @@ class IncrementalDetokenizer:
         if hits:
             self._stopped = True
             self._pending = ""
-            return buf[:min(hits)]
+            return buf[: min(hits)]
         hold = max(_stop_prefix_len(buf, s) for s in self._stop)
-        self._pending = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold]
+        self._pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
 
 
 def _stop_prefix_len(text: str, stop: str) -> int:

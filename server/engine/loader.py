@@ -19,7 +19,7 @@ def load_model(model: str) -> tuple[Any, Any]:
     if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise EngineError(f"model not found: {model!r} is neither a local directory nor a repo id")
     try:
-        model_obj, tokenizer = load(str(local) if local.exists() else model)
+        model_obj, tokenizer = load(str(local) if local.exists() else model)[:2]
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise EngineError(f"could not load model {model!r}: {exc}") from exc
     model_type = getattr(model_obj.args, "model_type", None)

@@ -14,6 +14,7 @@ and `unembed_out` are the absorbed halves of `kv_b_proj`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -47,14 +48,11 @@ def llama4_attn_scale(positions: mx.array, beta: float, original_max: int) -> mx
     return s[:, None, None]
 
 
-def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) -> mx.array:
+def mla_attention(attn: Any, x: mx.array, cache: LatentCache, batch: AttentionBatch) -> mx.array:
     """x [T, D] -> [T, D]; appends every token's latent and rope key to `cache`."""
     T = x.shape[0]
     H, nope, P = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
-    if attn.q_lora_rank is None:
-        q = attn.q_proj(x)
-    else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
     q = q.reshape(T, H, nope + P)
     q_nope, q_pe = q[..., :nope], q[..., nope:]
     kv = attn.kv_a_proj_with_mqa(x)
@@ -75,6 +73,7 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
 
     outs = []  # each [rows, H, v]
     if d:
+        assert batch.block_table is not None and batch.context_lens is not None  # set with decodes
         q_latent = attn.embed_q(q_nope[:d].swapaxes(0, 1)).swapaxes(0, 1)  # [d, H, R]
         o = mla_decode_append(
             q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
@@ -86,10 +85,13 @@ def mla_attention(attn, x: mx.array, cache: LatentCache, batch: AttentionBatch) 
         offset += chunk.length
         outs.append(_prefill_attention(attn, q_nope[rows], q_pe[rows], cache, chunk))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-    return attn.o_proj(out.astype(x.dtype).reshape(T, -1))
+    projected: mx.array = attn.o_proj(out.astype(x.dtype).reshape(T, -1))
+    return projected
 
 
-def _prefill_attention(attn, q_nope, q_pe, cache: LatentCache, chunk: PrefillChunk):
+def _prefill_attention(
+    attn: Any, q_nope: mx.array, q_pe: mx.array, cache: LatentCache, chunk: PrefillChunk
+) -> mx.array:
     """Causal attention of one chunk (q [n, H, *]) over its sequence's dequantized cache prefix
     plus itself (already written): [n, H, v].
 
@@ -105,7 +107,5 @@ def _prefill_attention(attn, q_nope, q_pe, cache: LatentCache, chunk: PrefillChu
     k_pe = mx.broadcast_to(k_pe.astype(q_pe.dtype)[None], (k_nope.shape[0], S, k_pe.shape[-1]))
     keys = mx.concatenate([k_nope, k_pe], axis=-1)
     queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
-    out = mx.fast.scaled_dot_product_attention(
-        queries[None], keys[None], values[None], scale=attn.scale, mask="causal"
-    )
+    out = mx.fast.scaled_dot_product_attention(queries[None], keys[None], values[None], scale=attn.scale, mask="causal")
     return out[0].swapaxes(0, 1)  # [n, H, v]

@@ -13,6 +13,7 @@ import mlx.core as mx
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
 from .scheduler import StepPlan
+from .sequence import Sequence
 
 SUPPORTED_ARCHITECTURES = ("mistral4", "deepseek_v3")
 LATENT_GROUP_SIZE = 64  # MLX affine 4-bit quantization of the latent, in groups of 64
@@ -52,9 +53,7 @@ class ModelRunner:
             else None
         )
         self.caches = [
-            LatentCache(
-                num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, self.dtype
-            )
+            LatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, self.dtype)
             for _ in self.inner.layers
         ]
         mx.eval(*[a for c in self.caches for a in c.arrays()])
@@ -93,23 +92,21 @@ class ModelRunner:
             batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
 
         h = self.inner.embed_tokens(mx.array(tokens, mx.int32))
-        for layer, cache in zip(self.inner.layers, self.caches):
+        for layer, cache in zip(self.inner.layers, self.caches, strict=False):
             h = h + mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch)
             h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]
         h = self.inner.norm(h[mx.array(last_rows, mx.int32)])
-        if hasattr(self.model, "lm_head"):
-            logits = self.model.lm_head(h)
-        else:
-            logits = self.inner.embed_tokens.as_linear(h)
-        return logits.astype(mx.float32)
+        logits = self.model.lm_head(h) if hasattr(self.model, "lm_head") else self.inner.embed_tokens.as_linear(h)
+        out: mx.array = logits.astype(mx.float32)
+        return out
 
     def cache_arrays(self) -> list[mx.array]:
         return [a for c in self.caches for a in c.arrays()]
 
-    def _slots(self, seq, start: int, n: int) -> mx.array:
+    def _slots(self, seq: Sequence, start: int, n: int) -> mx.array:
         bs = self.block_size
         return mx.array([seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)], mx.int32)
 
-    def _block_table(self, seqs) -> mx.array:
+    def _block_table(self, seqs: list[Sequence]) -> mx.array:
         width = max(len(s.block_table) for s in seqs)
         return mx.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], mx.int32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -58,10 +59,7 @@ class SamplerState:
         self.params = params
         self.vocab_size = vocab_size
         self.step = 0
-        self._key_base = (
-            _mix64(params.seed & _MASK64) if params.seed is not None
-            else _process_rng.getrandbits(64)
-        )
+        self._key_base = _mix64(params.seed & _MASK64) if params.seed is not None else _process_rng.getrandbits(64)
 
         bad = [t for t in params.logit_bias if not 0 <= int(t) < vocab_size]
         if bad:
@@ -72,9 +70,7 @@ class SamplerState:
             self._bias_values = mx.array(list(params.logit_bias.values()), dtype=mx.float32)
 
         self.has_penalties = (
-            params.repetition_penalty != 1.0
-            or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0
+            params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         )
         # Dense [V] arrays updated one scatter per token, so a step never walks the history.
         self._counts = mx.zeros((vocab_size,), dtype=mx.float32) if self.has_penalties else None
@@ -117,7 +113,7 @@ def sample(logits: mx.array, states: list[SamplerState]) -> SampleResult:
         tokens = mx.argmax(x, axis=-1)
     else:
         inv_temp = mx.array(
-            [1.0 if g else 1.0 / s.params.temperature for g, s in zip(greedy, states)],
+            [1.0 if g else 1.0 / s.params.temperature for g, s in zip(greedy, states, strict=False)],
             dtype=mx.float32,
         )
         scaled = x * inv_temp[:, None]
@@ -145,7 +141,7 @@ def sample(logits: mx.array, states: list[SamplerState]) -> SampleResult:
 
 
 @functools.lru_cache(maxsize=8)
-def _gumbel_rows(vocab: int):
+def _gumbel_rows(vocab: int) -> Callable[[mx.array], mx.array]:
     """keys uint32 [B, 2] -> float32 [B, vocab]; row i depends on keys[i] alone."""
     return mx.vmap(lambda key: mx.random.gumbel((vocab,), key=key))
 
@@ -157,9 +153,7 @@ def _rows(states: list[SamplerState], flag: str) -> list[int]:
 def _apply_bias(x: mx.array, states: list[SamplerState]) -> mx.array:
     """OpenAI logit_bias: add each row's bias to its listed token ids. x: [B, V]."""
     rows = _rows(states, "has_bias")
-    row_ids = mx.concatenate(
-        [mx.full(states[i]._bias_ids.shape, i, dtype=mx.int32) for i in rows]
-    )
+    row_ids = mx.concatenate([mx.full(states[i]._bias_ids.shape, i, dtype=mx.int32) for i in rows])
     col_ids = mx.concatenate([states[i]._bias_ids for i in rows])
     values = mx.concatenate([states[i]._bias_values for i in rows])
     return x.at[row_ids, col_ids].add(values)
@@ -170,15 +164,13 @@ def _apply_penalties(x: mx.array, states: list[SamplerState]) -> mx.array:
     rows = _rows(states, "has_penalties")
     idx = mx.array(rows, dtype=mx.int32)
     sub = x[idx]  # [R, V]
-    counts = mx.stack([states[i]._counts for i in rows])  # [R, V]
+    # Rows with penalties always have counts (see SamplerState).
+    counts = mx.stack([c for i in rows if (c := states[i]._counts) is not None])  # [R, V]
     params = [states[i].params for i in rows]
 
     if any(p.repetition_penalty != 1.0 for p in params):
         no_prompt = mx.zeros((x.shape[-1],), dtype=mx.bool_)
-        prompt_seen = mx.stack(
-            [states[i]._prompt_seen if states[i]._prompt_seen is not None else no_prompt
-             for i in rows]
-        )
+        prompt_seen = mx.stack([no_prompt if (p := states[i]._prompt_seen) is None else p for i in rows])
         seen = mx.logical_or(prompt_seen, counts > 0)
         rep = mx.array([p.repetition_penalty for p in params], dtype=mx.float32)[:, None]
         penalized = mx.where(sub > 0, sub / rep, sub * rep)
