@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -15,16 +17,28 @@ def dequantize_np(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, gr
     return q * s + b
 
 
-def decode_np(q_latent, q_pe, cache_np: dict, block_table, context_lens, scale, group_size, block_size):
+def decode_np(
+    q_latent: np.ndarray,
+    q_pe: np.ndarray,
+    cache_np: dict[str, Any],
+    block_table: np.ndarray,
+    context_lens: list[int],
+    scale: float,
+    group_size: int,
+    block_size: int,
+) -> np.ndarray:
     """cache_np: float32/uint32 numpy copies of the cache fields after the append -> out [B, H, R] float32."""
     B, H, R = q_latent.shape
     out = np.zeros((B, H, R), np.float32)
     for b in range(B):
         n = int(context_lens[b]) + 1
         blocks = block_table[b, : (n + block_size - 1) // block_size]
-        rows = lambda a: a[blocks].reshape(-1, a.shape[-1])[:n]  # noqa: E731
-        lat = dequantize_np(rows(cache_np["packed"]), rows(cache_np["scales"]),
-                            rows(cache_np["biases"]), group_size)
+
+        def rows(a: np.ndarray, blocks: np.ndarray = blocks, n: int = n) -> np.ndarray:
+            picked: np.ndarray = a[blocks].reshape(-1, a.shape[-1])[:n]
+            return picked
+
+        lat = dequantize_np(rows(cache_np["packed"]), rows(cache_np["scales"]), rows(cache_np["biases"]), group_size)
         kpe = rows(cache_np["k_pe"]).astype(np.float32)
         s = scale * (q_latent[b].astype(np.float32) @ lat.T + q_pe[b].astype(np.float32) @ kpe.T)
         s = s - s.max(axis=-1, keepdims=True)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import pytest
 
-from server.kernels.cases import decode_inputs, filled_cache
-from server.kernels.fused import TileConfig, choose_config, unsupported_reason
+from server.bench.kernel_cases import GROUP_CASES, SHAPE_CASES, Case, decode_inputs, filled_cache
+from server.kernels import mla_decode
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import default_backend, mla_decode_append
+from server.kernels.mla_decode import Launch, default_backend, mla_decode_append
+from server.kernels.tiles import TileConfig, choose_config, unsupported_reason
+
+on_gpu = mx.default_device() == mx.gpu
 
 
-def test_cpu_uses_the_reference():
+@pytest.mark.skipif(on_gpu, reason="the default device is a GPU: the fused kernel is chosen")
+def test_cpu_uses_the_reference() -> None:
     assert default_backend() == "reference"
     cache, table = filled_cache([5, 70], 256, 64, mx.float16)
     args = decode_inputs(2, 4, 256, 64, mx.float16)
@@ -21,15 +27,16 @@ def test_cpu_uses_the_reference():
     assert cache.last_out is None  # only the fused kernels chain through it
 
 
-def test_unknown_backend_is_refused():
+def test_unknown_backend_is_refused() -> None:
     cache, table = filled_cache([3], 256, 64, mx.float16)
     with pytest.raises(ValueError):
-        mla_decode_append(*decode_inputs(1, 4, 256, 64, mx.float16), cache, table,
-                          mx.array([3], mx.int32), 0.1, backend="vulkan")
+        mla_decode_append(
+            *decode_inputs(1, 4, 256, 64, mx.float16), cache, table, mx.array([3], mx.int32), 0.1, backend="vulkan"
+        )
 
 
 @pytest.mark.parametrize("R,H", [(256, 32), (512, 128), (512, 16), (256, 1)])
-def test_default_tiles_fit_each_backend(R, H):
+def test_default_tiles_fit_each_backend(R: int, H: int) -> None:
     cache = LatentCache(4, 64, R, 64, 64, mx.bfloat16)
     for backend in ("cuda", "metal"):
         cfg = choose_config(backend, 4, H, R, 64, 100, 64)
@@ -39,52 +46,108 @@ def test_default_tiles_fit_each_backend(R, H):
         assert (reason is None) == (backend == "cuda" or R == 256), reason
 
 
-def test_splits_follow_the_batch():
+def test_splits_follow_the_batch() -> None:
     long_single = choose_config("cuda", 1, 32, 256, 64, 513, 64)
     big_batch = choose_config("cuda", 16, 32, 256, 64, 513, 64)
     assert long_single.pps < big_batch.pps  # one long sequence is cut into more splits
     assert choose_config("cuda", 1, 32, 256, 64, 3, 64).pps == 3  # short: one split, no combine
 
 
-def test_unsupported_shapes_are_named():
+def test_unsupported_shapes_are_named() -> None:
+    def reason(cache: LatentCache, cfg: TileConfig) -> str:
+        return unsupported_reason("cuda", cache, cfg) or ""
+
     f32 = LatentCache(2, 64, 256, 64, 64, mx.float32)
-    assert "dtype" in unsupported_reason("cuda", f32, TileConfig(32, 64, 8, 4))
+    assert "dtype" in reason(f32, TileConfig(32, 64, 8, 4))
     odd = LatentCache(2, 64, 256, 64, 64, mx.float16)
-    assert "warps" in unsupported_reason("cuda", odd, TileConfig(32, 64, 3, 4))
-    assert "tiles" in unsupported_reason("cuda", LatentCache(2, 48, 256, 64, 64, mx.float16),
-                                         TileConfig(32, 64, 8, 4))
+    assert "warps" in reason(odd, TileConfig(32, 64, 3, 4))
+    assert "tiles" in reason(LatentCache(2, 48, 256, 64, 64, mx.float16), TileConfig(32, 64, 8, 4))
 
 
-def test_fused_launch_keeps_the_in_place_invariants(monkeypatch):
-    """The host side of the fused path, with a stand-in kernel (no GPU here): the cache fields
+def test_fused_launch_keeps_the_in_place_invariants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host side of the fused path, with a stand-in kernel (no GPU needed): the cache fields
     themselves go in (no copy), each call takes the previous call's output (GPU ordering), and
     the fields come back as views that depend on the step (MLX ordering)."""
-    from server.kernels import fused
+    calls: list[tuple[str, dict[str, mx.array]]] = []
 
-    calls = []
+    def fake_kernel(backend: str, launch: Launch, smem: int) -> Callable[..., list[mx.array]]:
+        def run(
+            inputs: list[mx.array],
+            template: list[tuple[str, object]],
+            grid: object,
+            threadgroup: object,
+            output_shapes: list[tuple[int, ...]],
+            output_dtypes: list[mx.Dtype],
+        ) -> list[mx.array]:
+            assert [name for name, _ in template] == list(launch.template)
+            calls.append((launch.name, dict(zip(launch.input_names, inputs, strict=True))))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
 
-    def fake_kernel(backend, kind, smem):
-        def run(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-            calls.append((kind, inputs))
-            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
         return run
 
-    monkeypatch.setattr(fused, "_kernel", fake_kernel)
+    monkeypatch.setattr(mla_decode, "_kernel", fake_kernel)
     cache, table = filled_cache([100, 5], 256, 64, mx.bfloat16)
     before = [mx.array(a) for a in cache.arrays()]
     args = decode_inputs(2, 32, 256, 64, mx.bfloat16)
     ctx = mx.array([100, 5], mx.int32)
     cfg = TileConfig(32, 64, 8, 1)  # two splits of one block: partial + combine
+    names = ("packed", "scales", "biases", "k_pe")
     fields = cache.arrays()
-    out1 = fused.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
+    out1 = mla_decode.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
     (k1, in1), (k2, _) = calls
     assert (k1, k2) == ("split", "combine")
-    assert all(a is b for a, b in zip(in1[4:8], fields))
+    assert all(in1[n] is f for n, f in zip(names, fields, strict=True))
     assert cache.last_out is out1
     fields = cache.arrays()
-    out2 = fused.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
-    assert calls[2][1][11] is out1 and cache.last_out is out2
-    assert all(a is b for a, b in zip(calls[2][1][4:8], fields))
+    out2 = mla_decode.mla_decode_append_fused("cuda", *args, cache, table, ctx, 0.1, cfg)
+    assert calls[2][1]["after"] is out1 and cache.last_out is out2
+    assert all(calls[2][1][n] is f for n, f in zip(names, fields, strict=True))
     mx.eval(out2, *cache.arrays())
-    for old, new in zip(before, cache.arrays()):
+    for old, new in zip(before, cache.arrays(), strict=True):
         assert mx.array_equal(old, new)  # the stand-in wrote nothing; the views show the pool
+
+
+def test_one_split_launches_direct_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    kinds: list[str] = []
+
+    def fake_kernel(backend: str, launch: Launch, smem: int) -> Callable[..., list[mx.array]]:
+        def run(
+            inputs: list[mx.array],
+            template: list[tuple[str, object]],
+            grid: object,
+            threadgroup: object,
+            output_shapes: list[tuple[int, ...]],
+            output_dtypes: list[mx.Dtype],
+        ) -> list[mx.array]:
+            kinds.append(launch.name)
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes, strict=True)]
+
+        return run
+
+    monkeypatch.setattr(mla_decode, "_kernel", fake_kernel)
+    cache, table = filled_cache([3], 256, 64, mx.float16)
+    out = mla_decode.mla_decode_append_fused(
+        "metal", *decode_inputs(1, 4, 256, 64, mx.float16), cache, table, mx.array([3], mx.int32), 0.1
+    )
+    assert kinds == ["direct"] and out.shape == (1, 4, 256) and out.dtype == mx.float16
+
+
+def test_a_launch_refuses_buffers_it_does_not_declare() -> None:
+    dt = mx.float16
+    buffers = {n: mx.zeros((1,), dt if t == "T" else mla_decode.ELEMENT_TYPES[t]) for n, t in mla_decode.COMBINE.inputs}
+    assert len(mla_decode.COMBINE.bind_inputs(buffers, dt)) == len(mla_decode.COMBINE.inputs)
+    with pytest.raises(ValueError, match="declared"):
+        mla_decode.COMBINE.bind_inputs({**buffers, "extra": mx.zeros((1,))}, dt)
+    with pytest.raises(TypeError, match="context_lens"):
+        mla_decode.COMBINE.bind_inputs({**buffers, "context_lens": mx.zeros((1,), mx.int64)}, dt)
+    with pytest.raises(ValueError, match="template"):
+        mla_decode.COMBINE.bind_template({"T": dt, "H": 1})
+
+
+@pytest.mark.skipif(default_backend() == "reference", reason="no Metal or CUDA device: the self-test's check needs one")
+@pytest.mark.parametrize("case", [*SHAPE_CASES, *GROUP_CASES], ids=lambda c: f"B{len(c.lens)}-R{c.R}-gs{c.group_size}")
+def test_fused_kernel_matches_the_reference(case: Case) -> None:
+    """On a GPU: the kernel's `out` and appended bytes against the reference (the self-test's check)."""
+    from server.bench.kernel import check
+
+    assert check(default_backend(), case)

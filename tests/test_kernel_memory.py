@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from server.kernels.cases import decode_inputs
+from server.bench.kernel_cases import decode_inputs
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append
 
 
-def test_decode_step_does_not_copy_the_pool():
+def test_decode_step_does_not_copy_the_pool() -> None:
     cache = LatentCache(4096, 64, 256, 64, 64, mx.float16)  # 262K tokens, 71 MB
     mx.eval(*cache.arrays())
     B = 4

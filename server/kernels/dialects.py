@@ -1,6 +1,6 @@
-"""Render one kernel body, written over a few primitives, as Metal or CUDA source for MLX.
+"""The Metal and CUDA dialects the fused kernel body is written in: one `Dialect` per language.
 
-The body (see `mla_body.py`) uses only the names defined by a backend's prelude:
+The body (`mla_body.py`) uses only the names a dialect's prelude and prologue define:
 
 - indices `TID`, `LANE`, `WARP`, `BX`, `BY` (ints; a warp is a 32-thread simdgroup);
 - `warp_sum/max/min(float)`, `f_max/f_min/f_abs/f_round/f_exp2(float)`, `BARRIER()`;
@@ -20,6 +20,8 @@ inline PTX (MLX's runtime compiler cannot include wmma); Metal with four 8x8
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 CUDA_PRELUDE = r"""
 #define SHARED_PTR(type) type*
@@ -222,14 +224,22 @@ METAL_PROLOGUE = r"""
   const int BY = int(threadgroup_position_in_grid.y);
 """
 
-BACKEND_PARTS = {
-    "cuda": (CUDA_PRELUDE, CUDA_PROLOGUE),
-    "metal": (METAL_PRELUDE, METAL_PROLOGUE),
-}
+
+@dataclass(frozen=True)
+class Dialect:
+    """One kernel language: `prelude` goes into MLX's header (after the launch's #defines),
+    `prologue` opens the kernel body and defines the thread indices from the language's own."""
+
+    name: str
+    prelude: str
+    prologue: str
+
+    def render(self, body: str, defines: tuple[tuple[str, int], ...] = ()) -> tuple[str, str]:
+        """(header, source) for `mx.fast.{metal,cuda}_kernel`: the primitives, then the body."""
+        lines = [f"#define {k} {v}" for k, v in defines]
+        return "\n".join(lines) + "\n" + self.prelude, self.prologue + body
 
 
-def render(backend: str, body: str, defines: dict[str, int] | None = None) -> tuple[str, str]:
-    """(header, source) for `mx.fast.{metal,cuda}_kernel`: the backend's primitives, then the body."""
-    prelude, prologue = BACKEND_PARTS[backend]
-    lines = [f"#define {k} {v}" for k, v in (defines or {}).items()]
-    return "\n".join(lines) + "\n" + prelude, prologue + body
+CUDA = Dialect("cuda", CUDA_PRELUDE, CUDA_PROLOGUE)
+METAL = Dialect("metal", METAL_PRELUDE, METAL_PROLOGUE)
+DIALECTS = {d.name: d for d in (CUDA, METAL)}

@@ -27,8 +27,15 @@ class LatentCache:
     k_pe    dtype  [NB, BS, P]             rotated rope key
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 64, R: int = 256, P: int = 64,
-                 group_size: int = 64, dtype: mx.Dtype = mx.float16):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 64,
+        R: int = 256,
+        P: int = 64,
+        group_size: int = 64,
+        dtype: mx.Dtype = mx.float16,
+    ):
         if R % group_size or R % 8:
             raise ValueError(f"R={R} must be a multiple of group_size={group_size} and of 8")
         self.num_blocks = num_blocks
@@ -84,6 +91,5 @@ class LatentCache:
         def rows(a: mx.array) -> mx.array:
             return a[block_ids].reshape(T, a.shape[-1])[:num_tokens]
 
-        latent = mx.dequantize(rows(self.packed), rows(self.scales), rows(self.biases),
-                               self.group_size, BITS)
+        latent = mx.dequantize(rows(self.packed), rows(self.scales), rows(self.biases), self.group_size, BITS)
         return latent.astype(self.dtype), rows(self.k_pe)

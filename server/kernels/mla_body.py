@@ -1,4 +1,4 @@
-"""The fused decode kernel's bodies, written once over the primitives of `codegen.py`.
+"""The fused decode kernel's bodies, written once over the primitives of `dialects.py`.
 
 PARTIAL: one threadgroup per (split, sequence x head group). It walks its split's tokens in
 tiles of TT: the INT4 latent and rope key of a tile are loaded into registers one tile ahead,
@@ -10,9 +10,11 @@ uses its dequantized value in its own tile. With MLA_DIRECT (one split) it write
 otherwise unnormalized partials (o_part [B, NSPLIT, H, R], ml_part [B, NSPLIT, H, 2] = max
 and sum, in log2 units) for COMBINE.
 
-Template constants: T, H, HG (heads per group, multiple of 16), R, P, GS (quant group),
-BS (tokens per cache block), TT (tokens per tile, divides BS, multiple of 16), PPS (blocks per
-split), NW (warps), MAXB (block-table width), NSPLIT, SMEM_BYTES.
+The launches that run these bodies (their buffers and template constants, in order) are
+declared in `mla_decode.py`. The constants mean: T the cache dtype, H heads, HG heads per group
+(multiple of 16), R and P the latent and rope widths, GS the quant group, BS tokens per cache
+block, TT tokens per tile (divides BS, multiple of 16), PPS blocks per split, NW warps, MAXB the
+block-table width, NSPLIT splits, SMEM_BYTES threadgroup memory.
 """
 
 PARTIAL = r"""

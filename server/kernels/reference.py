@@ -18,9 +18,16 @@ def append_slots(cache: LatentCache, block_table: mx.array, context_lens: mx.arr
     return blk * bs + context_lens % bs
 
 
-def mla_decode_append_reference(q_latent: mx.array, q_pe: mx.array, new_latent: mx.array,
-                                new_kpe: mx.array, cache: LatentCache, block_table: mx.array,
-                                context_lens: mx.array, scale: float) -> mx.array:
+def mla_decode_append_reference(
+    q_latent: mx.array,
+    q_pe: mx.array,
+    new_latent: mx.array,
+    new_kpe: mx.array,
+    cache: LatentCache,
+    block_table: mx.array,
+    context_lens: mx.array,
+    scale: float,
+) -> mx.array:
     """Shapes as `mla_decode.mla_decode_append`; returns out [B, H, R] in the cache dtype."""
     B, H, R = q_latent.shape
     bs = cache.block_size
@@ -35,8 +42,11 @@ def mla_decode_append_reference(q_latent: mx.array, q_pe: mx.array, new_latent: 
     def rows(a: mx.array) -> mx.array:
         return a[bt].reshape(B, T, a.shape[-1])
 
-    latent = mx.dequantize(rows(cache.packed), rows(cache.scales), rows(cache.biases),
-                           cache.group_size, BITS).astype(cache.dtype).astype(mx.float32)
+    latent = (
+        mx.dequantize(rows(cache.packed), rows(cache.scales), rows(cache.biases), cache.group_size, BITS)
+        .astype(cache.dtype)
+        .astype(mx.float32)
+    )
     k_pe = rows(cache.k_pe).astype(mx.float32)
 
     scores = q_latent.astype(mx.float32) @ latent.swapaxes(1, 2)

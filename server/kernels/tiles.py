@@ -1,0 +1,97 @@
+"""Tile sizes and split-K for the fused decode kernel, and which shapes it covers (host side).
+
+Nothing here touches the GPU: `choose_config` picks a `TileConfig` from the problem's shape,
+`unsupported_reason` says why a shape cannot run (the caller then falls back to the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .latent_cache import LatentCache
+
+# Threadgroup memory per threadgroup; Apple GPUs have 32 KB.
+SMEM_LIMIT = {"cuda": 200 * 1024, "metal": 32 * 1024}
+# Threadgroups wanted (the kernel is latency-bound: about 2 per H100 SM did best), the fewest
+# cache blocks per split (fewer make the combine pass cost more than it saves), and the SM count
+# under which a threadgroup gets 16 warps instead of 8 (a long single sequence then has more
+# warps per split). Set from the H100 sweeps behind docs/benchmarks.md; Metal's are guesses.
+TARGET_GROUPS = {"cuda": 264, "metal": 128}
+MIN_PPS = 8
+SM_COUNT = {"cuda": 132, "metal": 0}
+COMBINE_WARPS = 4
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    hg: int  # heads per threadgroup (multiple of 16; padded heads are zero rows)
+    tt: int  # tokens per tile
+    nw: int  # warps per threadgroup
+    pps: int  # cache blocks per split
+
+    def smem_bytes(self, R: int, P: int) -> int:
+        K = R + P
+        halves = (self.hg + self.tt) * (K + 8) + self.hg * (self.tt + 8) + K
+        floats = self.hg * (self.tt + 8) + 3 * self.hg + R
+        return 2 * halves + 4 * floats
+
+
+def bucket(n: int) -> int:
+    """The next power of two. PPS, MAXB and NSPLIT are template constants, and the runtime
+    compiler builds one kernel per distinct set: a serving engine whose batch size and longest
+    context change every step would otherwise compile a kernel every step."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int]:
+    """(hg, tt) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
+    hp = 16 * math.ceil(H / 16)
+    if backend == "metal":
+        return 16, 16
+    tt = 64 if block_size % 64 == 0 else (32 if block_size % 32 == 0 else 16)
+    return min(hp, 32), tt
+
+
+def choose_config(
+    backend: str,
+    B: int,
+    H: int,
+    R: int,
+    P: int,
+    max_blocks: int,
+    block_size: int,
+    hg: int | None = None,
+    tt: int | None = None,
+    nw: int | None = None,
+    pps: int | None = None,
+) -> TileConfig:
+    d_hg, d_tt = default_tiles(backend, H, block_size)
+    hg, tt = hg or d_hg, tt or d_tt
+    groups = B * math.ceil(H / hg)
+    if pps is None:
+        splits = max(1, math.ceil(TARGET_GROUPS[backend] / groups))
+        pps = bucket(max(MIN_PPS, math.ceil(max_blocks / splits)))
+    pps = min(pps, max_blocks)
+    if nw is None:
+        few = groups * math.ceil(max_blocks / pps) < SM_COUNT[backend]
+        nw = 4 if backend == "metal" else (16 if few else 8)
+    return TileConfig(hg, tt, nw, pps)
+
+
+def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str | None:
+    """Why this kernel cannot run the shape (None if it can)."""
+    R, P = cache.R, cache.P
+    if cache.dtype not in (mx.float16, mx.bfloat16):
+        return f"dtype {cache.dtype} (the kernel is for float16 and bfloat16)"
+    if R % 32 or P % 8 or (R + P) % 16 or cache.group_size not in (32, 64, 128):
+        return f"R={R}, P={P}, group_size={cache.group_size}"
+    if cfg.hg % 16 or cfg.tt % 16 or cache.block_size % cfg.tt:
+        return f"tiles {cfg} with block_size={cache.block_size}"
+    if (R // 8) % cfg.nw or cfg.nw % (cfg.hg // 16):
+        return f"{cfg.nw} warps cannot split R/8={R // 8} column tiles and {cfg.hg // 16} head tiles"
+    if cfg.smem_bytes(R, P) > SMEM_LIMIT[backend]:
+        return f"{cfg.smem_bytes(R, P)} bytes of threadgroup memory > {SMEM_LIMIT[backend]}"
+    return None
