@@ -1,14 +1,16 @@
-"""Shared fixtures: a real uvicorn server for any ASGI app, on a free local port."""
+"""Shared fixtures: a real uvicorn server for any ASGI app, on a free local port, in this process.
+
+(A server in a child process, `python -m server` or a program, is `support.RemoteServer`.)"""
 
 from __future__ import annotations
 
 import socket
 import threading
-import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import uvicorn
+from support import wait_until
 
 
 @pytest.fixture
@@ -29,11 +31,8 @@ def serve_app() -> Iterator[Callable[..., str]]:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         running.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        if not wait_until(lambda: server.started or not thread.is_alive(), timeout=10) or not server.started:
+            raise RuntimeError("uvicorn did not start")
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield serve

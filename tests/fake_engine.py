@@ -1,24 +1,31 @@
 """A deterministic stand-in for the engine, for HTTP and load tests (no MLX).
 
-Every word of the prompt becomes one token. A reply echoes the words of the last message, one
-token per step, then stops as if it had produced EOS; `ignore_eos` keeps cycling through them
-until `max_tokens`. Stop strings, `finish_reason` and usage follow the `StreamDelta` contract.
+Every word of the prompt becomes one token (`support.WordTokenizer`). A reply echoes the words of
+the last message, one token per step, then samples EOS; `ignore_eos` keeps cycling through them
+until `max_tokens`. When the output ends, and the text each token releases (EOS, stop strings,
+`max_tokens`), is decided by the engine's own `TokenStream`, so the fake streams exactly as the
+engine's stop and detokenizer logic does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
-from server.engine.types import EngineError, SamplingParams, StreamDelta, TokenLogprob, fit_to_context
+from support.words import WordTokenizer
+
+from server.engine.detokenizer import TokenStream
+from server.engine.types import EngineError, EngineShutdown, SamplingParams, StreamDelta, TokenLogprob, fit_to_context
 
 
 class FakeEngine:
     """EngineClient whose output is the last message's words, `token_delay` seconds apart.
 
-    Records what it saw so tests can assert on it: `requests` (request_id, prompt_ids, params),
-    `cancelled` (request ids closed before their last delta), `finished` (ids that ran to the end).
-    `fail_after=k` makes every generation raise EngineError after k deltas (0: before the first).
+    Records what it saw so tests can assert on it: `requests` (request_id, prompt_ids, params as
+    fitted to the context), `cancelled` (request ids closed before their last delta), `finished`
+    (ids that ran to the end), `aborted` (ids passed to `abort`). `fail_after=k` makes every
+    generation raise EngineError after k deltas (0: before the first).
     """
 
     def __init__(
@@ -33,28 +40,20 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.token_delay = token_delay
         self.fail_after = fail_after
+        self.tokenizer = WordTokenizer()
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
         self.cancelled: list[str] = []
         self.finished: list[str] = []
-        self.is_shut_down = False
         self.aborted: list[str] = []
-        self._vocab: dict[str, int] = {}
-        self._words: list[str] = []
+        self.is_shut_down = False
         self._running = 0
 
-    # Tokens are words; ids are handed out in order of first appearance.
-    def _token_id(self, word: str) -> int:
-        if word not in self._vocab:
-            self._vocab[word] = len(self._words)
-            self._words.append(word)
-        return self._vocab[word]
-
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """One role-marker token per message, then one token per word of its content."""
         ids: list[int] = []
         for message in messages:
-            ids.append(self._token_id(f"<{message['role']}>"))
-            ids.extend(self._token_id(w) for w in str(message.get("content") or "").split())
+            ids.append(self.tokenizer.special_id(f"<{message['role']}>"))
+            ids.extend(self.tokenizer.encode(str(message.get("content") or "")))
         return ids
 
     async def generate(
@@ -62,43 +61,29 @@ class FakeEngine:
     ) -> AsyncIterator[StreamDelta]:
         self.requests.append((request_id, list(prompt_ids), params))
         if self.is_shut_down:
-            raise EngineError("the engine is shutting down")
+            raise EngineShutdown("the engine is shutting down")
         params = fit_to_context(params, len(prompt_ids), self.max_model_len)
         self.requests[-1] = (request_id, list(prompt_ids), params)  # as the engine would run it
+        output = TokenStream(self.tokenizer, prompt_ids, params, self.tokenizer.eos_token_ids)
         reply = self._reply_words(prompt_ids)
-        emitted = ""  # text already sent, a prefix of `text`
-        text = ""
         done = False
         self._running += 1
         try:
-            for step in range(params.max_tokens):
+            for step in range(params.max_tokens or 0):
                 if self.fail_after is not None and step >= self.fail_after:
                     raise EngineError("the fake engine failed on purpose")
                 await asyncio.sleep(self.token_delay)
                 if self.is_shut_down:
-                    raise EngineError("the engine is shutting down")
-                ids: list[int] = []
-                finish = None
-                if not reply or (step >= len(reply) and not params.ignore_eos):
-                    finish = "stop"  # EOS, which adds no text
-                else:
-                    word = reply[step % len(reply)]
-                    ids = [self._token_id(word)]
-                    text += f" {word}" if step else word
-                    if step + 1 == params.max_tokens:
-                        finish = "length"
-                cut = _stop_at(text, params.stop)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                safe = len(text) if finish else len(text) - _held_back(text, params.stop)
-                delta_text, emitted = text[len(emitted) : safe], text[:safe]
+                    raise EngineShutdown("the engine is shutting down")
+                token = self._next_token(reply, step, params.ignore_eos)
+                text, finish = output.add(token)
                 yield StreamDelta(
-                    text=delta_text,
-                    token_ids=ids,
+                    text=text,
+                    token_ids=[token],
                     prompt_tokens=len(prompt_ids),
-                    completion_tokens=step + 1,
+                    completion_tokens=output.num_tokens,
                     finish_reason=finish,
-                    logprobs=self._logprobs(ids, params),
+                    logprobs=self._logprobs(token, params),
                 )
                 if finish:
                     done = True
@@ -109,44 +94,32 @@ class FakeEngine:
             if not done:
                 self.cancelled.append(request_id)
 
+    def _next_token(self, reply: list[str], step: int, ignore_eos: bool) -> int:
+        """The reply's words in turn ("hello", " there", ...), then EOS (or round again)."""
+        if not reply or (step >= len(reply) and not ignore_eos):
+            return self.tokenizer.eos_token_id
+        word = reply[step % len(reply)]
+        return self.tokenizer.token_id(f" {word}" if step else word)
+
     def _reply_words(self, prompt_ids: list[int]) -> list[str]:
         """The words after the last role marker of the prompt."""
-        words = [self._words[i] for i in prompt_ids]
-        markers = [i for i, w in enumerate(words) if w.startswith("<") and w.endswith(">")]
-        return words[markers[-1] + 1 :] if markers else words
+        markers = [i for i, t in enumerate(prompt_ids) if t in self.tokenizer.special]
+        last = prompt_ids[markers[-1] + 1 :] if markers else prompt_ids
+        return [self.tokenizer.piece(t).strip() for t in last]
 
-    def _logprobs(self, ids: list[int], params: SamplingParams) -> list[TokenLogprob] | None:
+    def _logprobs(self, token: int, params: SamplingParams) -> list[TokenLogprob] | None:
         if not params.logprobs:
             return None
-        return [
-            TokenLogprob(
-                token=self._words[i],
-                logprob=-0.5,
-                top=[(self._words[i], -0.5)] + [(f"alt{k}", -1.0 - k) for k in range(params.top_logprobs - 1)],
-            )
-            for i in ids
-        ]
+        word = self.tokenizer.piece(token).strip()
+        top = [(word, -0.5)] + [(f"alt{k}", -1.0 - k) for k in range(params.top_logprobs - 1)]
+        return [TokenLogprob(token=word, logprob=-0.5, top=top)]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {"running": self._running, "waiting": 0, "cache_usage": 0.0}
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
     def shutdown(self) -> None:
-        """Ends every live generation with EngineError at its next step; idempotent."""
+        """Ends every live generation with EngineShutdown at its next step; idempotent."""
         self.is_shut_down = True
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    return max(
-        (n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])),
-        default=0,
-    )

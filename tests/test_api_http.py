@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 from fake_engine import FakeEngine
+from support.sse import sse_events
 
 from server.api.app import create_app
 from server.engine.types import PromptTooLong
@@ -24,12 +25,6 @@ def client_for(app, **transport) -> httpx.AsyncClient:
 
 async def chat(client: httpx.AsyncClient, **body) -> httpx.Response:
     return await client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, **body})
-
-
-def sse_data(response: httpx.Response) -> list:
-    """The `data:` payloads of an SSE body, JSON-decoded except the final "[DONE]"."""
-    payloads = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 
 def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -89,7 +84,7 @@ async def test_stop_strings_cut_the_text(client, stop):
 async def test_stream_chunks_role_first_finish_last_then_done(client):
     r = await chat(client, stream=True)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = sse_data(r)
+    events = sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
@@ -102,7 +97,7 @@ async def test_stream_chunks_role_first_finish_last_then_done(client):
 
 
 async def test_stream_include_usage_adds_a_usage_chunk(client):
-    events = sse_data(await chat(client, stream=True, max_tokens=2, stream_options={"include_usage": True}))
+    events = sse_events(await chat(client, stream=True, max_tokens=2, stream_options={"include_usage": True}))
     assert events[-1] == "[DONE]"
     usage_chunk, finish_chunk = events[-2], events[-3]
     assert finish_chunk["choices"][0]["finish_reason"] == "length"
@@ -140,8 +135,10 @@ async def test_logprobs_in_completion_and_stream(client):
     content = body["choices"][0]["logprobs"]["content"]
     assert [t["token"] for t in content] == ["hello", "there"]
     assert content[0]["bytes"] == list(b"hello") and len(content[0]["top_logprobs"]) == 2
-    events = sse_data(await chat(client, logprobs=True, max_tokens=2, stream=True))
-    tokens = [t["token"] for c in events[:-1] if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]]
+    events = sse_events(await chat(client, logprobs=True, max_tokens=2, stream=True))
+    tokens = [
+        t["token"] for c in events[:-1] if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]
+    ]
     assert tokens == ["hello", "there"]
 
 
@@ -182,7 +179,11 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": HELLO, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"model": MODEL, "messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": MODEL, "messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-    ({"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": "yes"}}, 400, "stream_options.include_usage"),
+    (
+        {"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": "yes"}},
+        400,
+        "stream_options.include_usage",
+    ),
     ({"model": "gpt-4o", "messages": HELLO}, 404, "model"),
     ({"model": MODEL, "messages": LONG}, 400, "messages"),
     ({"model": MODEL, "messages": HELLO, "max_tokens": 61}, 400, "max_tokens"),
@@ -290,7 +291,7 @@ async def test_engine_prompt_too_long_is_a_400():
 async def test_engine_failure_mid_stream_is_an_error_event_then_done():
     engine = FakeEngine(fail_after=2)
     async with client_for(create_app(engine)) as c:
-        events = sse_data(await chat(c, stream=True))
+        events = sse_events(await chat(c, stream=True))
         assert events[-1] == "[DONE]"
         assert "on purpose" in events[-2]["error"]["message"]
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "hello there"
@@ -305,7 +306,7 @@ async def test_engine_shutdown_ends_live_streams_cleanly():
         await asyncio.sleep(0.1)
         engine.shutdown()
         for response in await asyncio.wait_for(asyncio.gather(*streams), timeout=5):
-            events = sse_data(response)
+            events = sse_events(response)
             assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
         assert engine.stats()["running"] == 0
         assert_openai_error(await chat(c), 503)  # a shut-down engine refuses, it doesn't hang
@@ -320,7 +321,7 @@ class BrokenEngine(FakeEngine):
     async def generate(self, request_id, prompt_ids, params):
         async for delta in super().generate(request_id, prompt_ids, params):
             yield delta
-            if self._words[prompt_ids[-1]] == "crash":
+            if self.tokenizer.piece(prompt_ids[-1]).strip() == "crash":
                 raise RuntimeError("bug")
 
 
@@ -328,7 +329,7 @@ async def test_unexpected_exceptions_are_500s_and_the_server_keeps_serving():
     async with client_for(create_app(BrokenEngine()), raise_app_exceptions=False) as c:
         error = assert_openai_error(await chat(c, messages=[{"role": "user", "content": "boom"}]), 500)
         assert error["type"] == "server_error" and "bug" not in error["message"]
-        events = sse_data(await chat(c, stream=True, messages=[{"role": "user", "content": "crash crash"}]))
+        events = sse_events(await chat(c, stream=True, messages=[{"role": "user", "content": "crash crash"}]))
         assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
         assert (await chat(c)).status_code == 200
 
@@ -353,10 +354,18 @@ async def call_asgi(app, body: dict, disconnect_on_receive: int, slow_start: boo
             await asyncio.sleep(0.1)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1), "server": ("test", 80),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
     }
     await asyncio.wait_for(app(scope, receive, send), timeout=5)
 

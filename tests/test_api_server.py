@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
-
 import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine
+from support import RemoteServer, free_port, wait_until
+from support.sse import iter_sse
 
 from server.api.app import create_app
 
@@ -26,15 +18,6 @@ LONG = [{"role": "user", "content": " ".join(f"w{i}" for i in range(500))}]
 
 def sdk(base_url: str, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=10)
-
-
-def wait_for(condition, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture
@@ -102,11 +85,9 @@ def test_stream_disconnect_cancels_the_engine_request(serve_app):
     engine = FakeEngine(model_name=MODEL, token_delay=0.02)
     base = serve_app(create_app(engine))
     body = {"model": MODEL, "messages": LONG, "stream": True}
-    with httpx.Client(timeout=5) as client:
-        with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-            lines = response.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-    assert wait_for(lambda: len(engine.cancelled) == 1), "engine request not cancelled"
+    with httpx.Client(timeout=5) as client, client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+        assert next(iter_sse(r.iter_lines()))
+    assert wait_until(lambda: len(engine.cancelled) == 1), "engine request not cancelled"
     assert engine.cancelled == [engine.requests[0][0]] and engine.finished == []
 
 
@@ -115,49 +96,33 @@ def test_non_streaming_disconnect_cancels_the_engine_request(serve_app):
     base = serve_app(create_app(engine))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": LONG}, timeout=0.3)
-    assert wait_for(lambda: len(engine.cancelled) == 1), "engine request not cancelled"
+    assert wait_until(lambda: len(engine.cancelled) == 1), "engine request not cancelled"
     assert engine.finished == []
 
 
-SERVER = textwrap.dedent(
-    """
-    import sys, uvicorn
-    from fake_engine import FakeEngine
-    from server.api.app import create_app
-    engine = FakeEngine(model_name="fake-model", token_delay=0.02)
-    uvicorn.run(create_app(engine), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
-    """
-)
+# Plain uvicorn, not server/serve.py: the app's own shutdown path, whatever runs it.
+SERVER = """
+import sys, uvicorn
+from fake_engine import FakeEngine
+from server.api.app import create_app
+engine = FakeEngine(model_name="fake-model", token_delay=0.02)
+uvicorn.run(create_app(engine), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
 
 
-def test_sigterm_ends_every_stream_with_done(tmp_path):
+def test_sigterm_ends_every_stream_with_done():
     """Under plain uvicorn too (not only server/serve.py): a SIGTERM ends live streams with an
     error event and [DONE]."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], env=env)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _is_up(base), timeout=20), "server did not start"
+    port = free_port()
+    with RemoteServer([str(port)], program=SERVER, port=port, add_port=False, startup_timeout=20) as server:
         body = {"model": MODEL, "messages": LONG, "stream": True}
-        with httpx.Client(timeout=10) as client:
-            with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-                lines = response.iter_lines()
-                assert next(line for line in lines if line.startswith("data: "))
-                proc.send_signal(signal.SIGTERM)
-                rest = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        url = server.url_for("v1", "chat/completions")
+        with httpx.Client(timeout=10) as client, client.stream("POST", url, json=body) as response:
+            events = iter_sse(response.iter_lines())
+            assert next(events)
+            server.send_signal()
+            rest = list(events)
         assert rest[-1] == "[DONE]"
-        assert json.loads(rest[-2])["error"]["type"] == "server_error"
-        proc.wait(timeout=10)
-    finally:
-        proc.kill()
-
-
-def _is_up(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
+        assert rest[-2]["error"]["type"] == "server_error"
+        # uvicorn.run re-raises the signal once it has drained, so the status is -SIGTERM here.
+        server.wait(timeout=10)

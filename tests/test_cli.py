@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from support import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -62,10 +64,7 @@ def test_port_in_use_exits_1_before_loading_the_model():
 
 
 def test_missing_model_exits_1_without_a_traceback():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_server("--port", str(port), "--model", "/no/such/model", "--log-level", "error")
+    result = run_server("--port", str(free_port()), "--model", "/no/such/model", "--log-level", "error")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

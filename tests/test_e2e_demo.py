@@ -6,6 +6,7 @@ import contextlib
 import httpx
 import openai
 import pytest
+from support.hardware import needs_reference_decode
 
 from server.api.app import create_app
 from server.engine import DEMO_MODEL_NAME, EngineArgs
@@ -40,10 +41,16 @@ def test_stream_and_non_stream_give_the_same_greedy_text(client):
     assert full.choices[0].finish_reason == "length"
     assert full.usage.completion_tokens == 16
 
-    chunks = list(client.chat.completions.create(
-        model=DEMO_MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=0,
-        stream=True, stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=DEMO_MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -62,19 +69,21 @@ def test_stop_string_ends_the_text_before_it(client):
     assert cut.choices[0].message.content == text[: text.index(stop)]
 
 
+@needs_reference_decode
 def test_concurrent_requests_match_their_solo_output(client, engine):
     base = str(client.base_url)
     prompts = [[{"role": "user", "content": f"Request number {i}: " + "words " * (3 * i)}] for i in range(8)]
     solo = [
         client.chat.completions.create(model=DEMO_MODEL_NAME, messages=m, max_tokens=12, temperature=0)
-        .choices[0].message.content
+        .choices[0]
+        .message.content
         for m in prompts
     ]
 
     async def together():
         async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            body = lambda m: {"model": DEMO_MODEL_NAME, "messages": m, "max_tokens": 12, "temperature": 0}
-            replies = await asyncio.gather(*(http.post("/chat/completions", json=body(m)) for m in prompts))
+            bodies = [{"model": DEMO_MODEL_NAME, "messages": m, "max_tokens": 12, "temperature": 0} for m in prompts]
+            replies = await asyncio.gather(*(http.post("/chat/completions", json=b) for b in bodies))
         return [r.json()["choices"][0]["message"]["content"] for r in replies]
 
     assert asyncio.run(together()) == solo
@@ -86,7 +95,8 @@ def test_bad_input_is_a_400_and_the_server_keeps_serving(client, engine):
         client.chat.completions.create(model=DEMO_MODEL_NAME, messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": "word " * engine.max_model_len}],
+            model=DEMO_MODEL_NAME,
+            messages=[{"role": "user", "content": "word " * engine.max_model_len}],
             max_tokens=4,
         )
     with pytest.raises(openai.BadRequestError):

@@ -6,27 +6,50 @@ import shutil
 
 import mlx.core as mx
 import pytest
+from engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
 from mlx.utils import tree_flatten
 from mlx_lm.models import deepseek_v3, llama
-
-from engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
 from reference_loop import greedy_reference
+from support.hardware import needs_reference_decode
+
 from server.engine.demo_model import ensure_demo_model
 from server.engine.loader import load_model
-from server.engine.model_runner import ModelRunner
 from server.engine.sequence import Sequence
 from server.engine.types import EngineError, SamplingParams
 
 
 def tiny_deepseek_v3():
     args = deepseek_v3.ModelArgs(
-        model_type="deepseek_v3", vocab_size=1024, hidden_size=128, intermediate_size=256,
-        moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=128,
-        q_lora_rank=64, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=2,
-        topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=4096,
-        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        model_type="deepseek_v3",
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=128,
+        q_lora_rank=64,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        qk_nope_head_dim=32,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=4096,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     )
     mx.random.seed(7)
     model = deepseek_v3.Model(args)
@@ -34,6 +57,7 @@ def tiny_deepseek_v3():
     return model
 
 
+@needs_reference_decode
 def test_deepseek_v3_greedy_matches_reference_loop():
     model = tiny_deepseek_v3()
     ids = prompt(150, seed=4)
@@ -47,9 +71,17 @@ def test_deepseek_v3_greedy_matches_reference_loop():
 
 
 def test_other_architectures_are_refused_by_name(tmp_path):
-    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
-                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=1024, num_key_value_heads=4,
-                           max_position_embeddings=2048)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=128,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+        vocab_size=1024,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
     model = llama.Model(args)
     mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (tmp_path / "config.json").write_text(json.dumps({**args.__dict__, "architectures": ["LlamaForCausalLM"]}))

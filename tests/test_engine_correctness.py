@@ -3,8 +3,10 @@ alone, chunked, inside batches that start at different steps, and after preempti
 
 from engine_harness import demo_model, make_engine, prompt, run_until_idle, submit
 from reference_loop import greedy_reference
+from support.hardware import needs_reference_decode
 
 
+@needs_reference_decode
 def test_greedy_matches_reference_loop():
     model, _ = demo_model()
     # 300 tokens cross the llama-4 scale's step at position 256 and several cache blocks.
@@ -17,6 +19,7 @@ def test_greedy_matches_reference_loop():
     assert out.finish_reason == "length"
 
 
+@needs_reference_decode
 def test_same_tokens_alone_and_in_a_staggered_batch():
     target = prompt(90, seed=1)
     alone_engine = make_engine()
@@ -38,6 +41,7 @@ def test_same_tokens_alone_and_in_a_staggered_batch():
     assert all(o.finish_reason == "length" for o in others)
 
 
+@needs_reference_decode
 def test_preempted_request_output_equals_unpreempted():
     ids = [prompt(100, seed=s) for s in range(3)]
     roomy = make_engine(num_blocks=64)

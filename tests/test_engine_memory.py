@@ -2,7 +2,6 @@
 scatter into donated buffers, the decode kernel's in-place append), never copied."""
 
 import mlx.core as mx
-
 from engine_harness import make_engine, prompt, submit
 
 

@@ -4,19 +4,25 @@ seeded sampling inside different batches, stop strings, UTF-8 streaming, time-ou
 import random
 
 from engine_harness import ScriptedRunner, demo_model, make_engine, prompt, run_until_idle, submit
+from support.hardware import needs_reference_decode
 
 
 def test_no_block_leaks_after_random_requests_cancellations_and_preemptions():
     rng = random.Random(0)
-    engine = make_engine(num_blocks=8, runner=ScriptedRunner(), max_model_len=256, max_num_seqs=6,
-                         max_num_batched_tokens=128, prefill_chunk_size=64)
+    engine = make_engine(
+        num_blocks=8,
+        runner=ScriptedRunner(),
+        max_model_len=256,
+        max_num_seqs=6,
+        max_num_batched_tokens=128,
+        prefill_chunk_size=64,
+    )
     live = {}
     for i in range(1000):
         # Shared prefixes (5 seeds) exercise prefix hits; a few long outputs force preemptions.
         p = prompt(rng.randint(1, 100), seed=rng.randint(0, 4))
         n = rng.randint(60, 120) if rng.random() < 0.1 else rng.randint(1, 4)
-        live[f"r{i}"] = submit(engine, f"r{i}", p, max_tokens=n, ignore_eos=True,
-                               temperature=rng.choice([0.0, 1.0]))
+        live[f"r{i}"] = submit(engine, f"r{i}", p, max_tokens=n, ignore_eos=True, temperature=rng.choice([0.0, 1.0]))
         if rng.random() < 0.3:
             engine.abort(rng.choice(list(live)))
         if rng.random() < 0.5:
@@ -48,7 +54,9 @@ def test_second_turn_prefills_only_the_new_tokens():
     # Reused: every full block of what the first turn cached (prompt and the outputs that went
     # back through the model) that the second prompt repeats token for token.
     cached_first = first_ids + first.tokens[:-1]
-    common = next((i for i, (a, b) in enumerate(zip(cached_first, second_ids)) if a != b), len(cached_first))
+    common = next(
+        (i for i, (a, b) in enumerate(zip(cached_first, second_ids, strict=False)) if a != b), len(cached_first)
+    )
     cached = second.deltas[-1].cached_tokens
     assert cached == min(common, len(second_ids) - 1) // 64 * 64
     assert cached >= len(first_ids) // 64 * 64
@@ -73,6 +81,7 @@ def test_long_prompt_does_not_stall_running_streams():
     assert engine.blocks.num_free == len(engine.blocks.blocks)
 
 
+@needs_reference_decode
 def test_seeded_sampling_is_the_same_in_any_batch():
     ids = prompt(40, seed=3)
     alone = make_engine()

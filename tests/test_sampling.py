@@ -70,7 +70,7 @@ def test_seeded_request_is_independent_of_its_batch():
             batch[position] = mine[t]
             states = neighbours[:position] + [me] + neighbours[position:]
             tokens = _draw(batch, states)
-            for s, tok in zip(states, tokens):
+            for s, tok in zip(states, tokens, strict=True):
                 s.record(tok)
             out.append(tokens[position])
         return out
@@ -205,8 +205,7 @@ def test_logprobs_are_raw_log_softmax():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(4, V)).astype(np.float32) * 3
     states = [
-        _state(temperature=0.8, logprobs=True, top_logprobs=5, repetition_penalty=1.4,
-               prompt=list(range(10))),
+        _state(temperature=0.8, logprobs=True, top_logprobs=5, repetition_penalty=1.4, prompt=list(range(10))),
         _state(temperature=0.0, logprobs=True, top_logprobs=2, logit_bias={0: 30.0}),
         _state(temperature=1.0, logprobs=True),
         _state(temperature=1.0, top_k=3, top_p=0.5),
@@ -216,9 +215,7 @@ def test_logprobs_are_raw_log_softmax():
     ref = _log_softmax(logits)
     tokens = res.tokens.tolist()
     assert tokens[1] == 0  # the bias changed the draw, not the reported logprob
-    np.testing.assert_allclose(
-        np.array(res.logprobs), ref[np.arange(4), tokens], rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(np.array(res.logprobs), ref[np.arange(4), tokens], rtol=1e-5, atol=1e-5)
     assert res.top_ids.shape == (4, 5) and res.top_logprobs.dtype == mx.float32
     order = np.argsort(-ref, axis=-1)[:, :5]
     assert np.array(res.top_ids).tolist() == order.tolist()

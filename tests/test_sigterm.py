@@ -3,99 +3,85 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
+from support import RemoteServer
+from support.sse import finish_reason, iter_sse
 
-REPO = Path(__file__).resolve().parent.parent
-
-# `python -m server` with the engine factory's start_engine swapped for the FakeEngine: fast, and every stream stays
-# live for as long as the test needs (one word every 50 ms).
+# `python -m server` with the engine factory's start_engine swapped for the FakeEngine: fast, and a
+# stream of N words takes N * 50 ms.
 FAKE_SERVER = """
 import sys
 import server.engine.factory
-from tests.fake_engine import FakeEngine
+from fake_engine import FakeEngine
 server.engine.factory.start_engine = lambda args: FakeEngine(model_name="mla-demo", token_delay=0.05)
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 STREAMS = 3
+# No stream can end before the signal, so every one must end with an error event:
+# - the fake echoes 400+ words at 50 ms each: 20 s of output;
+# - the demo model decodes greedily with EOS banned (logit_bias) and no max_tokens, so only the
+#   context (32K tokens) would end it.
+FAKE_WORDS = 400
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def demo_eos_id() -> int:
+    from server.engine.demo_model import ensure_demo_model
+
+    return int(json.loads((ensure_demo_model() / "generation_config.json").read_text())["eos_token_id"])
 
 
-def start_server(engine: str, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server"] if engine == "demo" else [sys.executable, "-c", FAKE_SERVER]
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [*command, "--port", str(port), "--log-level", "warning"], cwd=REPO, stdout=out, stderr=out
-        )
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited during startup"
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server did not become healthy")
+def start(engine: str, log) -> RemoteServer:
+    args = ["--log-level", "warning"]
+    return (
+        RemoteServer(args, log_path=log) if engine == "demo" else RemoteServer(args, program=FAKE_SERVER, log_path=log)
+    )
 
 
 class Stream(threading.Thread):
-    """One streamed chat completion; `data` collects every SSE data payload."""
+    """One streamed chat completion; `events` collects every SSE payload as it arrives."""
 
-    def __init__(self, base: str, words: int) -> None:
+    def __init__(self, url: str, body: dict) -> None:
         super().__init__(daemon=True)
-        self.base, self.words = base, words
-        self.data: list[str] = []
+        self.url, self.body = url, body
+        self.events: list = []
         self.flowing = threading.Event()  # role chunk and first content chunk arrived
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        body = {
-            "model": "mla-demo",
-            "stream": True,
-            "max_tokens": 2000,
-            "messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(self.words))}],
-        }
         try:
-            with httpx.stream("POST", f"{self.base}/v1/chat/completions", json=body, timeout=60) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        self.data.append(line[len("data: ") :])
-                        if len(self.data) >= 2:
-                            self.flowing.set()
+            with httpx.stream("POST", self.url, json=self.body, timeout=60) as response:
+                for event in iter_sse(response.iter_lines()):
+                    self.events.append(event)
+                    if len(self.events) >= 2:
+                        self.flowing.set()
         except BaseException as e:
             self.error = e
         finally:
             self.flowing.set()
 
     def finished_normally(self) -> bool:
-        return any(_finish_reason(d) for d in self.data)
+        return any(finish_reason(e) for e in self.events)
 
 
-def _finish_reason(payload: str) -> str | None:
-    if payload == "[DONE]":
-        return None
-    choices = json.loads(payload).get("choices") or [{}]
-    return choices[0].get("finish_reason")
+def stream_body(engine: str, i: int) -> dict:
+    body: dict = {"model": "mla-demo", "stream": True}
+    if engine == "fake":
+        words = " ".join(f"w{k}" for k in range(FAKE_WORDS + i))
+        return {**body, "max_tokens": 2000, "messages": [{"role": "user", "content": words}]}
+    words = " ".join(f"w{k}" for k in range(5 + i))
+    return {
+        **body,
+        "temperature": 0,
+        "logit_bias": {str(demo_eos_id()): -100},
+        "messages": [{"role": "user", "content": words}],
+    }
 
 
 @pytest.mark.parametrize(
@@ -104,51 +90,34 @@ def _finish_reason(payload: str) -> str | None:
     ids=["fake-SIGTERM", "fake-SIGINT", "demo-SIGTERM"],
 )
 def test_signal_ends_live_streams_and_exits_0(tmp_path, engine, sig):
-    port, log = free_port(), tmp_path / "server.log"
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(engine, port, log)
-    try:
-        wait_healthy(proc, base, timeout=120)
-        # The fake echoes the prompt's words, so a long prompt is a long stream; the demo model
-        # generates until max_tokens or a chance EOS, and prefills short prompts fastest.
-        words = 400 if engine == "fake" else 5
-        streams = [Stream(base, words + i) for i in range(STREAMS)]
+    log = tmp_path / "server.log"
+    with start(engine, log) as server:
+        url = server.url_for("v1", "chat/completions")
+        streams = [Stream(url, stream_body(engine, i)) for i in range(STREAMS)]
         for s in streams:
             s.start()
         for s in streams:
             assert s.flowing.wait(60)
-        live = [s for s in streams if not s.finished_normally()]
-        if engine == "fake":
-            assert len(live) == STREAMS
-        assert live, "every stream finished before the signal; nothing was tested"
+            assert s.error is None, s.error
+        assert not any(s.finished_normally() for s in streams), "a stream ended before the signal"
 
         signalled = time.monotonic()
-        proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 0, log.read_text()
+        server.send_signal(sig)
+        assert server.wait(timeout=30) == 0, log.read_text()
         exit_seconds = time.monotonic() - signalled
         for s in streams:
             s.join(timeout=10)
             assert not s.is_alive() and s.error is None, s.error
-            assert s.data[-1] == "[DONE]"
-        for s in live:
-            # the stream was cut short: its last event before [DONE] says why, in OpenAI's error shape
-            assert "error" in json.loads(s.data[-2]), s.data[-3:]
+            # cut short: the last event before [DONE] says why, in OpenAI's error shape
+            assert s.events[-1] == "[DONE]", s.events[-3:]
+            assert set(s.events[-2]) == {"error"}, s.events[-3:]
+            assert not s.finished_normally(), s.events[-3:]
         assert exit_seconds < 10
         assert "Traceback" not in log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_sigterm_while_idle_exits_0(tmp_path):
-    port, log = free_port(), tmp_path / "server.log"
-    proc = start_server("fake", port, log)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", timeout=60)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    log = tmp_path / "server.log"
+    with start("fake", log) as server:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=15) == 0, log.read_text()
