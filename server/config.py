@@ -73,6 +73,26 @@ class Settings:
     log_file: str | None = _option(
         None, "append the log to this file, reopened after log rotation moves it (unset: stderr)"
     )
+    max_waiting_requests: int | None = _option(
+        _ENGINE.max_waiting_requests,
+        "requests queued beyond the running ones before new ones get 429 (unset: 4 x --max-num-seqs)",
+        lambda v: v >= 0,
+        "must be >= 0",
+    )
+    default_max_tokens: int = _option(
+        _ENGINE.default_max_tokens, "completion tokens of a request that sets no max_tokens", **_POSITIVE
+    )
+    max_request_bytes: int | None = _option(
+        None, "largest request body in bytes (unset: 1 MiB + 64 bytes per token of context)", **_POSITIVE
+    )
+    allowed_hosts: str | None = _option(
+        None,
+        "comma-separated Host names the server answers besides the loopback names it answers when bound "
+        "to loopback (unset: loopback names only when bound to loopback, any host otherwise)",
+    )
+    header_timeout: float = _option(
+        10.0, "seconds a connection may take to send a complete request head before it is closed", **_POSITIVE
+    )
     api_key: str | None = _option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
     served_model_name: str | None = _option(None, "model name clients send and see (unset: derived from --model)")
     config: str | None = _option(None, "TOML file holding any of these options, keys spelled with underscores")

@@ -15,11 +15,16 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from functools import partial
 from types import FrameType
+from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.api.app import create_app
+from server.api.guard import default_allowed_hosts
 from server.config import PROG, Settings
 from server.engine import factory
 from server.engine.types import EngineClient, EngineError
@@ -51,7 +56,12 @@ def serve(settings: Settings) -> int:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
         try:
-            app = create_app(engine, api_key=settings.api_key)
+            app = create_app(
+                engine,
+                api_key=settings.api_key,
+                max_request_bytes=settings.max_request_bytes,
+                allowed_hosts=allowed_hosts(settings),
+            )
             config = uvicorn.Config(
                 app,
                 host=settings.host,
@@ -59,12 +69,61 @@ def serve(settings: Settings) -> int:
                 log_level=settings.log_level,
                 log_config=None,  # keep the root logger's format set above
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                # uvicorn calls what it is given as a protocol class; a partial is one to it.
+                http=partial(HeadTimeoutH11Protocol, head_timeout=settings.header_timeout),  # type: ignore[arg-type]
             )
             server = _Server(config, engine)
             server.run(sockets=[sock])
         finally:
             engine.shutdown()
     return 0 if server.started else 1
+
+
+def allowed_hosts(settings: Settings) -> list[str] | None:
+    """The Host names to answer: loopback names when bound to loopback, plus --allowed-hosts."""
+    extra = [h.strip() for h in (settings.allowed_hosts or "").split(",") if h.strip()]
+    default = default_allowed_hosts(settings.host)
+    if default is None:
+        return extra or None
+    return default + extra
+
+
+class HeadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete within
+    `head_timeout` seconds (slowloris). It covers a new connection and a kept-alive one that has
+    started its next request; an idle kept-alive connection is uvicorn's `timeout_keep_alive`,
+    and a slow body is bounded by the request timeout once the route reads it."""
+
+    def __init__(self, *args: Any, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm()  # part of a head has arrived, or none yet
+        elif self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -220,9 +220,14 @@ async def test_unparseable_bodies_are_400(client, raw, headers):
     assert (await chat(client)).status_code == 200
 
 
-async def test_json_without_content_type_is_accepted(client):
-    r = await client.post("/v1/chat/completions", content=json.dumps({"model": MODEL, "messages": HELLO}))
-    assert r.status_code == 200
+async def test_a_body_not_declared_json_is_refused(client, engine):
+    # A web page may POST text/plain across origins without a preflight: no generation may start.
+    for headers in [{}, {"Content-Type": "text/plain"}]:
+        r = await client.post(
+            "/v1/chat/completions", content=json.dumps({"model": MODEL, "messages": HELLO}), headers=headers
+        )
+        assert "Content-Type: application/json" in assert_openai_error(r, 400)["message"]
+    assert engine.requests == []
 
 
 async def test_unknown_routes_and_methods_are_openai_errors(client):

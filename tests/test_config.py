@@ -26,6 +26,11 @@ SAMPLES = {
     "log_file": ('"/tmp/s.log"', "/tmp/s.log", "/tmp/s.log"),
     "api_key": ('"sk-local"', "sk-local", "sk-local"),
     "served_model_name": ('"mistral-small-4"', "mistral-small-4", "mistral-small-4"),
+    "max_waiting_requests": ("16", "16", 16),
+    "default_max_tokens": ("512", "512", 512),
+    "max_request_bytes": ("1048576", "1048576", 1048576),
+    "allowed_hosts": ('"mac.local,studio.lan"', "mac.local,studio.lan", "mac.local,studio.lan"),
+    "header_timeout": ("2.5", "2.5", 2.5),
 }
 
 

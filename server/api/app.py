@@ -6,6 +6,7 @@ tests can hand in any EngineClient (tests/fake_engine.py).
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -15,11 +16,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from server.api.guard import BodySizeLimit, default_max_request_bytes
 from server.api.protocol import ChatCompletionRequest, ChatCompletionResponse, HealthStatus, ModelCard, ModelList
 from server.api.serving import ChatService
 from server.engine.types import EngineClient
+
+log = logging.getLogger(__name__)
 
 
 def get_engine(request: Request) -> EngineClient:
@@ -39,7 +44,11 @@ def require_api_key(
     api_key: str | None = request.app.state.api_key
     if api_key is None:
         return
-    if credentials is None or not secrets.compare_digest(credentials.credentials, api_key):
+    # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may hold any byte.
+    sent = credentials.credentials.encode("utf-8", "surrogateescape") if credentials else b""
+    if not secrets.compare_digest(sent, api_key.encode()):
+        client = request.client.host if request.client else "unknown client"
+        log.warning("rejected a request from %s: %s API key", client, "wrong" if credentials else "missing")
         raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
@@ -68,11 +77,18 @@ async def get_health(engine: Annotated[EngineClient, Depends(get_engine)]) -> He
     return HealthStatus(model=engine.model_name, engine=engine.stats())
 
 
-def create_app(engine: EngineClient, *, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: EngineClient,
+    *,
+    api_key: str | None = None,
+    max_request_bytes: int | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
     """An app serving `engine` under its `model_name`.
 
     With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never does.
-    Leaving the lifespan calls `engine.shutdown()`.
+    Bodies over `max_request_bytes` (default: sized from the context) get 413; with
+    `allowed_hosts`, other Host headers get 400. Leaving the lifespan calls `engine.shutdown()`.
     """
 
     @asynccontextmanager
@@ -84,13 +100,19 @@ def create_app(engine: EngineClient, *, api_key: str | None = None) -> FastAPI:
         title="mla-server",
         summary="OpenAI-compatible chat completions for MLA models",
         lifespan=lifespan,
-        strict_content_type=False,  # `curl -d '{...}'` without a Content-Type header still works
+        # A body must say it is JSON: a web page may POST text/plain across origins without a
+        # CORS preflight, and that must not start a generation (errors.py words the refusal).
+        strict_content_type=True,
     )
     app.state.engine = engine
     app.state.api_key = api_key
     app.state.started = int(time.time())
     app.state.chat = ChatService(engine)
     install_error_handlers(app)
+    limit = max_request_bytes or default_max_request_bytes(engine.max_model_len)
+    app.add_middleware(BodySizeLimit, max_bytes=limit)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.include_router(v1)
     app.include_router(health)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

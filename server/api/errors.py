@@ -17,7 +17,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.protocol import ErrorInfo, ErrorResponse
-from server.engine.types import EngineError, InvalidRequest, PromptTooLong
+from server.engine.types import EngineError, EngineOverloaded, InvalidRequest, PromptTooLong, RequestTimeout
+
+# Seconds an overloaded server asks a client to wait before retrying.
+RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -29,16 +32,20 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        # A message may echo client input; a lone surrogate in it could not be encoded as UTF-8.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
 
     def body(self) -> dict[str, Any]:
         return ErrorResponse(error=self.info).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -49,6 +56,13 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineOverloaded):
+        return APIError(
+            429, str(exc), type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    if isinstance(exc, RequestTimeout):
+        # OpenAI's SDKs retry a 503 twice, which would run the same long request three times.
+        return APIError(503, str(exc), type="server_error", code="timeout", headers={"x-should-retry": "false"})
     if isinstance(exc, EngineError):  # the engine could not serve a valid request: ours
         return APIError(503, str(exc) or "the engine could not serve this request", type="server_error")
     if isinstance(exc, RequestValidationError):
@@ -56,7 +70,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, StarletteHTTPException):
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return APIError(exc.status_code, message, type=error_type)
+        return APIError(exc.status_code, message, type=error_type, headers=dict(exc.headers or {}))
     return APIError(500, "internal server error", type="server_error")
 
 
@@ -80,8 +94,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "field required"
-    if param is None:
-        message = f"the request body must be a JSON object (Content-Type: application/json): {message}"
+    if param is None and isinstance(first.get("input"), bytes | str):
+        # FastAPI leaves a body not declared as JSON unparsed.
+        message = "the request body must be JSON, sent with 'Content-Type: application/json'"
+    elif param is None:
+        message = f"the request body must be a JSON object: {message}"
     else:
         message = f"{param}: {message}"
     return APIError(400, message, param=param)
@@ -89,7 +106,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 # The error responses every route may send, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase} for status in (400, 401, 404, 500, 503)
+    status: {"model": ErrorResponse, "description": HTTPStatus(status).phrase}
+    for status in (400, 401, 404, 413, 429, 500, 503)
 }
 
 

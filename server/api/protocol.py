@@ -20,6 +20,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from server.engine.types import SamplingParams
@@ -27,6 +28,28 @@ from server.engine.types import SamplingParams
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: object) -> object:
+        # JSON's "\ud800" escapes decode to lone surrogates, which no tokenizer or encoder takes.
+        if _has_lone_surrogate(value):
+            raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode text")
+        return value
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False  # numbers, None, and nested requests (checked by their own validator)
 
 
 class TextPart(_Request):
@@ -48,9 +71,15 @@ class ChatMessage(_Request):
         except ValidationError:
             raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts') from None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: a {self.role} message needs content")
+        return self
+
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)  # as vLLM joins them
         return self.content or ""
 
 
@@ -104,7 +133,7 @@ class ChatCompletionRequest(_Request):
     @classmethod
     def _token_id_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for token, value in (bias or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             if not -100.0 <= value <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
@@ -116,6 +145,12 @@ class ChatCompletionRequest(_Request):
         if top and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)

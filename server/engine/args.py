@@ -25,7 +25,17 @@ class EngineArgs:
     block_size: int = 64  # tokens per cache block
     enable_prefix_caching: bool = True
     request_timeout: float = 600.0  # seconds a request may run
+    # Requests queued beyond the running ones before new ones are refused (429); None: 4 x max_num_seqs.
+    max_waiting_requests: int | None = None
+    # Completion length of a request that names none (it still stops at the context's end).
+    default_max_tokens: int = 4096
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model or DEMO_MODEL_NAME
+
+    @property
+    def max_requests(self) -> int:
+        """Requests the engine holds at once, running and waiting; more are refused."""
+        waiting = 4 * self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
+        return self.max_num_seqs + waiting

@@ -20,7 +20,15 @@ import mlx.core as mx
 
 from .llm_engine import LLMEngine
 from .sequence import Sequence
-from .types import EngineError, EngineShutdown, InvalidRequest, SamplingParams, StreamDelta
+from .types import (
+    EngineError,
+    EngineOverloaded,
+    EngineShutdown,
+    InvalidRequest,
+    PromptTooLong,
+    SamplingParams,
+    StreamDelta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +36,9 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
 
-    def __init__(self, make_engine: Callable[[], LLMEngine], model_name: str, request_timeout: float = 600.0) -> None:
+    def __init__(self, make_engine: Callable[[], LLMEngine]) -> None:
         """`make_engine` runs on the engine thread: MLX arrays and streams belong to the thread
         that made them, so the model is loaded there too. Its errors are raised here."""
-        self.model_name = model_name
-        self.request_timeout = request_timeout
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         ready: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
@@ -43,8 +49,14 @@ class AsyncEngine:
             self._thread.join()
             raise engine
         self.engine: LLMEngine = engine
+        self.args = engine.args
+        self.model_name = engine.args.model_name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        # No token is longer than this many characters, so a prompt of more characters than
+        # max_model_len times this cannot fit and is refused before tokenizing.
+        self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self._in_flight = 0  # generations started and not ended; read and written on the event loop
 
     # -- EngineClient -------------------------------------------------------------------------
     async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -52,6 +64,12 @@ class AsyncEngine:
         return await asyncio.to_thread(self._encode_chat, messages)
 
     def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        if chars > self.max_model_len * self._max_token_chars:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens, and the messages "
+                f"hold {chars} characters: more than that many tokens can hold. Please shorten the messages."
+            )
         try:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         except Exception as exc:  # the model's own jinja template rejected these messages
@@ -62,6 +80,10 @@ class AsyncEngine:
     ) -> AsyncGenerator[StreamDelta, None]:
         if self._stopping.is_set():
             raise EngineShutdown("server is shutting down")
+        if self._in_flight >= self.args.max_requests:
+            raise EngineOverloaded(
+                f"the server is at its limit of {self.args.max_requests} running and waiting requests; retry shortly"
+            )
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[StreamDelta | Exception] = asyncio.Queue()
         seq = Sequence(
@@ -69,9 +91,10 @@ class AsyncEngine:
             list(prompt_ids),
             params,
             emit=lambda item: _ignore(loop.call_soon_threadsafe(deltas.put_nowait, item)),
-            deadline=time.monotonic() + self.request_timeout,
+            deadline=time.monotonic() + self.args.request_timeout,
         )
         self._inbox.put(("add", seq))
+        self._in_flight += 1
         done = False
         try:
             while not done:
@@ -82,6 +105,7 @@ class AsyncEngine:
                 done = item.finish_reason is not None
                 yield item
         finally:
+            self._in_flight -= 1
             if not done:
                 self.abort(request_id)
 

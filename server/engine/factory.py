@@ -66,7 +66,7 @@ def load_engine(args: EngineArgs, loaded: tuple[Any, Any] | None = None) -> LLME
 
 def start_engine(args: EngineArgs) -> AsyncEngine:
     """Load and run the engine on its own thread (MLX arrays belong to the thread that made them)."""
-    return AsyncEngine(lambda: load_engine(args), args.model_name, request_timeout=args.request_timeout)
+    return AsyncEngine(lambda: load_engine(args))
 
 
 def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int) -> int:

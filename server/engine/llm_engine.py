@@ -59,7 +59,9 @@ class LLMEngine:
         try:
             if not seq.prompt_ids:
                 raise InvalidRequest("the prompt is empty", param="messages")
-            seq.params = fit_to_context(seq.params, len(seq.prompt_ids), self.max_model_len)
+            seq.params = fit_to_context(
+                seq.params, len(seq.prompt_ids), self.max_model_len, self.args.default_max_tokens
+            )
             seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.runner.vocab_size)
         except EngineError as exc:
             seq.emit(exc)

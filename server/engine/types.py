@@ -88,11 +88,17 @@ class RequestTimeout(EngineError):
     """The request ran past the engine's request timeout."""
 
 
-def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int) -> SamplingParams:
+class EngineOverloaded(EngineError):
+    """Running and waiting requests are at their limit; the client should retry later."""
+
+
+def fit_to_context(
+    params: SamplingParams, prompt_len: int, max_model_len: int, default_max_tokens: int | None = None
+) -> SamplingParams:
     """`params` with `max_tokens` resolved against the context: the one place this is decided.
 
     Raises PromptTooLong when the prompt leaves no room, or when an explicit `max_tokens` would not
-    fit; an unset `max_tokens` takes whatever the context leaves.
+    fit; an unset `max_tokens` becomes `default_max_tokens`, or what the context leaves if less.
     """
     room = max_model_len - prompt_len
     if room <= 0:
@@ -106,7 +112,7 @@ def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int) 
             f"{prompt_len} and {params.max_tokens} more were requested. Lower max_tokens to at most {room}.",
             param="max_tokens",
         )
-    return replace(params, max_tokens=params.max_tokens or room)
+    return replace(params, max_tokens=params.max_tokens or min(room, default_max_tokens or room))
 
 
 class EngineClient(Protocol):
