@@ -5,12 +5,12 @@ import json
 import time
 
 import pytest
-
 from fake_engine import FakeEngine
+
 from server.api.app import create_app
-from server.bench.__main__ import main as bench_main
 from server.bench.loadgen import LoadConfig, check_address, run_load
 from server.bench.prompts import LengthDist, ReplayPrompts, SyntheticPrompts
+from server.bench.serve import main as bench_main
 from server.bench.servers import free_port
 
 
@@ -22,8 +22,7 @@ def test_streams_and_measures(serve_app):
     engine = FakeEngine(token_delay=0.01)
     base = serve_app(create_app(engine)) + "/v1"
     # The fake engine echoes the prompt's words: 6 words with max_tokens 5 give 5 tokens each.
-    result = _run(SyntheticPrompts(LengthDist("fixed", 6), max_tokens=5), base_url=base, concurrency=4,
-                  num_requests=8)
+    result = _run(SyntheticPrompts(LengthDist("fixed", 6), max_tokens=5), base_url=base, concurrency=4, num_requests=8)
     s = result["summary"]
     assert s["requests"] == 8 and s["completed"] == 8 and s["errors"] == {}
     assert s["output_tokens"] == 40 and s["mean_prompt_tokens"] > 6
@@ -42,8 +41,9 @@ def test_errors_counted_by_kind(serve_app):
     s = _run(too_long, base_url=base, model="fake-model", concurrency=2, num_requests=3)["summary"]
     assert s["errors"] == {"http_400": 3} and s["completed"] == 0
 
-    s = _run(SyntheticPrompts(LengthDist("fixed", 3), 2), base_url=base, model="no-such-model",
-             num_requests=2)["summary"]
+    s = _run(SyntheticPrompts(LengthDist("fixed", 3), 2), base_url=base, model="no-such-model", num_requests=2)[
+        "summary"
+    ]
     assert s["errors"] == {"http_404": 2}
 
     refused = f"http://127.0.0.1:{free_port()}/v1"
@@ -62,8 +62,9 @@ def test_time_bound_cuts_requests_and_cancels_them(serve_app):
     base = serve_app(create_app(engine)) + "/v1"
     # Each request would stream 200 tokens, 10 s; the bound is 1 s.
     t0 = time.monotonic()
-    result = _run(SyntheticPrompts(LengthDist("fixed", 200), 200), base_url=base, concurrency=3,
-                  num_requests=100, duration_s=1.0)
+    result = _run(
+        SyntheticPrompts(LengthDist("fixed", 200), 200), base_url=base, concurrency=3, num_requests=100, duration_s=1.0
+    )
     assert time.monotonic() - t0 < 4.0
     s = result["summary"]
     assert s["requests"] == 3 and s["unfinished"] == 3 and s["errors"] == {}
@@ -79,8 +80,10 @@ def test_replay_file(serve_app, tmp_path):
     engine = FakeEngine()
     base = serve_app(create_app(engine)) + "/v1"
     replay = tmp_path / "r.jsonl"
-    lines = [{"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 2, "stream": False},
-             {"messages": [{"role": "user", "content": "four five"}]}]
+    lines = [
+        {"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 2, "stream": False},
+        {"messages": [{"role": "user", "content": "four five"}]},
+    ]
     replay.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     result = _run(ReplayPrompts(replay, max_tokens=9), base_url=base, num_requests=4)
     assert result["summary"]["completed"] == 4
@@ -123,8 +126,24 @@ def test_only_loopback_unless_allowed():
 def test_cli_sweep_writes_json_and_plot(serve_app, tmp_path, capsys):
     base = serve_app(create_app(FakeEngine(token_delay=0.002))) + "/v1"
     out = tmp_path / "run.json"
-    rc = bench_main(["--base-url", base, "-c", "1,2", "-n", "3", "--prompt-len", "uniform:4:8",
-                     "--max-tokens", "4", "--out", str(out), "--warmup", "0"])
+    rc = bench_main(
+        [
+            "--base-url",
+            base,
+            "-c",
+            "1,2",
+            "-n",
+            "3",
+            "--prompt-len",
+            "uniform:4:8",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--warmup",
+            "0",
+        ]
+    )
     assert rc == 0
     results = json.loads(out.read_text())
     assert [r["config"]["concurrency"] for r in results] == [1, 2]
@@ -135,8 +154,14 @@ def test_cli_sweep_writes_json_and_plot(serve_app, tmp_path, capsys):
 
 
 def test_cli_refuses_remote_and_bad_levels(capsys):
-    for argv in (["--base-url", "http://10.1.2.3:8080/v1"], ["-c", "1,0"], ["-c", "a"], ["--prompt-len", "x:1"],
-                 ["--max-tokens", "0"], ["--tokens-per-word", "1", "--tokenizer", "t.json"]):
+    for argv in (
+        ["--base-url", "http://10.1.2.3:8080/v1"],
+        ["-c", "1,0"],
+        ["-c", "a"],
+        ["--prompt-len", "x:1"],
+        ["--max-tokens", "0"],
+        ["--tokens-per-word", "1", "--tokenizer", "t.json"],
+    ):
         with pytest.raises(SystemExit) as e:
             bench_main(argv)
         assert e.value.code == 2

@@ -28,3 +28,28 @@ def test_keeps_text_outside_sections(tmp_path):
     update_section(path, "engine", "more numbers")
     text = path.read_text()
     assert "Intro by hand." in text and "more numbers" in text and "\nnumbers" not in text
+
+
+def test_read_section(tmp_path):
+    from server.bench.report import read_section
+
+    path = tmp_path / "benchmarks.md"
+    assert read_section(path, "kernel") is None
+    update_section(path, "kernel", "line one\nline two")
+    update_section(path, "engine", "other")
+    assert read_section(path, "kernel") == "line one\nline two"
+    assert read_section(path, "serving") is None
+
+
+def test_device_date_and_command_line():
+    from server.bench.report import command_line, device_name, device_tag, provenance
+
+    tag, name = device_tag(), device_name()
+    assert tag in ("cpu", "cuda", "metal")
+    assert name.endswith({"cpu": "(MLX CPU)", "cuda": "(MLX CUDA)", "metal": "(MLX Metal)"}[tag])
+    assert (
+        command_line("engine", ["--model", "/a b", "--write"]) == "python -m server.bench engine --model '/a b' --write"
+    )
+    assert provenance("2026-01-01 00:00 UTC", name, "python -m server.bench engine") == (
+        f"2026-01-01 00:00 UTC, {name}. Command: `python -m server.bench engine`"
+    )

@@ -27,8 +27,18 @@ def test_quick_shrinks_the_run():
 
 
 def test_server_selection_and_extra_args():
-    args = parse_args(["--servers", "ours,mlx_lm_kv4", "--ours-args", "--max-num-seqs 8",
-                       "--mlx-lm-args", "--decode-concurrency 64", "--model", "/m"])
+    args = parse_args(
+        [
+            "--servers",
+            "ours,mlx_lm_kv4",
+            "--ours-args",
+            "--max-num-seqs 8",
+            "--mlx-lm-args",
+            "--decode-concurrency 64",
+            "--model",
+            "/m",
+        ]
+    )
     assert args.servers == ["ours", "mlx_lm_kv4"]
     assert args.ours_args == ["--max-num-seqs", "8"] and args.mlx_lm_args == ["--decode-concurrency", "64"]
     argv = SERVERS["mlx_lm_kv4"].argv(Path("/m"), 9000, args.mlx_lm_args)
@@ -39,9 +49,19 @@ def test_server_selection_and_extra_args():
     assert ours[1:3] == ["-m", "server"] and ours[ours.index("--model") + 1] == "/m"
 
 
-@pytest.mark.parametrize("argv", [["--servers", "vllm"], ["--servers", ""], ["--concurrency", "0"],
-                                  ["--max-tokens", "0"], ["--cell-seconds", "0"],
-                                  ["--cell-seconds", "1,2,3"], ["--cell-seconds", "x"], ["--ours-args", "'unclosed"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--servers", "vllm"],
+        ["--servers", ""],
+        ["--concurrency", "0"],
+        ["--max-tokens", "0"],
+        ["--cell-seconds", "0"],
+        ["--cell-seconds", "1,2,3"],
+        ["--cell-seconds", "x"],
+        ["--ours-args", "'unclosed"],
+    ],
+)
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
@@ -63,21 +83,48 @@ def test_cache_bytes_for_mistral_small_4_shape():
 
 
 def _fake_run(tag: str) -> dict:
-    summary = {"requests": 4, "completed": 4, "unfinished": 0, "errors": {}, "wall_s": 1.0, "output_tokens": 64,
-               "mean_prompt_tokens": 1030.0, "mean_output_tokens": 16.0,
-               "ttft_ms": {"p50": 10.0, "p90": 12.0, "p99": 13.0}, "itl_ms": {"p50": 1.0, "p99": 2.0},
-               "request_tokens_per_s": {"mean": 900.0, "p50": 900.0}, "aggregate_tokens_per_s": 64.0}
-    cell = {"config": {"concurrency": 1}, "summary": summary, "prompt_tokens_requested": 8192,
-            "prompt_tokens_target": 3968, "peak_rss_bytes": 290 * 2**20}
-    server = {"name": "ours", "label": "ours (INT4 paged latent)", "startup_s": 2.0, "error": None,
-              "peak_rss_bytes": 300 * 2**20, "health": {"status": "ok", "engine": {"running": 0}},
-              "exit_code": 0, "cells": [cell]}
-    return {"tag": tag, "device": "test cpu", "date": "2026-01-01 00:00 UTC", "wall_s": 60.0,
-            "command": "python -m server.bench.side_by_side --quick",
-            "model": {"model_type": "mistral4", "layers": 2, "dtype": 4, "context": 4096},
-            "settings": {"prompt_plan": [[8192, 3968]], "requests_per_client": 1, "cell_seconds": [15.0],
-                         "max_tokens": 16},
-            "cache_bytes_per_token_layer": {"ours": 144, "mlx_lm": 576}, "servers": [server]}
+    summary = {
+        "requests": 4,
+        "completed": 4,
+        "unfinished": 0,
+        "errors": {},
+        "wall_s": 1.0,
+        "output_tokens": 64,
+        "mean_prompt_tokens": 1030.0,
+        "mean_output_tokens": 16.0,
+        "ttft_ms": {"p50": 10.0, "p90": 12.0, "p99": 13.0},
+        "itl_ms": {"p50": 1.0, "p99": 2.0},
+        "request_tokens_per_s": {"mean": 900.0, "p50": 900.0},
+        "aggregate_tokens_per_s": 64.0,
+    }
+    cell = {
+        "config": {"concurrency": 1},
+        "summary": summary,
+        "prompt_tokens_requested": 8192,
+        "prompt_tokens_target": 3968,
+        "peak_rss_bytes": 290 * 2**20,
+    }
+    server = {
+        "name": "ours",
+        "label": "ours (INT4 paged latent)",
+        "startup_s": 2.0,
+        "error": None,
+        "peak_rss_bytes": 300 * 2**20,
+        "health": {"status": "ok", "engine": {"running": 0}},
+        "exit_code": 0,
+        "cells": [cell],
+    }
+    return {
+        "tag": tag,
+        "device": "test cpu",
+        "date": "2026-01-01 00:00 UTC",
+        "wall_s": 60.0,
+        "command": "python -m server.bench side-by-side --quick",
+        "model": {"model_type": "mistral4", "layers": 2, "dtype": 4, "context": 4096},
+        "settings": {"prompt_plan": [[8192, 3968]], "requests_per_client": 1, "cell_seconds": [15.0], "max_tokens": 16},
+        "cache_bytes_per_token_layer": {"ours": 144, "mlx_lm": 576},
+        "servers": [server],
+    }
 
 
 def test_render_section_from_summaries(tmp_path):
@@ -89,14 +136,21 @@ def test_render_section_from_summaries(tmp_path):
     render_section(docs, data)
     text = docs.read_text()
     assert "kernel numbers" in text and "<!-- section:serving -->" in text
-    assert "clamped to the model's context" in text and "| ours (INT4 paged latent) | 1 | 4/4 |" in text and "| 64.0 | 290 |" in text
+    assert (
+        "clamped to the model's context" in text
+        and "| ours (INT4 paged latent) | 1 | 4/4 |" in text
+        and "| 64.0 | 290 |" in text
+    )
     assert "(bench/side_by_side_cpu_8192.png)" in text and "| 144 | 300 |" in text
-    assert "to be run on the H100" in text
+    assert (
+        "### cpu: test cpu\n\n2026-01-01 00:00 UTC, test cpu. Command: `python -m server.bench side-by-side --quick`"
+        in text
+    )
 
     (data / "side_by_side_h100.json").write_text(json.dumps(_fake_run("h100")))
     render_section(docs, data)
     text = docs.read_text()
-    assert "to be run on the H100" not in text and text.index("### cpu") < text.index("### h100")
+    assert text.index("### cpu") < text.index("### h100")
     assert (data / "side_by_side_h100_8192.png").stat().st_size > 1000  # drawn from the summary
 
 

@@ -20,10 +20,24 @@ def test_percentile_known_values():
 
 
 def test_summarize_known_records():
-    ok = RequestRecord(start=0.0, end=1.0, chunk_times=[0.2, 0.4, 0.6, 1.0], output_tokens=4,
-                       prompt_tokens=10, usage_reported=True, finished=True)
-    slow = RequestRecord(start=0.0, end=2.0, chunk_times=[0.5, 2.0], output_tokens=2,
-                         prompt_tokens=30, usage_reported=True, finished=True)
+    ok = RequestRecord(
+        start=0.0,
+        end=1.0,
+        chunk_times=[0.2, 0.4, 0.6, 1.0],
+        output_tokens=4,
+        prompt_tokens=10,
+        usage_reported=True,
+        finished=True,
+    )
+    slow = RequestRecord(
+        start=0.0,
+        end=2.0,
+        chunk_times=[0.5, 2.0],
+        output_tokens=2,
+        prompt_tokens=30,
+        usage_reported=True,
+        finished=True,
+    )
     bad = RequestRecord(start=0.0, end=0.1, error="http_400")
     cut = RequestRecord(start=1.0, end=2.0, chunk_times=[1.5], output_tokens=1)
     s = summarize([ok, slow, bad, cut], wall_s=2.0)

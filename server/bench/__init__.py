@@ -1,1 +1,5 @@
-"""Load generator and serving benchmarks: `python -m server.bench` drives any OpenAI-compatible server."""
+"""Every benchmark of this project, run as `python -m server.bench {serve,side-by-side,engine,kernel}`.
+
+Only the fixtures benchmarks need live here too (`synthetic_model`, `kernel_cases`); nothing in
+the runtime packages imports this one.
+"""

@@ -11,11 +11,13 @@ MLA models cache the compressed latent (kv_lora_rank = R) and the shared rope ke
 
 from __future__ import annotations
 
+from typing import Any
+
 GROUP = 64
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def dtype_bytes(config: dict) -> int:
+def dtype_bytes(config: dict[str, Any]) -> int:
     dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return _DTYPE_BYTES.get(str(dtype), 2)
 
@@ -25,16 +27,16 @@ def int4_row_bytes(dim: int, scale_bytes: int) -> int:
     return dim // 2 + 2 * -(-dim // GROUP) * scale_bytes
 
 
-def ours(config: dict) -> int:
+def ours(config: dict[str, Any]) -> int:
     d = dtype_bytes(config)
-    return int4_row_bytes(config["kv_lora_rank"], d) + config["qk_rope_head_dim"] * d
+    return int4_row_bytes(config["kv_lora_rank"], d) + int(config["qk_rope_head_dim"]) * d
 
 
-def mlx_lm_full(config: dict) -> int:
-    return (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * dtype_bytes(config)
+def mlx_lm_full(config: dict[str, Any]) -> int:
+    return (int(config["kv_lora_rank"]) + int(config["qk_rope_head_dim"])) * dtype_bytes(config)
 
 
-def mlx_lm_int4(config: dict) -> int:
+def mlx_lm_int4(config: dict[str, Any]) -> int:
     """What --kv-bits 4 would cost past --quantized-kv-start, were it usable for this model."""
     d = dtype_bytes(config)
     return int4_row_bytes(config["kv_lora_rank"], d) + int4_row_bytes(config["qk_rope_head_dim"], d)

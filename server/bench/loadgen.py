@@ -12,7 +12,9 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,7 +39,7 @@ class LoadConfig:
     api_key: str | None = None
     progress: bool = True
     allow_remote: bool = False
-    extra_body: dict = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
 
 def check_address(base_url: str, allow_remote: bool = False) -> None:
@@ -75,15 +77,17 @@ async def resolve_model(client: httpx.AsyncClient) -> str:
     models = resp.json().get("data") or []
     if not models:
         raise RuntimeError("GET /models listed no model; pass the model name explicitly")
-    return models[0]["id"]
+    return str(models[0]["id"])
 
 
-def _content_of(choice: dict) -> str:
+def _content_of(choice: dict[str, Any]) -> str:
     delta = choice.get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
+    return str(delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or "")
 
 
-async def stream_one(client: httpx.AsyncClient, body: dict, rec: RequestRecord, clock) -> None:
+async def stream_one(
+    client: httpx.AsyncClient, body: dict[str, Any], rec: RequestRecord, clock: Callable[[], float]
+) -> None:
     """POST one streaming chat completion and fill `rec` as chunks arrive; never raises on
     server or network failures (they become `rec.error`), only on cancellation."""
     chunks = 0
@@ -125,7 +129,7 @@ async def stream_one(client: httpx.AsyncClient, body: dict, rec: RequestRecord, 
             rec.output_tokens = chunks
 
 
-def request_body(source: PromptSource, cfg: LoadConfig, model: str) -> dict:
+def request_body(source: PromptSource, cfg: LoadConfig, model: str) -> dict[str, Any]:
     body = {**source.next_body(), **cfg.extra_body, "model": model, "stream": True}
     body["stream_options"] = {"include_usage": True}
     if cfg.temperature is not None:
@@ -162,7 +166,7 @@ class _Progress:
             await asyncio.sleep(0.5)
 
 
-async def run_load(source: PromptSource, cfg: LoadConfig) -> dict:
+async def run_load(source: PromptSource, cfg: LoadConfig) -> dict[str, Any]:
     """Drive `cfg.concurrency` clients until `cfg.num_requests` have been sent and answered, or
     `cfg.duration_s` has passed; returns `{"config", "summary", "records"}` (JSON-ready)."""
     check_address(cfg.base_url, cfg.allow_remote)
@@ -199,9 +203,9 @@ async def run_load(source: PromptSource, cfg: LoadConfig) -> dict:
     return {"config": config, "summary": summarize(records, wall), "records": [r.to_json() for r in records]}
 
 
-async def run_sweep(source: PromptSource, cfg: LoadConfig, concurrencies: list[int]) -> list[dict]:
+async def run_sweep(source: PromptSource, cfg: LoadConfig, concurrencies: list[int]) -> list[dict[str, Any]]:
     """`run_load` once per concurrency level; `cfg.num_requests` of 0 means 4 per client (at least 8)."""
-    results = []
+    results: list[dict[str, Any]] = []
     for c in concurrencies:
         n = cfg.num_requests or max(8, 4 * c)
         results.append(await run_load(source, LoadConfig(**{**asdict(cfg), "concurrency": c, "num_requests": n})))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # (summary key, sub-key, name, line style) for the latency panel; a series keeps one colour.
-_LATENCY = (("ttft_ms", "p50", "TTFT p50", "-"), ("ttft_ms", "p99", "TTFT p99", "--"), ("itl_ms", "p50", "ITL p50", ":"))
+_LATENCY = (
+    ("ttft_ms", "p50", "TTFT p50", "-"),
+    ("ttft_ms", "p99", "TTFT p99", "--"),
+    ("itl_ms", "p50", "ITL p50", ":"),
+)
 
 
-def plot_series(series: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+def plot_series(series: dict[str, list[dict[str, Any]]], path: str | Path, title: str) -> Path:
     """Write one PNG: aggregate tokens/s (left) and latencies (right) against concurrency.
 
     `series` maps a label (a server, a prompt length) to `run_load` results, one per concurrency.

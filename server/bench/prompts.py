@@ -9,13 +9,14 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol
 
 # Common short English words: most byte-level BPE vocabularies hold each as one token with its
 # leading space, which keeps the words-to-tokens estimate close without the model's tokenizer.
-DEFAULT_WORDS = tuple(
+_WORDS = (
     "the of and to in is was for on are as with his they at be this from have or by one had not but"
     " what all were when we there can an your which their said if do will each about how up out them"
     " then she many some so these would other into has more her two like him see time could no make"
@@ -25,12 +26,12 @@ DEFAULT_WORDS = tuple(
     " because does part even place well such here take why things help put years different away again"
     " off went old number great tell men say small every found still between name should home big give"
     " air line set own under read last never us left end along while might next sound below saw something"
-    .split()
 )
+DEFAULT_WORDS = tuple(_WORDS.split())
 
 
 class PromptSource(Protocol):
-    def next_body(self) -> dict:
+    def next_body(self) -> dict[str, Any]:
         """A chat request body: `messages` and `max_tokens` (plus whatever a replay line had)."""
 
 
@@ -77,8 +78,14 @@ class SyntheticPrompts:
     `words` is the vocabulary drawn from (see `words_for_tokenizer`).
     """
 
-    def __init__(self, lengths: LengthDist, max_tokens: int, tokens_per_word: float = 1.0, seed: int = 0,
-                 words: Sequence[str] = DEFAULT_WORDS):
+    def __init__(
+        self,
+        lengths: LengthDist,
+        max_tokens: int,
+        tokens_per_word: float = 1.0,
+        seed: int = 0,
+        words: Sequence[str] = DEFAULT_WORDS,
+    ):
         self.lengths = lengths
         self.max_tokens = max_tokens
         self.tokens_per_word = tokens_per_word
@@ -86,7 +93,7 @@ class SyntheticPrompts:
         self._rng = random.Random(seed)
         self._count = itertools.count()
 
-    def next_body(self) -> dict:
+    def next_body(self) -> dict[str, Any]:
         n_words = max(1, round(self.lengths.sample(self._rng) / self.tokens_per_word))
         words = [f"r{next(self._count)}x{self._rng.randrange(10**6)}"]
         words += self._rng.choices(self.words, k=n_words - 1)
@@ -97,7 +104,7 @@ class ReplayPrompts:
     """Chat requests from a JSONL file (one request body per line, `messages` required), in a loop."""
 
     def __init__(self, path: str | Path, max_tokens: int):
-        bodies = []
+        bodies: list[dict[str, Any]] = []
         for i, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -112,7 +119,7 @@ class ReplayPrompts:
             raise ValueError(f"{path}: no requests")
         self._cycle = itertools.cycle(bodies)
 
-    def next_body(self) -> dict:
+    def next_body(self) -> dict[str, Any]:
         return dict(next(self._cycle))
 
 
@@ -135,8 +142,9 @@ def words_for_tokenizer(tokenizer_json: str | Path, n: int = 512) -> Sequence[st
     return tuple(plain[:: max(1, len(plain) // n)][:n])
 
 
-def calibrate_tokens_per_word(tokenizer_json: str | Path, words: Sequence[str] = DEFAULT_WORDS,
-                              n_words: int = 2000, seed: int = 0) -> float:
+def calibrate_tokens_per_word(
+    tokenizer_json: str | Path, words: Sequence[str] = DEFAULT_WORDS, n_words: int = 2000, seed: int = 0
+) -> float:
     """Tokens per prompt word under a Hugging Face `tokenizer.json` (the `tokenizers` library)."""
     from tokenizers import Tokenizer
 

@@ -1,19 +1,110 @@
-"""Rewrite one named section of docs/benchmarks.md, leaving the others alone.
+"""What every benchmark subcommand shares when it reports: the device, the date, the command line,
+and one way to rewrite its own section of docs/benchmarks.md.
 
-Several benchmark scripts (kernel, engine, serving) share the file; each owns the text between
+Several subcommands (kernel, engine, side-by-side) share the file; each owns the text between
 `<!-- section:NAME -->` and `<!-- /section:NAME -->`, so reruns replace only their own numbers.
+Text outside the markers (the prose written by hand) is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 TITLE = "# Benchmarks\n"
+DOCS = Path("docs/benchmarks.md")
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+# ---- where, when, how ----------------------------------------------------------------------
+
+
+def device_tag() -> str:
+    """`cuda`, `metal` or `cpu`: the backend MLX uses by default on this machine."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.gpu:
+        return "cpu"
+    return "cuda" if mx.cuda.is_available() else "metal"
+
+
+def device_name() -> str:
+    """The device MLX computes on by default, named for a report: `NVIDIA H100 80GB HBM3 (MLX CUDA)`,
+    `Apple M2 Max (MLX Metal)` or `CPU <model name>, N cores (MLX CPU)`."""
+    import mlx.core as mx
+
+    tag = device_tag()
+    info: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # device_info is not on every backend of every MLX
+        info = dict(mx.device_info())
+    if tag == "cuda":
+        return f"{info.get('device_name', 'GPU')} (MLX CUDA)"
+    if tag == "metal":
+        return f"{info.get('device_name', platform.machine())} (MLX Metal)"
+    return f"CPU {_cpu_model(info)}, {os.cpu_count()} cores (MLX CPU)"
+
+
+def _cpu_model(info: dict[str, Any]) -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        import subprocess
+
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return out.stdout.strip()
+    return str(info.get("device_name") or platform.processor() or platform.machine())
+
+
+def utc_now() -> str:
+    """The date and time a run started, as every section writes it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def command_line(subcommand: str, argv: Sequence[str] | None = None) -> str:
+    """`python -m server.bench SUBCOMMAND ARGS...`, shell-quoted: how to rerun what is reported.
+    `argv` defaults to this process's arguments after the subcommand."""
+    if argv is None:
+        args = sys.argv[1:]
+        argv = args[1:] if args[:1] == [subcommand] else args
+    return shlex.join(["python", "-m", "server.bench", subcommand, *argv])
+
+
+def provenance(date: str, device: str, command: str) -> str:
+    """The line under every generated heading: when, where and how the numbers were taken."""
+    return f"{date}, {device}. Command: `{command}`"
+
+
+# ---- docs/benchmarks.md --------------------------------------------------------------------
+
+
+def _span(text: str, name: str) -> tuple[int, int] | None:
+    """Where section `name` starts (its opening marker) and ends (after its closing marker)."""
+    start, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    return (i, j + len(end)) if i >= 0 and j >= 0 else None
+
+
+def read_section(path: str | Path, name: str) -> str | None:
+    """The text of section `name` of the markdown file at `path`, or None when it has none."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    span = _span(text, name)
+    if span is None:
+        return None
+    body = text[span[0] : span[1]]
+    return body[body.index("\n") + 1 : body.rindex("\n")]
 
 
 def update_section(path: str | Path, name: str, markdown: str) -> None:
@@ -24,24 +115,22 @@ def update_section(path: str | Path, name: str, markdown: str) -> None:
     if not re.fullmatch(r"[\w.-]+", name):
         raise ValueError(f"section name must be a plain word, got {name!r}")
     path = Path(path)
-    start, end = _markers(name)
-    block = f"{start}\n{markdown.strip()}\n{end}"
+    block = f"<!-- section:{name} -->\n{markdown.strip()}\n<!-- /section:{name} -->"
     text = path.read_text() if path.exists() else TITLE
-    i = text.find(start)
-    j = text.find(end, i + len(start)) if i >= 0 else -1
-    if i >= 0 and j >= 0:
-        text = text[:i] + block + text[j + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    span = _span(text, name)
+    text = text.rstrip("\n") + "\n\n" + block + "\n" if span is None else text[: span[0]] + block + text[span[1] :]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# ---- tables --------------------------------------------------------------------------------
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def results_table(series: dict[str, list[dict]]) -> str:
+def results_table(series: dict[str, list[dict[str, Any]]]) -> str:
     """A markdown table with one row per (label, concurrency) of `run_load` results; results that
     carry `peak_rss_bytes` (the side-by-side runner's) get a server memory column."""
     rss = any("peak_rss_bytes" in r for results in series.values() for r in results)

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -17,7 +18,8 @@ import httpx
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def rss_bytes(pid: int) -> tuple[int | None, int | None]:
@@ -47,22 +49,31 @@ class ServerProcess:
 
     def __init__(self, argv: list[str], base_url: str, log_path: Path, sample_s: float = 0.25):
         self.argv, self.base_url, self.log_path, self.sample_s = argv, base_url.rstrip("/"), log_path, sample_s
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.peak_rss: int | None = None
         self._stop_sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.close()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self.proc is None:
+            raise RuntimeError("the server process has not been started")
+        return self.proc
+
     def _sample(self) -> None:
-        while not self._stop_sampling.is_set() and self.proc.poll() is None:
+        while not self._stop_sampling.is_set() and self._running().poll() is None:
             self._sample_once()
             self._stop_sampling.wait(self.sample_s)
 
@@ -70,11 +81,12 @@ class ServerProcess:
         """Poll GET /health (at the server root, above /v1) until 200; raise with the log's tail if
         the process exits or time runs out."""
         root = self.base_url.removesuffix("/v1")
+        proc = self._running()
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=5.0, trust_env=False) as client:
             while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.argv[:4]} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.argv[:4]} exited with {proc.returncode}:\n{self.log_tail()}")
                 try:
                     if client.get(f"{root}/health").status_code == 200:
                         return
@@ -83,11 +95,12 @@ class ServerProcess:
                 time.sleep(0.5)
         raise TimeoutError(f"{self.argv[:4]} not healthy after {timeout_s:.0f}s:\n{self.log_tail()}")
 
-    def health(self) -> dict | None:
+    def health(self) -> dict[str, Any] | None:
         """The /health JSON, where the server returns one."""
         try:
             resp = httpx.get(f"{self.base_url.removesuffix('/v1')}/health", timeout=5.0, trust_env=False)
-            return resp.json() if resp.status_code == 200 else None
+            body = resp.json() if resp.status_code == 200 else None
+            return body if isinstance(body, dict) else None
         except (httpx.HTTPError, ValueError):
             return None
 
@@ -104,11 +117,12 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._stop_sampling.set()
-        self._sampler.join()
+        if self._sampler is not None:
+            self._sampler.join()
         return self.proc.returncode
 
     def _sample_once(self) -> None:
-        current, peak = rss_bytes(self.proc.pid)
+        current, peak = rss_bytes(self._running().pid)
         self.peak_rss = max((v for v in (current, peak, self.peak_rss) if v is not None), default=None)
 
     def log_tail(self, n: int = 30) -> str:

@@ -1,4 +1,4 @@
-"""`python -m server.bench.side_by_side`: our server and mlx_lm.server on one model and machine, in turn.
+"""`python -m server.bench side-by-side`: our server and mlx_lm.server on one model and machine, in turn.
 
 Each server is started, driven at every (prompt length, concurrency) cell with a bounded request
 count and time, read for peak memory and stopped. Full results go to --results-dir; a summary JSON
@@ -11,26 +11,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import httpx
 
 from server.bench import cache_bytes
-from server.bench.__main__ import concurrency_list
 from server.bench.loadgen import LoadConfig, run_load
-from server.bench.prompts import DEFAULT_WORDS, LengthDist, SyntheticPrompts, calibrate_tokens_per_word, words_for_tokenizer
+from server.bench.prompts import (
+    DEFAULT_WORDS,
+    LengthDist,
+    SyntheticPrompts,
+    calibrate_tokens_per_word,
+    words_for_tokenizer,
+)
 from server.bench.render import render_section
+from server.bench.report import command_line, device_name, device_tag, utc_now
+from server.bench.serve import concurrency_list
 from server.bench.servers import ServerProcess, free_port, python_module
 
 # Room for the chat template and the output when a prompt length is clamped to the context.
 _TEMPLATE_MARGIN = 64
+
+
+class PromptWords(TypedDict):
+    """How prompts are built for this model's tokenizer (SyntheticPrompts' keyword arguments)."""
+
+    tokens_per_word: float
+    words: Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -41,16 +54,26 @@ class ServerKind:
     model_name: str | None = None  # None: ask GET /v1/models
 
     def argv(self, model: Path, port: int, user_args: list[str]) -> list[str]:
-        return python_module(*self.module_args, "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), *self.extra, *user_args)
+        return python_module(
+            *self.module_args,
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *self.extra,
+            *user_args,
+        )
 
 
 SERVERS = {
     "ours": ServerKind("ours (INT4 paged latent)", ("server",)),
     # mlx_lm.server maps the name "default_model" to its --model; another name would make it load that.
     "mlx_lm": ServerKind("mlx_lm.server", ("mlx_lm", "server"), model_name="default_model"),
-    "mlx_lm_kv4": ServerKind("mlx_lm.server --kv-bits 4", ("mlx_lm", "server"), ("--kv-bits", "4"),
-                             model_name="default_model"),
+    "mlx_lm_kv4": ServerKind(
+        "mlx_lm.server --kv-bits 4", ("mlx_lm", "server"), ("--kv-bits", "4"), model_name="default_model"
+    ),
 }
 
 
@@ -73,20 +96,34 @@ def server_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server.bench.side_by_side", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m server.bench side-by-side",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, help="model directory (default: the embedded demo model)")
     p.add_argument("--servers", type=server_list, default=list(SERVERS), help="default: " + ",".join(SERVERS))
     p.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 64])
-    p.add_argument("--prompt-tokens", type=concurrency_list, default=[1024, 8192],
-                   help="prompt lengths; clamped to the model's context")
+    p.add_argument(
+        "--prompt-tokens",
+        type=concurrency_list,
+        default=[1024, 8192],
+        help="prompt lengths; clamped to the model's context",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests per cell = this x clients, >= 4")
-    p.add_argument("--cell-seconds", type=seconds_list, default=[30.0, 60.0],
-                   help="time bound of one cell, one per prompt length or one for all (default 30,60)")
+    p.add_argument(
+        "--cell-seconds",
+        type=seconds_list,
+        default=[30.0, 60.0],
+        help="time bound of one cell, one per prompt length or one for all (default 30,60)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0)
-    p.add_argument("--quick", action="store_true",
-                   help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells",
+    )
     p.add_argument("--tag", help="device tag naming the docs files (default: cpu, cuda or metal)")
     p.add_argument("--device", help="device description for the docs (default: detected)")
     p.add_argument("--ours-args", default="", help="extra arguments for our server (one shell-quoted string)")
@@ -102,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    args.argv = argv  # as given, for the command line the docs record (None: this process's)
     if args.quick:
         args.concurrency, args.prompt_tokens = [c for c in args.concurrency if c <= 16] or [1], [1024]
         args.max_tokens, args.requests_per_client, args.cell_seconds = 16, 1, [15.0]
@@ -119,26 +157,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def detect_device() -> tuple[str, str]:
-    """(description, tag) of the accelerator MLX would use here."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0], "cuda"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if sys.platform == "darwin":
-        chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-        return f"{chip.stdout.strip() or platform.machine()} (Metal)", "metal"
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores (MLX CPU backend)", "cpu"
-
-
 def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tuple[int, int]]:
     """(requested, used) prompt lengths: each clamped so prompt + template + output fit the context."""
     limit = context - max_tokens - _TEMPLATE_MARGIN
@@ -147,8 +165,16 @@ def prompt_plan(requested: list[int], context: int, max_tokens: int) -> list[tup
     return [(n, min(n, limit)) for n in requested]
 
 
-def run_cell(name: str, args, model: Path, used: int, seconds: float, clients: int, prompt_kw: dict,
-             extra: dict) -> dict:
+def run_cell(
+    name: str,
+    args: argparse.Namespace,
+    model: Path,
+    used: int,
+    seconds: float,
+    clients: int,
+    prompt_kw: PromptWords,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """One fresh server process for one (prompt length, concurrency) cell, so that requests a time
     bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell."""
     kind = SERVERS[name]
@@ -157,9 +183,21 @@ def run_cell(name: str, args, model: Path, used: int, seconds: float, clients: i
     argv = kind.argv(model, port, args.ours_args if name == "ours" else args.mlx_lm_args)
     server = ServerProcess(argv, base, args.results_dir / f"{name}_{used}_c{clients}.log")
     print(f"== {kind.label}, ~{used}-token prompts, {clients} clients: {shlex.join(argv)}", file=sys.stderr)
-    common = dict(base_url=base, model=kind.model_name, temperature=0.0, ignore_eos=True, extra_body=extra,
-                  request_timeout_s=max(seconds, 60.0))
-    cell = {"prompt_tokens_target": used, "cell_seconds": seconds, "argv": argv, "error": None, "health": None}
+    common: dict[str, Any] = dict(
+        base_url=base,
+        model=kind.model_name,
+        temperature=0.0,
+        ignore_eos=True,
+        extra_body=extra,
+        request_timeout_s=max(seconds, 60.0),
+    )
+    cell: dict[str, Any] = {
+        "prompt_tokens_target": used,
+        "cell_seconds": seconds,
+        "argv": argv,
+        "error": None,
+        "health": None,
+    }
     t0 = time.monotonic()
     server.start()
     try:
@@ -169,8 +207,13 @@ def run_cell(name: str, args, model: Path, used: int, seconds: float, clients: i
         warm = SyntheticPrompts(LengthDist("fixed", min(used, 128)), 4, seed=-1, **prompt_kw)
         asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
         source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, seed=used, **prompt_kw)
-        cfg = LoadConfig(concurrency=clients, num_requests=max(4, args.requests_per_client * clients),
-                         duration_s=seconds, warmup_requests=0, **common)
+        cfg = LoadConfig(
+            concurrency=clients,
+            num_requests=max(4, args.requests_per_client * clients),
+            duration_s=seconds,
+            warmup_requests=0,
+            **common,
+        )
         cell.update(asyncio.run(run_load(source, cfg)))
         cell["health"] = server.health()
     except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
@@ -181,12 +224,19 @@ def run_cell(name: str, args, model: Path, used: int, seconds: float, clients: i
     return cell
 
 
-def run_server(name: str, args, model: Path, plan, prompt_kw: dict, eos_ids: list[int]) -> dict:
+def run_server(
+    name: str,
+    args: argparse.Namespace,
+    model: Path,
+    plan: list[tuple[int, int]],
+    prompt_kw: PromptWords,
+    eos_ids: list[int],
+) -> dict[str, Any]:
     """Every cell of `plan` x concurrency on server `name`; stops at the first cell it fails to serve."""
     # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
     extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
-    cells = []
-    for (requested, used), seconds in zip(plan, args.cell_seconds):
+    cells: list[dict[str, Any]] = []
+    for (requested, used), seconds in zip(plan, args.cell_seconds, strict=True):
         for clients in args.concurrency:
             cell = run_cell(name, args, model, used, seconds, clients, prompt_kw, extra)
             cell["prompt_tokens_requested"] = requested
@@ -197,19 +247,25 @@ def run_server(name: str, args, model: Path, plan, prompt_kw: dict, eos_ids: lis
             break
     served = [c for c in cells if "summary" in c]
     rss = [c["peak_rss_bytes"] for c in cells if c["peak_rss_bytes"] is not None]
-    return {"name": name, "label": SERVERS[name].label, "argv": cells[0]["argv"] if cells else None,
-            "startup_s": max((c.get("startup_s") or 0.0 for c in cells), default=None),
-            "error": next((c["error"] for c in cells if c["error"]), None),
-            "peak_rss_bytes": max(rss, default=None), "health": served[-1]["health"] if served else None,
-            "exit_code": cells[-1]["exit_code"] if cells else None, "cells": served}
+    return {
+        "name": name,
+        "label": SERVERS[name].label,
+        "argv": cells[0]["argv"] if cells else None,
+        "startup_s": max((c.get("startup_s") or 0.0 for c in cells), default=None),
+        "error": next((c["error"] for c in cells if c["error"]), None),
+        "peak_rss_bytes": max(rss, default=None),
+        "health": served[-1]["health"] if served else None,
+        "exit_code": cells[-1]["exit_code"] if cells else None,
+        "cells": served,
+    }
 
 
-def _eos_ids(config: dict) -> list[int]:
+def _eos_ids(config: dict[str, Any]) -> list[int]:
     eos = config.get("eos_token_id")
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         from server.engine.demo_model import ensure_demo_model
 
@@ -219,32 +275,43 @@ def run(args) -> dict:
     tokenizer = model / "tokenizer.json"
     words = words_for_tokenizer(tokenizer) if tokenizer.exists() else DEFAULT_WORDS
     tpw = calibrate_tokens_per_word(tokenizer, words) if tokenizer.exists() else 1.0
-    prompt_kw = {"tokens_per_word": tpw, "words": words}
+    prompt_kw = PromptWords(tokens_per_word=tpw, words=words)
     plan = prompt_plan(args.prompt_tokens, config.get("max_position_embeddings", 4096), args.max_tokens)
-    device, tag = detect_device()
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    started = utc_now()
     t0 = time.monotonic()
     servers = [run_server(name, args, model, plan, prompt_kw, _eos_ids(config)) for name in args.servers]
     return {
-        "tag": args.tag or tag,
-        "device": args.device or device,
+        "tag": args.tag or device_tag(),
+        "device": args.device or device_name(),
         "date": started,
         "wall_s": time.monotonic() - t0,
-        "command": shlex.join(["python", "-m", "server.bench.side_by_side", *sys.argv[1:]]),
-        "model": {"path": str(model), "model_type": config.get("model_type"),
-                  "layers": config.get("num_hidden_layers"), "dtype": cache_bytes.dtype_bytes(config),
-                  "context": config.get("max_position_embeddings"), "tokens_per_word": tpw},
-        "settings": {"concurrency": args.concurrency, "prompt_plan": plan, "max_tokens": args.max_tokens,
-                     "requests_per_client": args.requests_per_client, "cell_seconds": args.cell_seconds},
-        "cache_bytes_per_token_layer": {"ours": cache_bytes.ours(config),
-                                        "mlx_lm": cache_bytes.mlx_lm_full(config),
-                                        "mlx_lm_kv4": cache_bytes.mlx_lm_full(config),
-                                        "mlx_lm_kv4_if_quantized": cache_bytes.mlx_lm_int4(config)},
+        "command": command_line("side-by-side", args.argv),
+        "model": {
+            "path": str(model),
+            "model_type": config.get("model_type"),
+            "layers": config.get("num_hidden_layers"),
+            "dtype": cache_bytes.dtype_bytes(config),
+            "context": config.get("max_position_embeddings"),
+            "tokens_per_word": tpw,
+        },
+        "settings": {
+            "concurrency": args.concurrency,
+            "prompt_plan": plan,
+            "max_tokens": args.max_tokens,
+            "requests_per_client": args.requests_per_client,
+            "cell_seconds": args.cell_seconds,
+        },
+        "cache_bytes_per_token_layer": {
+            "ours": cache_bytes.ours(config),
+            "mlx_lm": cache_bytes.mlx_lm_full(config),
+            "mlx_lm_kv4": cache_bytes.mlx_lm_full(config),
+            "mlx_lm_kv4_if_quantized": cache_bytes.mlx_lm_int4(config),
+        },
         "servers": servers,
     }
 
 
-def write_outputs(run_result: dict, args) -> None:
+def write_outputs(run_result: dict[str, Any], args: argparse.Namespace) -> None:
     """Full results to --results-dir; unless --no-docs, the summary (no per-request records) that
     the docs section and its plots are rendered from to --docs-data."""
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -253,9 +320,13 @@ def write_outputs(run_result: dict, args) -> None:
     print(f"results: {full}", file=sys.stderr)
     if args.no_docs:
         return
-    summary = {**run_result, "servers": [
-        {**s, "cells": [{k: v for k, v in c.items() if k != "records"} for c in s["cells"]]}
-        for s in run_result["servers"]]}
+    summary = {
+        **run_result,
+        "servers": [
+            {**s, "cells": [{k: v for k, v in c.items() if k != "records"} for c in s["cells"]]}
+            for s in run_result["servers"]
+        ],
+    }
     args.docs_data.mkdir(parents=True, exist_ok=True)
     (args.docs_data / f"side_by_side_{run_result['tag']}.json").write_text(json.dumps(summary, indent=1))
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -32,22 +35,26 @@ class RequestRecord:
     @property
     def inter_token_gaps(self) -> list[float]:
         t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in itertools.pairwise(t)]
 
     @property
     def tokens_per_s(self) -> float | None:
         """Decode rate after the first token; None with fewer than two tokens."""
-        if not self.finished or self.output_tokens < 2 or not self.chunk_times:
+        if not self.finished or self.output_tokens < 2 or not self.chunk_times or self.end is None:
             return None
         decode_s = self.end - self.chunk_times[0]
         return (self.output_tokens - 1) / decode_s if decode_s > 0 else None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("chunk_times")
         d["ttft"] = self.ttft
         d["chunks"] = len(self.chunk_times)
         return d
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -60,11 +67,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(records: list[RequestRecord], wall_s: float) -> dict:
+def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
     """Aggregate a run: latencies in milliseconds, rates in output tokens per second.
 
     Aggregate throughput counts every token received in the run, including those of requests
@@ -75,7 +82,6 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
     rates = [x for r in records if (x := r.tokens_per_s) is not None]
     prompts = [r.prompt_tokens for r in records if r.prompt_tokens is not None]
     tokens = sum(r.output_tokens for r in records)
-    ms = lambda v: None if v is None else v * 1000.0  # noqa: E731
     return {
         "requests": len(records),
         "completed": sum(r.finished for r in records),
@@ -85,8 +91,8 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict:
         "output_tokens": tokens,
         "mean_prompt_tokens": _mean(prompts),
         "mean_output_tokens": _mean([r.output_tokens for r in records if r.finished]),
-        "ttft_ms": {f"p{q}": ms(percentile(ttfts, q)) for q in (50, 90, 99)},
-        "itl_ms": {f"p{q}": ms(percentile(gaps, q)) for q in (50, 99)},
+        "ttft_ms": {f"p{q}": _ms(percentile(ttfts, q)) for q in (50, 90, 99)},
+        "itl_ms": {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 99)},
         "request_tokens_per_s": {
             "mean": _mean(rates),
             "p50": percentile(rates, 50),

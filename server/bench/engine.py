@@ -1,8 +1,8 @@
-"""Engine benchmark (no HTTP): output tokens/s and time to first token at several concurrencies,
-and the second turn of a long conversation with and without prefix reuse.
+"""`python -m server.bench engine`: the engine without HTTP. Output tokens/s and time to first token
+at several concurrencies, and the second turn of a long conversation with and without prefix reuse.
 
-    python scripts/bench_engine.py                       # the demo model, on this machine's default device
-    python scripts/bench_engine.py --model DIR --write   # any MLA model; --write updates docs/benchmarks.md
+    python -m server.bench engine                       # the demo model, on this machine's default device
+    python -m server.bench engine --model DIR --write   # any MLA model; --write updates docs/benchmarks.md
 
 Each concurrency level submits that many requests at once (prompt of --prompt-len tokens, exactly
 --output-len output tokens, greedy) and steps the engine until all finish.
@@ -11,34 +11,39 @@ Each concurrency level submits that many requests at once (prompt of --prompt-le
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 import time
-from datetime import date
+from typing import Any
 
-import mlx.core as mx
-
-from server.bench.report import update_section
+from server.bench.report import DOCS, command_line, device_name, provenance, update_section, utc_now
+from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
-from server.engine.llm_engine import EngineConfig, LLMEngine
+from server.engine.factory import load_engine
+from server.engine.llm_engine import LLMEngine
 from server.engine.loader import load_model
-from server.engine.model_runner import ModelRunner
 from server.engine.sequence import Sequence
-from server.engine.types import SamplingParams
+from server.engine.types import SamplingParams, StreamDelta
+
+BLOCK_SIZE = 64
 
 
-def make_engine(model, tokenizer, num_blocks: int, prefix_caching: bool = True, **config) -> LLMEngine:
-    runner = ModelRunner(model, num_blocks=num_blocks)
-    cfg = EngineConfig(max_model_len=num_blocks * runner.block_size, enable_prefix_caching=prefix_caching, **config)
-    return LLMEngine(runner, tokenizer, cfg, num_blocks)
+def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool = True, **options: Any) -> LLMEngine:
+    """An engine whose cache holds exactly `num_blocks` blocks, as long a context as they hold."""
+    tokens = num_blocks * BLOCK_SIZE
+    args = EngineArgs(
+        max_model_len=tokens,
+        cache_tokens=tokens,
+        block_size=BLOCK_SIZE,
+        enable_prefix_caching=prefix_caching,
+        **options,
+    )
+    return load_engine(args, loaded=loaded)
 
 
-def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, first: dict) -> None:
+def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, first: dict[str, float]) -> None:
     t0 = time.perf_counter()
 
-    def emit(delta):
+    def emit(delta: StreamDelta | Exception) -> None:
         first.setdefault(rid, time.perf_counter() - t0)
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -54,7 +59,7 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     return [16 + (seed * 7919 + i * 104729) % (vocab - 32) for i in range(n)]
 
 
-def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int) -> dict:
+def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int) -> dict[str, float]:
     first: dict[str, float] = {}
     before = engine.counters["generated_tokens"]
     t0 = time.perf_counter()
@@ -64,14 +69,20 @@ def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int,
     wall = time.perf_counter() - t0
     tokens = engine.counters["generated_tokens"] - before
     ttft = sorted(first.values())
-    return {"concurrency": c, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_max_ms": 1e3 * ttft[-1]}
+    return {
+        "concurrency": c,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": 1e3 * statistics.median(ttft),
+        "ttft_max_ms": 1e3 * ttft[-1],
+    }
 
 
-def second_turn_ttft(model, tokenizer, history: int, new: int, num_blocks: int, prefix_caching: bool, vocab: int,
-                     chunk: int) -> float:
-    engine = make_engine(model, tokenizer, num_blocks, prefix_caching, prefill_chunk_size=chunk,
-                         max_num_batched_tokens=chunk)
+def second_turn_ttft(
+    loaded: tuple[Any, Any], history: int, new: int, num_blocks: int, prefix_caching: bool, vocab: int, chunk: int
+) -> float:
+    engine = make_engine(loaded, num_blocks, prefix_caching, prefill_chunk_size=chunk, max_num_batched_tokens=chunk)
     first_turn = prompt_ids(history, 7, vocab)
     done: dict[str, float] = {}
     submit(engine, "turn1", first_turn, 1, done)
@@ -82,8 +93,10 @@ def second_turn_ttft(model, tokenizer, history: int, new: int, num_blocks: int, 
     return 1e3 * done["turn2"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m server.bench engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="model dir or repo id (default: the embedded demo model)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -94,40 +107,44 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--section", default="engine")
     args = ap.parse_args(argv)
 
-    model_ref = args.model or str(ensure_demo_model())
-    model, tokenizer = load_model(model_ref)
-    vocab = model.args.vocab_size
+    started = utc_now()
+    loaded = load_model(args.model or str(ensure_demo_model()))
+    vocab = loaded[0].args.vocab_size
     levels = [int(c) for c in args.concurrency.split(",")]
-    per_seq_blocks = -(-(args.prompt_len + args.output_len) // 64)
-    engine = make_engine(model, tokenizer, num_blocks=max(levels) * per_seq_blocks + 8,
-                         max_num_seqs=max(levels), prefill_chunk_size=args.chunk,
-                         max_num_batched_tokens=max(args.chunk, max(levels)) * 2)
+    per_seq_blocks = -(-(args.prompt_len + args.output_len) // BLOCK_SIZE)
+    engine = make_engine(
+        loaded,
+        num_blocks=max(levels) * per_seq_blocks + 8,
+        max_num_seqs=max(levels),
+        prefill_chunk_size=args.chunk,
+        max_num_batched_tokens=max(args.chunk, max(levels)) * 2,
+    )
     # Every measurement is taken twice and the second kept: the first pays for kernels that the
     # GPU runtime compiles on first use of each shape (minutes on MLX's CUDA backend).
     for c in levels:
         concurrency_row(engine, c, args.prompt_len, 8, vocab)
     rows = [concurrency_row(engine, c, args.prompt_len, args.output_len, vocab) for c in levels]
 
-    history_blocks = -(-(args.history + 256) // 64) + 4
-    turns = {}
+    history_blocks = -(-(args.history + 256) // BLOCK_SIZE) + 4
+    turns: dict[bool, float] = {}
     for flag in (False, True, False, True):
-        turns[flag] = second_turn_ttft(model, tokenizer, args.history, 64, history_blocks, flag, vocab, args.chunk)
+        turns[flag] = second_turn_ttft(loaded, args.history, 64, history_blocks, flag, vocab, args.chunk)
 
-    device = f"{platform.system()} {platform.machine()} CPU, {os.cpu_count()} cores"
-    if mx.default_device() == mx.gpu:
-        device = mx.device_info().get("device_name", "GPU") + (" (MLX CUDA)" if mx.cuda.is_available() else " (Metal)")
+    device = device_name()
     lines = [
-        f"### Engine: {args.model or 'demo model'} on {device}, {date.today()}",
+        f"### Engine: {args.model or 'demo model'} on {device}",
         "",
-        f"Command: `{' '.join(['python scripts/bench_engine.py', *(sys.argv[1:] if argv is None else argv)])}`",
+        provenance(started, device, command_line("engine", argv)) + ".",
         "",
         f"Prompt {args.prompt_len} tokens, {args.output_len} output tokens each, greedy, all requests submitted at once; "
         "each row is the second of two identical runs (the first compiles kernels).",
         "",
         "| concurrency | output tok/s | TTFT p50 (ms) | TTFT max (ms) | wall (s) |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_max_ms']:.1f} | {r['wall_s']:.2f} |"
-          for r in rows],
+        *[
+            f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_max_ms']:.1f} | {r['wall_s']:.2f} |"
+            for r in rows
+        ],
         "",
         f"Second turn after {args.history} tokens of history (+64 new tokens), time to first token:",
         "",
@@ -140,8 +157,5 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        update_section("docs/benchmarks.md", args.section, text)
-
-
-if __name__ == "__main__":
-    main()
+        update_section(DOCS, args.section, text)
+    return 0

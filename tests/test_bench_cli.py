@@ -1,0 +1,54 @@
+"""`python -m server.bench`: one entry point, four subcommands, each with its own flags."""
+
+import subprocess
+import sys
+
+import pytest
+
+from server.bench.__main__ import SUBCOMMANDS, main
+
+NAMES = ("serve", "side-by-side", "engine", "kernel")
+
+
+def test_help_lists_the_four_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "server.bench", "--help"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert tuple(SUBCOMMANDS) == NAMES
+    for name in NAMES:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_subcommand_has_its_own_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"python -m server.bench {name}" in out and "--" in out
+
+
+def test_subcommand_help_runs_as_a_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "server.bench", "engine", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "--prompt-len" in out and "--write" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["no-such-benchmark"], ["--base-url", "http://127.0.0.1:8080/v1"]])
+def test_missing_or_unknown_subcommand_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "serve" in capsys.readouterr().err
+
+
+def test_flags_reach_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "-c", "0"])
+    assert e.value.code == 2
+    assert "concurrency levels must be integers >= 1" in capsys.readouterr().err
