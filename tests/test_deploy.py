@@ -160,8 +160,10 @@ def test_reinstall_unloads_the_old_agent_first(home):
     [
         ("uninstall", [["launchctl", "bootout", "{target}"]]),
         ("restart", [["launchctl", "kickstart", "-k", "{target}"]]),
-        ("status", [["launchctl", "print", "{target}"], ["curl", "-fsS", "--max-time", "5",
-                                                          "http://127.0.0.1:9123/health"]]),
+        (
+            "status",
+            [["launchctl", "print", "{target}"], ["curl", "-fsS", "--max-time", "5", "http://127.0.0.1:9123/health"]],
+        ),
         ("logs", [["tail", "-n", "100", "-F", "{logs}/server.log", "{logs}/stdout.log", "{logs}/stderr.log"]]),
     ],
 )
