@@ -28,6 +28,7 @@ from .types import (
     PromptTooLong,
     SamplingParams,
     StreamDelta,
+    ToolSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ class AsyncEngine:
         self._in_flight = 0  # generations started and not ended; read and written on the event loop
 
     # -- EngineClient -------------------------------------------------------------------------
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None = None) -> list[int]:
         # A worker thread: a long prompt's template and tokenization would stall every stream.
-        return await asyncio.to_thread(self._encode_chat, messages)
+        return await asyncio.to_thread(self._encode_chat, messages, tools)
 
-    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None) -> list[int]:
         chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         if chars > self.max_model_len * self._max_token_chars:
             raise PromptTooLong(
@@ -71,7 +72,11 @@ class AsyncEngine:
                 f"hold {chars} characters: more than that many tokens can hold. Please shorten the messages."
             )
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages, tools=[_tool_schema(t) for t in tools] if tools else None, add_generation_prompt=True
+                )
+            )
         except Exception as exc:  # the model's own jinja template rejected these messages
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
 
@@ -172,3 +177,11 @@ class AsyncEngine:
 
 def _ignore(_: object) -> None:
     """`Sequence.emit` returns nothing; the loop's handle is not needed."""
+
+
+def _tool_schema(tool: ToolSpec) -> dict[str, Any]:
+    """A tool as chat templates take it: OpenAI's {"type": "function", "function": {...}}."""
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+    if tool.description is not None:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}

@@ -11,6 +11,33 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function a request offers the model (OpenAI's `tools[i].function`)."""
+
+    name: str
+    parameters: dict[str, Any] = field(default_factory=dict)  # a JSON schema of the arguments
+    description: str | None = None
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the model's output must be, enforced while decoding by a token mask.
+
+    `json_schema` (response_format json_schema) or `json_object` (any JSON object); with `tools`
+    and `tool_choice` "required" or a tool's name, the output must be a call (or calls, when
+    `parallel_tool_calls`) of the offered tools in the model's own tool-call syntax, with
+    arguments that validate against the tool's schema.
+    """
+
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = "auto"  # "none" | "auto" | "required" | the name of one of `tools`
+    parallel_tool_calls: bool = True
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = None  # None: as many as the context leaves (see `fit_to_context`)
@@ -27,6 +54,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # The request's tools and output format; None: free text.
+    constraint: OutputConstraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -41,11 +70,23 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of the `index`-th tool call of a reply, as OpenAI streams it: the first piece of a
+    call carries its `id` and `name`, later ones only `arguments` fragments (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class StreamDelta:
     """Text and tokens produced since the previous delta of the same request.
 
-    `finish_reason` is None until the last delta: "stop" (EOS or a stop string) or "length".
-    `text` never contains a stop string or a partial multi-byte character.
+    `finish_reason` is None until the last delta: "stop" (EOS or a stop string), "length", or
+    "tool_calls" (the reply ended with tool calls). `text` never contains a stop string, a
+    partial multi-byte character, or tool-call syntax (calls come as `tool_calls`).
     """
 
     text: str
@@ -55,6 +96,7 @@ class StreamDelta:
     cached_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class EngineError(Exception):
@@ -121,8 +163,11 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Apply the model's chat template and tokenize (off the event loop), ready for generation."""
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None = None) -> list[int]:
+        """Apply the model's chat template (with the tool definitions, when given) and tokenize,
+        off the event loop, ready for generation. `messages` are chat-template dicts: role,
+        content, and for assistant messages `tool_calls` ([{"id", "type": "function",
+        "function": {"name", "arguments"}}]), for tool messages `tool_call_id`."""
         ...
 
     def generate(
