@@ -61,6 +61,16 @@ class Settings:
     prefill_chunk_size: int = _option(
         _ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE
     )
+    max_prefill_tokens_per_step: int | None = _option(
+        _ENGINE.max_prefill_tokens_per_step,
+        "most prompt tokens prefilled in a step that also decodes (unset: up to --max-num-batched-tokens)",
+        **_POSITIVE,
+    )
+    target_step_ms: float | None = _option(
+        _ENGINE.target_step_ms,
+        "while sequences decode, prefill only as much per step as keeps a step near this many ms (unset: off)",
+        **_POSITIVE,
+    )
     max_num_batched_tokens: int = _option(
         _ENGINE.max_num_batched_tokens, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
     )
@@ -90,6 +100,10 @@ class Settings:
         "comma-separated Host names the server answers besides the loopback names it answers when bound "
         "to loopback (unset: loopback names only when bound to loopback, any host otherwise)",
     )
+    cors_origins: str | None = _option(
+        None, "comma-separated origins allowed to call the API from a browser, * for any (unset: CORS off)"
+    )
+    max_n: int = _option(16, "most choices one request may ask for (n, times the prompts of a completion)", **_POSITIVE)
     header_timeout: float = _option(
         10.0, "seconds a connection may take to send a complete request head before it is closed", **_POSITIVE
     )

@@ -61,6 +61,8 @@ def serve(settings: Settings) -> int:
                 api_key=settings.api_key,
                 max_request_bytes=settings.max_request_bytes,
                 allowed_hosts=allowed_hosts(settings),
+                cors_origins=_names(settings.cors_origins) or None,
+                max_n=settings.max_n,
             )
             config = uvicorn.Config(
                 app,
@@ -81,11 +83,16 @@ def serve(settings: Settings) -> int:
 
 def allowed_hosts(settings: Settings) -> list[str] | None:
     """The Host names to answer: loopback names when bound to loopback, plus --allowed-hosts."""
-    extra = [h.strip() for h in (settings.allowed_hosts or "").split(",") if h.strip()]
+    extra = _names(settings.allowed_hosts)
     default = default_allowed_hosts(settings.host)
     if default is None:
         return extra or None
     return default + extra
+
+
+def _names(option: str | None) -> list[str]:
+    """A comma-separated option as a list."""
+    return [name.strip() for name in (option or "").split(",") if name.strip()]
 
 
 class HeadTimeoutH11Protocol(H11Protocol):

@@ -16,7 +16,15 @@ from typing import Any
 from support.words import WordTokenizer
 
 from server.engine.detokenizer import TokenStream
-from server.engine.types import EngineError, EngineShutdown, SamplingParams, StreamDelta, TokenLogprob, fit_to_context
+from server.engine.types import (
+    EngineError,
+    EngineShutdown,
+    SamplingParams,
+    StreamDelta,
+    TokenLogprob,
+    ToolSpec,
+    fit_to_context,
+)
 
 
 class FakeEngine:
@@ -45,16 +53,25 @@ class FakeEngine:
         self.cancelled: list[str] = []
         self.finished: list[str] = []
         self.aborted: list[str] = []
+        self.tools_seen: list[list[ToolSpec] | None] = []
         self.is_shut_down = False
         self._running = 0
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """One role-marker token per message, then one token per word of its content."""
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None = None) -> list[int]:
+        """One role-marker token per message, then one token per word of its content; tools are
+        recorded in `tools_seen`, not templated."""
+        self.tools_seen.append(tools)
         ids: list[int] = []
         for message in messages:
             ids.append(self.tokenizer.special_id(f"<{message['role']}>"))
             ids.extend(self.tokenizer.encode(str(message.get("content") or "")))
         return ids
+
+    async def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids))
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams

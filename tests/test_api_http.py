@@ -172,7 +172,7 @@ BAD_REQUESTS = [
     ({"model": MODEL, "messages": HELLO, "temperature": "hot"}, 400, "temperature"),
     ({"model": MODEL, "messages": HELLO, "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "messages": HELLO, "stream": "yes"}, 400, "stream"),
-    ({"model": MODEL, "messages": HELLO, "n": 2}, 400, "n"),
+    ({"model": MODEL, "messages": HELLO, "n": 1000}, 400, "n"),
     ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "messages": HELLO, "stop": [""]}, 400, "stop"),
     ({"model": MODEL, "messages": HELLO, "logit_bias": {"x": 1}}, 400, "logit_bias"),
@@ -318,10 +318,10 @@ async def test_engine_shutdown_ends_live_streams_cleanly():
 
 
 class BrokenEngine(FakeEngine):
-    def encode_chat(self, messages):
+    def encode_chat(self, messages, tools=None):
         if messages[-1]["content"] == "boom":
             raise RuntimeError("bug")
-        return super().encode_chat(messages)
+        return super().encode_chat(messages, tools)
 
     async def generate(self, request_id, prompt_ids, params):
         async for delta in super().generate(request_id, prompt_ids, params):
@@ -392,7 +392,7 @@ async def test_a_client_that_leaves_cancels_its_engine_request(stream, disconnec
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "text"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
         ({"messages": HELLO, "stop": 5}, "stop", "list of strings"),
-        ({"messages": HELLO, "n": 3}, "n", "n=1"),
+        ({"messages": HELLO, "n": 17}, "n", "at most 16"),
     ],
 )
 async def test_error_messages_name_the_field_and_the_fix(client, body, param, says):

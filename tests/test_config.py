@@ -31,6 +31,8 @@ SAMPLES = {
     "max_request_bytes": ("1048576", "1048576", 1048576),
     "allowed_hosts": ('"mac.local,studio.lan"', "mac.local,studio.lan", "mac.local,studio.lan"),
     "header_timeout": ("2.5", "2.5", 2.5),
+    "cors_origins": ('"http://localhost:3000"', "http://localhost:3000", "http://localhost:3000"),
+    "max_n": ("4", "4", 4),
 }
 
 

@@ -16,13 +16,27 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from server.api.guard import BodySizeLimit, default_max_request_bytes
-from server.api.protocol import ChatCompletionRequest, ChatCompletionResponse, HealthStatus, ModelCard, ModelList
-from server.api.serving import ChatService
+from server.api.metrics import CONTENT_TYPE, Metrics
+from server.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    HealthStatus,
+    ModelCard,
+    ModelList,
+)
+from server.api.serving_chat import ChatService
+from server.api.serving_completions import CompletionService
 from server.engine.types import EngineClient
+
+# Choices a request may ask for (`n`, times the prompts of a completion) unless --max-n says otherwise.
+DEFAULT_MAX_N = 16
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +49,11 @@ def get_engine(request: Request) -> EngineClient:
 def get_chat(request: Request) -> ChatService:
     chat: ChatService = request.app.state.chat
     return chat
+
+
+def get_completions(request: Request) -> CompletionService:
+    completions: CompletionService = request.app.state.completions
+    return completions
 
 
 def require_api_key(
@@ -63,10 +82,28 @@ async def chat_completions(
     return await chat.create(body, request)
 
 
+@v1.post("/completions", response_model=CompletionResponse)
+async def completions(
+    body: CompletionRequest, request: Request, service: Annotated[CompletionService, Depends(get_completions)]
+) -> Response | CompletionResponse:
+    """Non-streaming: a CompletionResponse. With "stream": true: SSE text_completion events."""
+    return await service.create(body, request)
+
+
+def _card(request: Request, engine: EngineClient) -> ModelCard:
+    return ModelCard(id=engine.model_name, created=request.app.state.started, max_model_len=engine.max_model_len)
+
+
 @v1.get("/models", response_model=ModelList)
 async def list_models(request: Request, engine: Annotated[EngineClient, Depends(get_engine)]) -> ModelList:
-    card = ModelCard(id=engine.model_name, created=request.app.state.started, max_model_len=engine.max_model_len)
-    return ModelList(data=[card])
+    return ModelList(data=[_card(request, engine)])
+
+
+@v1.get("/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request, engine: Annotated[EngineClient, Depends(get_engine)]) -> ModelCard:
+    if model_id != engine.model_name:
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return _card(request, engine)
 
 
 health = APIRouter(responses={500: ERROR_RESPONSES[500]})
@@ -77,18 +114,34 @@ async def get_health(engine: Annotated[EngineClient, Depends(get_engine)]) -> He
     return HealthStatus(model=engine.model_name, engine=engine.stats())
 
 
+# Prometheus scrapes /metrics; behind the API key when one is set (it tells load and model name).
+@health.get(
+    "/metrics",
+    dependencies=[Depends(require_api_key)],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, 401: ERROR_RESPONSES[401]},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: request counts, cache usage, token counters, latency histograms."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE)
+
+
 def create_app(
     engine: EngineClient,
     *,
     api_key: str | None = None,
     max_request_bytes: int | None = None,
     allowed_hosts: list[str] | None = None,
+    cors_origins: list[str] | None = None,
+    max_n: int = DEFAULT_MAX_N,
 ) -> FastAPI:
     """An app serving `engine` under its `model_name`.
 
     With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never does.
     Bodies over `max_request_bytes` (default: sized from the context) get 413; with
-    `allowed_hosts`, other Host headers get 400. Leaving the lifespan calls `engine.shutdown()`.
+    `allowed_hosts`, other Host headers get 400. CORS is off unless `cors_origins` names origins
+    ("*" for any). Leaving the lifespan calls `engine.shutdown()`.
     """
 
     @asynccontextmanager
@@ -107,11 +160,17 @@ def create_app(
     app.state.engine = engine
     app.state.api_key = api_key
     app.state.started = int(time.time())
-    app.state.chat = ChatService(engine)
+    app.state.metrics = Metrics(engine)
+    app.state.chat = ChatService(engine, app.state.metrics, max_n)
+    app.state.completions = CompletionService(engine, app.state.metrics, max_n)
     install_error_handlers(app)
     limit = max_request_bytes or default_max_request_bytes(engine.max_model_len)
     app.add_middleware(BodySizeLimit, max_bytes=limit)
-    if allowed_hosts is not None:
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    if allowed_hosts is not None:  # added last, so it runs first
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.include_router(v1)
     app.include_router(health)

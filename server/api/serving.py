@@ -1,200 +1,199 @@
-"""Chat completions: a validated request becomes one engine generation, its deltas a response.
+"""What chat and text completions share: one request becomes choices, each an engine generation.
 
-The engine iterator is always closed when the client goes away (that is how the engine learns
-to cancel), and the first delta is awaited before any response starts, so that a refusal
-(prompt too long, engine busy) is still a plain JSON error rather than a broken stream.
+`Generation.start` runs the choices of a request (n per prompt) and returns once every choice has
+its first delta, so that a refusal (prompt too long, server busy) is still a plain JSON error
+rather than a broken stream. The first choice of each prompt starts alone: once it has its first
+token its prompt blocks are in the prefix cache, and the other n - 1 choices reuse them instead
+of prefilling the prompt again. The engine generators are always closed when the request ends
+or the client goes away (that is how the engine learns to cancel).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-from functools import partial
-from typing import Any
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
-import anyio
-from fastapi import Request, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from server.api.disconnect import ClientDisconnected, until_disconnected
-from server.api.errors import APIError, to_api_error
-from server.api.protocol import (
-    AssistantMessage,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    Choice,
-    ChoiceLogprobs,
-    ChunkChoice,
-    ChunkDelta,
-    PromptTokensDetails,
-    TokenLogprobOut,
-    TopLogprob,
-    Usage,
-)
-from server.engine.types import EngineClient, EngineError, StreamDelta, TokenLogprob
-
-logger = logging.getLogger(__name__)
+from server.api.errors import APIError
+from server.api.metrics import RequestTimer
+from server.api.protocol import FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
+from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
 
 # How long a stream may take to end on its own after the server starts exiting, before
 # sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
 SHUTDOWN_GRACE_S = 5.0
 
 
-class ChatService:
-    """Serves /v1/chat/completions for one engine under one model name."""
+@dataclass
+class ChoiceState:
+    """Everything one choice has produced so far."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    index: int
+    prompt_tokens: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    tool_calls: dict[int, ToolCallOut] = field(default_factory=dict)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, delta: StreamDelta) -> None:
+        self.text.append(delta.text)
+        self.logprobs.extend(delta.logprobs or [])
+        for piece in delta.tool_calls or []:
+            call = self.tool_calls.get(piece.index)
+            if call is None:
+                function = FunctionCallOut(name=piece.name or "", arguments="")
+                call = self.tool_calls[piece.index] = ToolCallOut(id=piece.id or "", function=function)
+            call.function.arguments += piece.arguments
+        self.prompt_tokens = delta.prompt_tokens
+        self.completion_tokens = delta.completion_tokens
+        self.cached_tokens = delta.cached_tokens
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+
+class Generation:
+    """The engine generations of one request: `len(prompts) * n` choices, indexed prompt-major."""
+
+    def __init__(self, engine: EngineClient, request_id: str, n: int, timer: RequestTimer) -> None:
         self.engine = engine
-        self.model_name = engine.model_name
+        self.request_id = request_id
+        self.n = n
+        self.timer = timer
+        self.choices: list[ChoiceState] = []
+        self._streams: dict[int, AsyncGenerator[StreamDelta, None]] = {}
+        self._firsts: dict[int, StreamDelta] = {}
 
-    async def create(self, req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
-        if req.model != self.model_name:
-            raise APIError(
-                404,
-                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                param="model",
-                code="model_not_found",
-            )
-        prompt_ids = await self.engine.encode_chat(engine_messages(req))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        deltas = self.engine.generate(request_id, prompt_ids, req.to_sampling_params())
+    @classmethod
+    async def start(
+        cls,
+        engine: EngineClient,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        timer: RequestTimer,
+    ) -> Generation:
+        """Every choice started and its first delta received; an engine refusal is raised here,
+        with every generation already closed."""
+        gen = cls(engine, request_id, n, timer)
+        gen.choices = [ChoiceState(p * n + i, len(ids)) for p, ids in enumerate(prompts) for i in range(n)]
         try:
-            first = await until_disconnected(request, _next(deltas))
-        except ClientDisconnected:
-            await deltas.aclose()
-            return Response(status_code=499)
-        except EngineError:
-            await deltas.aclose()
+            await asyncio.gather(*[gen._open(p * n, ids, params) for p, ids in enumerate(prompts)])
+            await asyncio.gather(
+                *[gen._open(p * n + i, ids, _seeded(params, i)) for p, ids in enumerate(prompts) for i in range(1, n)]
+            )
+        except BaseException:
+            await gen.aclose()
             raise
-        if req.stream:
-            return self._stream(req, request_id, first, deltas)
-        try:
-            return await until_disconnected(request, self._complete(req, request_id, first, deltas))
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return gen
 
-    async def _complete(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
-    ) -> ChatCompletionResponse:
-        text: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        last = first
-        async with aclosing(deltas):
-            while True:
-                text.append(last.text)
-                logprobs.extend(last.logprobs or [])
-                if last.finish_reason:
-                    break
-                last = await _next(deltas)
-        return ChatCompletionResponse(
-            id=request_id,
-            model=self.model_name,
-            choices=[
-                Choice(
-                    message=AssistantMessage(content="".join(text)),
-                    finish_reason=last.finish_reason,
-                    logprobs=choice_logprobs(logprobs) if req.logprobs else None,
-                )
-            ],
-            usage=usage(last),
-        )
+    async def _open(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        stream = self._streams[index] = self.engine.generate(f"{self.request_id}-{index}", prompt_ids, params)
+        self._firsts[index] = await _next(stream)
+        if index == 0:
+            self.timer.first_token()
 
-    def _stream(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
-    ) -> EventSourceResponse:
-        exiting = anyio.Event()
-        return EventSourceResponse(
-            self._events(req, request_id, first, deltas),
-            sep="\n",
-            # sse-starlette sets `exiting` when uvicorn starts to exit, however it was started;
-            # the engine then ends every stream (with an error event and [DONE]).
-            shutdown_event=exiting,
-            shutdown_grace_period=SHUTDOWN_GRACE_S,
-            data_sender_callable=partial(self._shutdown_engine_when, exiting),
-            # A client gone before the first event leaves _events unstarted; close the engine
-            # generator anyway (a no-op when _events already did).
-            background=BackgroundTask(_aclose, deltas),
-        )
+    async def deltas(self) -> AsyncIterator[tuple[ChoiceState, StreamDelta]]:
+        """Every delta of every choice as it comes (the first deltas first), each already added to
+        its choice's state; ends when every choice has finished."""
+        queue: asyncio.Queue[tuple[int, StreamDelta | Exception]] = asyncio.Queue()
 
-    async def _shutdown_engine_when(self, exiting: anyio.Event) -> None:
-        await exiting.wait()
-        self.engine.shutdown()
-
-    async def _events(
-        self, req: ChatCompletionRequest, request_id: str, first: StreamDelta, deltas: AsyncGenerator[StreamDelta, None]
-    ) -> AsyncIterator[str]:
-        """SSE data: a role chunk, content chunks, a finish chunk, [usage chunk], [DONE].
-
-        An engine failure mid-stream replaces the rest with one error event before [DONE].
-        """
-        chunk = partial(ChatCompletionChunk, id=request_id, created=int(time.time()), model=self.model_name)
-        async with aclosing(deltas):
+        async def pump(k: int) -> None:
             try:
-                yield chunk(choices=[ChunkChoice(delta=ChunkDelta(role="assistant", content=""))]).model_dump_json()
-                delta = first
+                delta = self._firsts[k]
                 while True:
-                    if delta.text or delta.logprobs:
-                        logprobs = choice_logprobs(delta.logprobs) if delta.logprobs else None
-                        yield chunk(
-                            choices=[ChunkChoice(delta=ChunkDelta(content=delta.text), logprobs=logprobs)]
-                        ).model_dump_json()
+                    await queue.put((k, delta))
                     if delta.finish_reason:
-                        break
-                    delta = await _next(deltas)
-                yield chunk(
-                    choices=[ChunkChoice(delta=ChunkDelta(), finish_reason=delta.finish_reason)]
-                ).model_dump_json()
-                if req.include_usage():
-                    yield chunk(choices=[], usage=usage(delta)).model_dump_json()
+                        return
+                    delta = await _next(self._streams[k])
             except Exception as exc:
-                if not isinstance(exc, EngineError):
-                    logger.exception("stream %s failed", request_id)
-                yield json.dumps(to_api_error(exc).body())
-            yield "[DONE]"
+                await queue.put((k, exc))
+
+        pumps = [asyncio.create_task(pump(k)) for k in range(len(self.choices))]
+        try:
+            unfinished = len(self.choices)
+            while unfinished:
+                k, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                choice = self.choices[k]
+                choice.add(item)
+                self.timer.tokens(len(item.token_ids))
+                unfinished -= bool(item.finish_reason)
+                yield choice, item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def collect(self) -> list[ChoiceState]:
+        """Run every choice to its end."""
+        async for _ in self.deltas():
+            pass
+        return self.choices
+
+    async def aclose(self) -> None:
+        """Close every generation (aborting the unfinished ones); idempotent."""
+        for stream in self._streams.values():
+            await stream.aclose()
+        self.timer.finished()
+
+    def usage(self) -> Usage:
+        """Prompt tokens once per prompt (its n choices share it), completion tokens of every choice."""
+        prompt = sum(c.prompt_tokens for c in self.choices[:: self.n])
+        completion = sum(c.completion_tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(c.cached_tokens for c in self.choices[:: self.n])
+            ),
+        )
 
 
-def engine_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Chat-template input: plain-string content; "developer" is OpenAI's newer name for system."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i of a seeded request draws from seed + i, so the n choices differ yet repeat."""
+    return params if params.seed is None else replace(params, seed=params.seed + i)
 
 
-def usage(last: StreamDelta) -> Usage:
-    return Usage(
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        total_tokens=last.prompt_tokens + last.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=last.cached_tokens),
-    )
-
-
-def choice_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprobOut(
-                token=lp.token,
-                logprob=lp.logprob,
-                bytes=list(lp.token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top],
-            )
-            for lp in logprobs
-        ]
-    )
-
-
-async def _aclose(iterator: AsyncGenerator[Any, None]) -> None:
-    # A coroutine function, so that Starlette awaits it rather than calling it in a thread.
-    await iterator.aclose()
-
-
-async def _next(deltas: AsyncGenerator[StreamDelta, None]) -> StreamDelta:
+async def _next(stream: AsyncGenerator[StreamDelta, None]) -> StreamDelta:
     """The next delta. A generator that ends without a finish_reason was ended by the engine."""
     try:
-        return await anext(deltas)
+        return await anext(stream)
     except StopAsyncIteration:
         raise EngineError("the engine ended the request before it finished") from None
+
+
+def check_n(n: int, max_n: int) -> None:
+    if n > max_n:
+        raise APIError(400, f"n: at most {max_n} choices per request on this server (--max-n)", param="n")
+
+
+def event_stream(
+    events: AsyncIterator[str], gen: Generation, on_exit: Callable[[], Awaitable[None]]
+) -> EventSourceResponse:
+    """An SSE response of `events`; `on_exit` runs when the server starts to exit (sse-starlette
+    notices it however uvicorn was started), and the generations are closed however it ends."""
+    import anyio
+
+    exiting = anyio.Event()
+
+    async def watch() -> None:
+        await exiting.wait()
+        await on_exit()
+
+    return EventSourceResponse(
+        events,
+        sep="\n",
+        shutdown_event=exiting,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+        data_sender_callable=watch,
+        # A client gone before the first event leaves `events` unstarted; close the generations
+        # anyway (a no-op when `events` already did).
+        background=BackgroundTask(gen.aclose),
+    )

@@ -64,13 +64,27 @@ class AsyncEngine:
         # A worker thread: a long prompt's template and tokenization would stall every stream.
         return await asyncio.to_thread(self._encode_chat, messages, tools)
 
-    def _encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None) -> list[int]:
-        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    async def encode_text(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self._encode_text, text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(token_ids)
+        return text
+
+    def _encode_text(self, text: str) -> list[int]:
+        self._check_length(len(text), "prompt")
+        return list(self.tokenizer.encode(text))
+
+    def _check_length(self, chars: int, what: str) -> None:
         if chars > self.max_model_len * self._max_token_chars:
             raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens, and the messages "
-                f"hold {chars} characters: more than that many tokens can hold. Please shorten the messages."
+                f"This model's maximum context length is {self.max_model_len} tokens, and the {what} "
+                f"holds {chars} characters: more than that many tokens can hold. Please shorten it.",
+                param="prompt" if what == "prompt" else "messages",
             )
+
+    def _encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None) -> list[int]:
+        self._check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), "messages")
         try:
             return list(
                 self.tokenizer.apply_chat_template(

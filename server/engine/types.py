@@ -67,6 +67,9 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    # The token's own bytes (a token may hold part of a UTF-8 character, which `token` shows as
+    # U+FFFD); None: `token` encoded as UTF-8.
+    bytes: list[int] | None = None
 
 
 @dataclass
@@ -168,6 +171,14 @@ class EngineClient(Protocol):
         off the event loop, ready for generation. `messages` are chat-template dicts: role,
         content, and for assistant messages `tool_calls` ([{"id", "type": "function",
         "function": {"name", "arguments"}}]), for tool messages `tool_call_id`."""
+        ...
+
+    async def encode_text(self, text: str) -> list[int]:
+        """Tokenize a plain prompt (/v1/completions) as the model's tokenizer does, off the event loop."""
+        ...
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids (a completion's echoed token prompt)."""
         ...
 
     def generate(

@@ -1,0 +1,151 @@
+"""/v1/chat/completions: messages (and tools) through the chat template, choices back as a
+`chat.completion` or as `chat.completion.chunk` events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import partial
+
+from fastapi import Request, Response
+
+from server.api.disconnect import ClientDisconnected, until_disconnected
+from server.api.errors import APIError, to_api_error
+from server.api.metrics import Metrics
+from server.api.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
+    FunctionCallDelta,
+    TokenLogprobOut,
+    ToolCallChunk,
+    TopLogprob,
+)
+from server.api.serving import ChoiceState, Generation, check_n, event_stream
+from server.engine.types import EngineClient, EngineError, StreamDelta, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+class ChatService:
+    """Serves /v1/chat/completions for one engine under its model name."""
+
+    def __init__(self, engine: EngineClient, metrics: Metrics, max_n: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_n = max_n
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
+        check_model(req.model, self.engine.model_name)
+        check_n(req.n, self.max_n)
+        timer = self.metrics.timer()
+        messages = [m.to_template() for m in req.messages]
+        prompt_ids = await self.engine.encode_chat(messages, req.tool_specs() or None)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        start = Generation.start(self.engine, request_id, [prompt_ids], req.to_sampling_params(), req.n, timer)
+        try:
+            gen = await until_disconnected(request, start)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        if req.stream:
+            return event_stream(self._events(req, gen), gen, self._shutdown)
+        try:
+            await until_disconnected(request, gen.collect())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            await gen.aclose()
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.engine.model_name,
+            choices=[self._choice(req, c) for c in gen.choices],
+            usage=gen.usage(),
+        )
+
+    async def _shutdown(self) -> None:
+        """The server is exiting: have the engine end every stream, so each ends with [DONE]."""
+        self.engine.shutdown()
+
+    def _choice(self, req: ChatCompletionRequest, c: ChoiceState) -> Choice:
+        text = "".join(c.text)
+        calls = [c.tool_calls[i] for i in sorted(c.tool_calls)] or None
+        return Choice(
+            index=c.index,
+            message=AssistantMessage(content=text if text or not calls else None, tool_calls=calls),
+            finish_reason=c.finish_reason or "stop",
+            logprobs=choice_logprobs(c.logprobs) if req.logprobs else None,
+        )
+
+    async def _events(self, req: ChatCompletionRequest, gen: Generation) -> AsyncIterator[str]:
+        """SSE data: per choice a role chunk, content and tool-call chunks, a finish chunk; then a
+        usage chunk when asked; then [DONE]. An engine failure mid-stream replaces the rest with
+        one error event before [DONE]."""
+        chunk = partial(ChatCompletionChunk, id=gen.request_id, created=int(time.time()), model=self.engine.model_name)
+        try:
+            for c in gen.choices:
+                role = ChunkChoice(index=c.index, delta=ChunkDelta(role="assistant", content=""))
+                yield chunk(choices=[role]).model_dump_json()
+            async for c, delta in gen.deltas():
+                if delta.text or delta.logprobs or delta.tool_calls:
+                    yield chunk(choices=[_chunk_choice(c.index, delta, bool(req.logprobs))]).model_dump_json()
+                if delta.finish_reason:
+                    finish = ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=delta.finish_reason)
+                    yield chunk(choices=[finish]).model_dump_json()
+            if req.include_usage():
+                yield chunk(choices=[], usage=gen.usage()).model_dump_json()
+        except Exception as exc:
+            if not isinstance(exc, EngineError):
+                logger.exception("stream %s failed", gen.request_id)
+            yield json.dumps(to_api_error(exc).body())
+        finally:
+            await gen.aclose()
+        yield "[DONE]"
+
+
+def _chunk_choice(index: int, delta: StreamDelta, logprobs: bool) -> ChunkChoice:
+    calls = [
+        ToolCallChunk(
+            index=t.index,
+            id=t.id,
+            type="function" if t.id else None,
+            function=FunctionCallDelta(name=t.name, arguments=t.arguments),
+        )
+        for t in delta.tool_calls or []
+    ] or None
+    return ChunkChoice(
+        index=index,
+        delta=ChunkDelta(content=delta.text if delta.text or not calls else None, tool_calls=calls),
+        logprobs=choice_logprobs(delta.logprobs) if logprobs and delta.logprobs else None,
+    )
+
+
+def check_model(sent: str, served: str) -> None:
+    if sent != served:
+        raise APIError(
+            404,
+            f"The model '{sent}' does not exist; this server serves '{served}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def choice_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=lp.bytes if lp.bytes is not None else list(lp.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+    )

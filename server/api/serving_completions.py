@@ -1,0 +1,112 @@
+"""/v1/completions: plain prompts (text or token ids, one or several), `text_completion` back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import partial
+
+from fastapi import Request, Response
+
+from server.api.disconnect import ClientDisconnected, until_disconnected
+from server.api.errors import APIError, to_api_error
+from server.api.metrics import Metrics
+from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.api.serving import Generation, check_n, event_stream
+from server.api.serving_chat import check_model
+from server.engine.types import EngineClient, EngineError, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+class CompletionService:
+    """Serves /v1/completions for one engine under its model name."""
+
+    def __init__(self, engine: EngineClient, metrics: Metrics, max_n: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_n = max_n
+
+    async def create(self, req: CompletionRequest, request: Request) -> Response | CompletionResponse:
+        check_model(req.model, self.engine.model_name)
+        check_n(req.n * len(req.prompts()), self.max_n)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        timer = self.metrics.timer()
+        prompts = [p if isinstance(p, list) else await self.engine.encode_text(p) for p in req.prompts()]
+        echoes = [self.engine.decode(ids) if req.echo else "" for ids in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        start = Generation.start(self.engine, request_id, prompts, req.to_sampling_params(), req.n, timer)
+        try:
+            gen = await until_disconnected(request, start)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        if req.stream:
+            return event_stream(self._events(req, gen, echoes), gen, self._shutdown)
+        try:
+            await until_disconnected(request, gen.collect())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        finally:
+            await gen.aclose()
+        choices = [
+            CompletionChoice(
+                index=c.index,
+                text=echoes[c.index // req.n] + "".join(c.text),
+                finish_reason=c.finish_reason,
+                logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
+            )
+            for c in gen.choices
+        ]
+        return CompletionResponse(id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage())
+
+    async def _shutdown(self) -> None:
+        self.engine.shutdown()
+
+    async def _events(self, req: CompletionRequest, gen: Generation, echoes: list[str]) -> AsyncIterator[str]:
+        """SSE data: text chunks per choice (the echoed prompt first), the finish on each choice's
+        last chunk, a usage chunk when asked, then [DONE]."""
+        chunk = partial(CompletionResponse, id=gen.request_id, created=int(time.time()), model=self.engine.model_name)
+        offsets = {c.index: len(echoes[c.index // req.n]) for c in gen.choices}
+        try:
+            for c in gen.choices:
+                if echoes[c.index // req.n]:
+                    yield chunk(
+                        choices=[CompletionChoice(index=c.index, text=echoes[c.index // req.n])]
+                    ).model_dump_json()
+            async for c, delta in gen.deltas():
+                logprobs = None
+                if req.logprobs is not None and delta.logprobs:
+                    logprobs = completion_logprobs(delta.logprobs, offsets[c.index])
+                offsets[c.index] += len(delta.text)
+                if delta.text or logprobs or delta.finish_reason:
+                    choice = CompletionChoice(
+                        index=c.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+                    )
+                    yield chunk(choices=[choice]).model_dump_json()
+            if req.include_usage():
+                yield chunk(choices=[], usage=gen.usage()).model_dump_json()
+        except Exception as exc:
+            if not isinstance(exc, EngineError):
+                logger.exception("stream %s failed", gen.request_id)
+            yield json.dumps(to_api_error(exc).body())
+        finally:
+            await gen.aclose()
+        yield "[DONE]"
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """The legacy parallel lists; `text_offset` counts characters from `offset`."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in logprobs],
+        token_logprobs=[lp.logprob for lp in logprobs],
+        top_logprobs=[dict(lp.top) if lp.top else None for lp in logprobs],
+        text_offset=offsets,
+    )
