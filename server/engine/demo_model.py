@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = "2"
+VERSION = "3"
 
 CONFIG: dict[str, Any] = {
     "architectures": ["Mistral4ForCausalLM"],
@@ -65,13 +65,28 @@ CONFIG: dict[str, Any] = {
 }
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+# Mistral's tool syntax, added after training so the trained tokens keep their ids (the vocabulary
+# the trainer fills is smaller than CONFIG's vocab_size, so the ids stay inside the embedding).
+TOOL_TOKENS = ["[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
 
+# Mistral's layout (v11+ tokenizers): the tools before the last user message, each assistant
+# call as [TOOL_CALLS]name[ARGS]{arguments}, tool results between [TOOL_RESULTS] markers. The
+# "[TOOL_CALLS]" in it is how mlx-lm's loader picks its `mistral` tool parser for this tokenizer.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
+    "{% endfor %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]"
-    "{% elif message['role'] == 'user' %}[INST]{{ message['content'] }}[/INST]"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if tools and loop.index0 == ns.last_user %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST]{{ message['content'] }}[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}[TOOL_CALLS]{{ call['function']['name'] }}[ARGS]"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}{% endfor %}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}[TOOL_RESULTS]{{ message['content'] }}[/TOOL_RESULTS]"
     "{% endif %}"
     "{% endfor %}"
 )
@@ -143,6 +158,9 @@ def _write_tokenizer(path: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer)
+    tok.add_special_tokens(TOOL_TOKENS)
+    if tok.get_vocab_size() > CONFIG["vocab_size"]:
+        raise ValueError("the demo tokenizer outgrew the model's vocab_size")
     tok.save(str(path / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

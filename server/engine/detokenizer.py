@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .types import SamplingParams
+from .tool_calls import ToolCallStream
+from .types import SamplingParams, ToolCallDelta
 
 _INCOMPLETE = "\ufffd"
 # Prompt tokens decoded ahead of the output, so the first output token is decoded in context
@@ -118,29 +119,74 @@ def _stop_prefix_len(text: str, stop: str) -> int:
 
 
 class TokenStream:
-    """When one sequence's output ends, and the text each new token releases.
+    """When one sequence's output ends, and the text and tool calls each new token releases.
 
-    The one owner of a request's end: EOS (unless `ignore_eos`), a completed stop string, or
-    `max_tokens` (already fitted to the context, see `types.fit_to_context`). The engine and the
-    tests' fake engine both stream through it.
+    The one owner of a request's end: EOS (unless `ignore_eos`), a completed stop string, a
+    completed grammar (`add(..., complete=True)`, see constraints.py), or `max_tokens` (already
+    fitted to the context, see `types.fit_to_context`). The engine and the tests' fake engine
+    both stream through it.
+
+    When the request offers tools (and tool_choice is not "none") and the tokenizer has a tool
+    parser, the model's tool-call syntax is cut out of the text and comes out as `ToolCallDelta`s
+    (`pop_tool_calls`); a reply that made calls and ended by itself ends with "tool_calls".
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> None:
         if params.max_tokens is None:
             raise ValueError("max_tokens must be fitted to the context first (types.fit_to_context)")
+        self._tokenizer = tokenizer
+        self._stop = params.stop
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.stop)
         self._eos_ids = set() if params.ignore_eos else eos_ids
         self._max_tokens = params.max_tokens
         self.num_tokens = 0
+        self._tools: ToolCallStream | None = None
+        c = params.constraint
+        if c is not None and c.tools and c.tool_choice != "none" and getattr(tokenizer, "tool_parser", None):
+            self._tools = ToolCallStream(tokenizer, c.parallel_tool_calls)
+        self._calls: list[ToolCallDelta] = []
+        self._ids: list[int] = []  # output so far, for a detokenizer restarted after a tool section
 
-    def add(self, token_id: int) -> tuple[str, str | None]:
-        """(text now safe to emit, finish_reason or None) after the sequence's next token."""
+    def pop_tool_calls(self) -> list[ToolCallDelta] | None:
+        """Tool-call pieces released since the last call, or None."""
+        calls, self._calls = self._calls, []
+        return calls or None
+
+    def add(self, token_id: int, complete: bool = False) -> tuple[str, str | None]:
+        """(text now safe to emit, finish_reason or None) after the sequence's next token.
+
+        complete: the output's grammar admits nothing more, so the output ends with this token.
+        """
         self.num_tokens += 1
+        self._ids.append(token_id)
         if token_id in self._eos_ids:
-            return self._detokenizer.finish(), "stop"
-        text = self._detokenizer.add(token_id)
-        if self._detokenizer.stopped:
-            return text, "stop"
+            return self._end("stop")
+        text = ""
+        kind = "content"
+        if self._tools is not None:
+            kind, calls = self._tools.feed(token_id)
+            self._calls += calls
+            if kind == "start":
+                text = self._detokenizer.finish()
+            elif kind == "end":  # content may follow a closed section
+                self._detokenizer = IncrementalDetokenizer(self._tokenizer, self._ids, self._stop)
+        if kind == "content":
+            text = self._detokenizer.add(token_id)
+            if self._detokenizer.stopped:
+                return text, "stop"
+        if complete or (self._tools is not None and self._tools.satisfied):
+            return self._end("stop", text)
         if self.num_tokens >= self._max_tokens:
-            return text + self._detokenizer.finish(), "length"
+            return self._end("length", text)
         return text, None
+
+    def _end(self, reason: str, text: str = "") -> tuple[str, str | None]:
+        if self._tools is not None and self._tools.active:
+            calls, leftover = self._tools.close(truncated=reason == "length")
+            self._calls += calls
+            text += leftover
+        else:
+            text += self._detokenizer.finish()
+        if reason == "stop" and self._tools is not None and self._tools.count:
+            reason = "tool_calls"
+        return text, reason

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .args import EngineArgs
 from .block_manager import BlockManager
+from .constraints import Constraints
 from .detokenizer import TokenStream
 from .sampling import SampleResult, SamplerState, sample
 from .scheduler import Scheduler, StepPlan
@@ -44,6 +45,7 @@ class LLMEngine:
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(args, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
+        self.constraints = Constraints(tokenizer, runner.vocab_size, self.eos_ids)
         self.by_id: dict[str, Sequence] = {}
         self.counters = {
             "steps": 0,
@@ -63,6 +65,7 @@ class LLMEngine:
                 seq.params, len(seq.prompt_ids), self.max_model_len, self.args.default_max_tokens
             )
             seq.sampler = SamplerState(seq.params, seq.prompt_ids, self.runner.vocab_size)
+            seq.sampler.constraint = self.constraints.build(seq.params.constraint)
         except EngineError as exc:
             seq.emit(exc)
             return
@@ -100,7 +103,13 @@ class LLMEngine:
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
         samplers = [s.sampler for s in sampled if s.sampler is not None]
-        result = sample(logits, samplers) if sampled else None
+        masks = None
+        if any(s.constraint is not None for s in samplers):
+            # The forward pass runs while llguidance fills the masks on the CPU: the mask of a
+            # step depends only on tokens sampled before it.
+            mx.async_eval(logits)  # type: ignore[no-untyped-call]
+            masks = mx.array(self.constraints.fill_masks([s.constraint for s in samplers]))
+        result = sample(logits, samplers, masks) if sampled else None
         outputs = []
         if result is not None:
             outputs = [result.tokens]
@@ -126,7 +135,10 @@ class LLMEngine:
             assert seq.sampler is not None and seq.output is not None  # set by add()
             seq.append(tok)
             seq.sampler.record(tok)
-            text, finish = seq.output.add(tok)
+            constraint = seq.sampler.constraint
+            if constraint is not None:
+                constraint.consume(tok)
+            text, finish = seq.output.add(tok, complete=constraint is not None and constraint.done)
             lp = None
             if seq.params.logprobs:
                 k = seq.params.top_logprobs
@@ -141,6 +153,7 @@ class LLMEngine:
                     cached_tokens=seq.num_cached_prompt,
                     finish_reason=finish,
                     logprobs=lp,
+                    tool_calls=seq.output.pop_tool_calls(),
                 )
             )
             if finish:

@@ -17,10 +17,14 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from .types import InvalidRequest, SamplingParams
+
+if TYPE_CHECKING:
+    from .constraints import TokenConstraint
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -80,6 +84,9 @@ class SamplerState:
             if prompt_ids:
                 self._prompt_seen[mx.array(prompt_ids, dtype=mx.int32)] = True
 
+        # The output's grammar or banned tokens (constraints.py); set by the engine after admission.
+        self.constraint: TokenConstraint | None = None
+
         sampled = not params.greedy
         self.has_min_p = sampled and params.min_p > 0.0
         self.has_sort = sampled and (0 < params.top_k < vocab_size or params.top_p < 1.0)
@@ -96,8 +103,13 @@ class SamplerState:
         return z >> 32, z & 0xFFFFFFFF
 
 
-def sample(logits: mx.array, states: list[SamplerState]) -> SampleResult:
-    """Draw one token per row. logits: [B, V] (any float dtype); row i belongs to states[i]."""
+def sample(logits: mx.array, states: list[SamplerState], masks: mx.array | None = None) -> SampleResult:
+    """Draw one token per row. logits: [B, V] (any float dtype); row i belongs to states[i].
+
+    masks: int32 [B, ceil(V / 32)] bitmask of the tokens each row may draw (bit t of row i set:
+    token t allowed), from `Constraints.fill_masks`; None: every token. It applies after bias and
+    penalties, before temperature and truncation; logprobs stay those of the raw logits.
+    """
     raw = logits.astype(mx.float32)
     vocab = raw.shape[-1]
     lse = mx.logsumexp(raw, axis=-1, keepdims=True)  # [B, 1]
@@ -107,6 +119,8 @@ def sample(logits: mx.array, states: list[SamplerState]) -> SampleResult:
         x = _apply_bias(x, states)
     if any(s.has_penalties for s in states):
         x = _apply_penalties(x, states)
+    if masks is not None:
+        x = apply_token_masks(x, masks)
 
     greedy = [s.params.greedy for s in states]
     if all(greedy):
@@ -144,6 +158,19 @@ def sample(logits: mx.array, states: list[SamplerState]) -> SampleResult:
 def _gumbel_rows(vocab: int) -> Callable[[mx.array], mx.array]:
     """keys uint32 [B, 2] -> float32 [B, vocab]; row i depends on keys[i] alone."""
     return mx.vmap(lambda key: mx.random.gumbel((vocab,), key=key))
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_positions(vocab: int) -> tuple[mx.array, mx.array]:
+    col = mx.arange(vocab, dtype=mx.int32)
+    return col >> 5, col & 31
+
+
+def apply_token_masks(x: mx.array, masks: mx.array) -> mx.array:
+    """x [B, V] with the tokens each row's bitmask (int32 [B, W]) leaves out set to -inf."""
+    word, bit = _bit_positions(x.shape[-1])
+    allowed = (mx.take(masks, word, axis=1) >> bit) & 1  # [B, V]
+    return mx.where(allowed.astype(mx.bool_), x, -mx.inf)
 
 
 def _rows(states: list[SamplerState], flag: str) -> list[int]:
