@@ -160,17 +160,17 @@ def _gumbel_rows(vocab: int) -> Callable[[mx.array], mx.array]:
     return mx.vmap(lambda key: mx.random.gumbel((vocab,), key=key))
 
 
-@functools.lru_cache(maxsize=8)
-def _bit_positions(vocab: int) -> tuple[mx.array, mx.array]:
-    col = mx.arange(vocab, dtype=mx.int32)
-    return col >> 5, col & 31
-
-
 def apply_token_masks(x: mx.array, masks: mx.array) -> mx.array:
-    """x [B, V] with the tokens each row's bitmask (int32 [B, W]) leaves out set to -inf."""
-    word, bit = _bit_positions(x.shape[-1])
-    allowed = (mx.take(masks, word, axis=1) >> bit) & 1  # [B, V]
-    return mx.where(allowed.astype(mx.bool_), x, -mx.inf)
+    """x [B, V] with the tokens each row's bitmask (int32 [B, W]) leaves out set to -inf.
+
+    Bits are unpacked by broadcasting (no gather): word w, bit b is token 32 * w + b.
+    """
+    rows, vocab = x.shape
+    shifts = mx.arange(32, dtype=mx.int32)
+    bits = ((masks[:, :, None] >> shifts) & 1).astype(mx.bool_)  # [B, W, 32]
+    if vocab == masks.shape[1] * 32:
+        return mx.where(bits, x.reshape(rows, -1, 32), -mx.inf).reshape(rows, vocab)
+    return mx.where(bits.reshape(rows, -1)[:, :vocab], x, -mx.inf)
 
 
 def _rows(states: list[SamplerState], flag: str) -> list[int]:
