@@ -127,7 +127,9 @@ class Constraints:
         alternatives = []
         if calls or (body is not None and c.tool_choice == "auto" and c.tools):
             tools = [t for t in c.tools if c.tool_choice in ("required", "auto") or t.name == c.tool_choice]
-            rules += self._tool_rules(tools, c.parallel_tool_calls)
+            # A named function is one call of it, as OpenAI's named tool_choice forces.
+            parallel = c.parallel_tool_calls and c.tool_choice in ("required", "auto")
+            rules += self._tool_rules(tools, parallel)
             alternatives.append("calls")
         if body is not None and not calls:
             rules.append(f"json_body: {body}")
@@ -178,7 +180,22 @@ class Constraints:
 def _json_rule(schema: dict[str, Any]) -> str:
     """`%json {...}`: an inline JSON-schema rule with the server's JSON style."""
     options = dict(_JSON_STYLE, **(schema.get("x-guidance") or {}))
-    return "%json " + json.dumps(dict(schema, **{"x-guidance": options}))
+    return "%json " + json.dumps(dict(_closed(schema), **{"x-guidance": options}))
+
+
+def _closed(node: Any) -> Any:
+    """The schema with `additionalProperties: false` wherever an object lists its `properties`
+    and says nothing of others (xgrammar's strict mode does the same). JSON Schema's default would
+    let a model invent keys without end, which is never what a client that lists properties wants;
+    an explicit `additionalProperties` is kept."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    closed = {key: _closed(value) for key, value in node.items()}
+    if isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _param(c: OutputConstraint) -> str:

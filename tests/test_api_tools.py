@@ -1,0 +1,172 @@
+"""Tools and structured output through a real uvicorn and the official SDK, on the random demo
+model: what the grammar enforces holds however random the model is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from server.api.app import create_app
+from server.engine import EngineArgs
+from server.engine.factory import start_engine
+
+# Bounded strings and numbers: the random model rarely closes an unbounded string by itself.
+FORECAST = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["C", "F"]},
+    },
+    "required": ["city", "days", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_forecast", "description": "Weather", "parameters": FORECAST}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]},
+        },
+    },
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = start_engine(EngineArgs(cache_tokens=64 * 512, max_num_seqs=64))
+    yield engine
+    engine.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def _engine_outlives_app(app):
+    yield
+
+
+@pytest.fixture
+def base(engine, serve_app) -> str:
+    app = create_app(engine)
+    app.router.lifespan_context = _engine_outlives_app
+    return serve_app(app) + "/v1"
+
+
+def many(base: str, count: int, **request: object) -> list[object]:
+    """`count` concurrent chat completions (they batch in the engine)."""
+
+    async def run() -> list[object]:
+        client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
+        replies = await asyncio.gather(*[client.chat.completions.create(**request, seed=i) for i in range(count)])
+        await client.close()
+        return list(replies)
+
+    return asyncio.run(run())
+
+
+def test_json_schema_answers_parse_and_validate_100_of_100(engine, base):
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST, "strict": True}}
+    replies = many(
+        base, 100, model=engine.model_name, messages=ASK, response_format=fmt, temperature=1.0, max_tokens=80
+    )
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), FORECAST)
+
+
+def test_required_tool_choice_gives_a_valid_call_100_of_100(engine, base):
+    replies = many(
+        base,
+        100,
+        model=engine.model_name,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=1.0,
+        max_tokens=80,
+    )
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        assert call.id.startswith("call_") and call.type == "function"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_a_streamed_tool_call_equals_the_whole_one_under_the_same_seed(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    request = dict(
+        model=engine.model_name,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_forecast"}},
+        temperature=1.0,
+        seed=11,
+        max_tokens=80,
+    )
+    whole = client.chat.completions.create(**request).choices[0]
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for piece in choice.delta.tool_calls or []:
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += piece.id or ""
+                call["name"] += (piece.function.name or "") if piece.function else ""
+                call["arguments"] += (piece.function.arguments or "") if piece.function else ""
+    (expected,) = whole.message.tool_calls
+    assert finish == whole.finish_reason == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        (expected.function.name, json.loads(expected.function.arguments))
+    ]
+
+
+def test_tool_history_reaches_the_template_and_none_never_calls(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_forecast", "arguments": '{"city": "Paris", "days": 1, "unit": "C"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    plain = client.chat.completions.create(model=engine.model_name, messages=ASK, max_tokens=1)
+    with_tools = client.chat.completions.create(
+        model=engine.model_name, messages=history, tools=TOOLS, tool_choice="none", max_tokens=16, temperature=1.0
+    )
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 40  # definitions and history
+    assert with_tools.choices[0].finish_reason in ("stop", "length")
+    assert not with_tools.choices[0].message.tool_calls
+
+
+def test_an_invalid_schema_is_a_400_with_the_librarys_message(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=engine.model_name, messages=ASK, response_format=fmt, max_tokens=8)
+    assert refused.value.body["param"] == "response_format" and "schema" in refused.value.body["message"]
+
+
+def test_max_tokens_mid_object_ends_with_length(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}
+    reply = client.chat.completions.create(model=engine.model_name, messages=ASK, response_format=fmt, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
