@@ -27,15 +27,23 @@ def decode_np(
     group_size: int,
     block_size: int,
 ) -> np.ndarray:
-    """cache_np: float32/uint32 numpy copies of the cache fields after the append -> out [B, H, R] float32."""
+    """cache_np: float32/uint32 numpy copies of the cache fields after the append -> out [B, H, R] float32.
+    Tokens in blocks outside [0, num_blocks) are left out; a row left with none is zeros."""
     B, H, R = q_latent.shape
+    num_blocks = cache_np["packed"].shape[0]
     out = np.zeros((B, H, R), np.float32)
     for b in range(B):
         n = int(context_lens[b]) + 1
         blocks = block_table[b, : (n + block_size - 1) // block_size]
+        pos = np.arange(n)
+        blk = blocks[pos // block_size]
+        keep = (blk >= 0) & (blk < num_blocks)
+        if not keep.any():
+            continue
+        slots = blk[keep] * block_size + pos[keep] % block_size
 
-        def rows(a: np.ndarray, blocks: np.ndarray = blocks, n: int = n) -> np.ndarray:
-            picked: np.ndarray = a[blocks].reshape(-1, a.shape[-1])[:n]
+        def rows(a: np.ndarray, slots: np.ndarray = slots) -> np.ndarray:
+            picked: np.ndarray = a.reshape(-1, a.shape[-1])[slots]
             return picked
 
         lat = dequantize_np(rows(cache_np["packed"]), rows(cache_np["scales"]), rows(cache_np["biases"]), group_size)

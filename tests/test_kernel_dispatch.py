@@ -7,10 +7,10 @@ from collections.abc import Callable
 import mlx.core as mx
 import pytest
 
-from server.bench.kernel_cases import GROUP_CASES, SHAPE_CASES, Case, decode_inputs, filled_cache
+from server.bench.kernel_cases import GROUP_CASES, POISONED_CASES, SHAPE_CASES, Case, decode_inputs, filled_cache
 from server.kernels import mla_decode
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import Launch, default_backend, mla_decode_append
+from server.kernels.mla_decode import Launch, default_backend, device_backend, mla_decode_append
 from server.kernels.tiles import TileConfig, choose_config, unsupported_reason
 
 on_gpu = mx.default_device() == mx.gpu
@@ -144,10 +144,14 @@ def test_a_launch_refuses_buffers_it_does_not_declare() -> None:
         mla_decode.COMBINE.bind_template({"T": dt, "H": 1})
 
 
-@pytest.mark.skipif(default_backend() == "reference", reason="no Metal or CUDA device: the self-test's check needs one")
-@pytest.mark.parametrize("case", [*SHAPE_CASES, *GROUP_CASES], ids=lambda c: f"B{len(c.lens)}-R{c.R}-gs{c.group_size}")
+@pytest.mark.skipif(device_backend() == "reference", reason="no Metal or CUDA device: the self-test's check needs one")
+@pytest.mark.parametrize(
+    "case",
+    [*SHAPE_CASES, *GROUP_CASES, *POISONED_CASES],
+    ids=lambda c: f"B{len(c.lens)}-R{c.R}-gs{c.group_size}" + ("-bad" * c.poisoned),
+)
 def test_fused_kernel_matches_the_reference(case: Case) -> None:
     """On a GPU: the kernel's `out` and appended bytes against the reference (the self-test's check)."""
     from server.bench.kernel import check
 
-    assert check(default_backend(), case)
+    assert check(device_backend(), case).ok

@@ -9,25 +9,36 @@ import numpy as np
 import pytest
 from kernel_numpy_ref import decode_np, dequantize_np
 
-from server.bench.kernel_cases import GROUP_CASES, SHAPE_CASES, Case, cache_as_numpy, decode_inputs, filled_cache
+from server.bench.kernel_cases import (
+    GROUP_CASES,
+    POISONED_CASES,
+    SHAPE_CASES,
+    Case,
+    cache_as_numpy,
+    decode_inputs,
+    filled_cache,
+    poison_table,
+)
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append
 
 on_gpu = mx.default_device() == mx.gpu
 
 # Every shape case uses quant group 64; GROUP_CASES take 32 and 128.
-CASES = [*SHAPE_CASES, Case(list(range(0, 160, 10)), 4, 256, mx.bfloat16), *GROUP_CASES]  # B=16
+CASES = [*SHAPE_CASES, Case(list(range(0, 160, 10)), 4, 256, mx.bfloat16), *GROUP_CASES, *POISONED_CASES]  # B=16
 
 
 def case_id(c: Case) -> str:
-    return f"B{len(c.lens)}-H{c.H}-R{c.R}-{str(c.dtype).split('.')[-1]}-gs{c.group_size}"
+    return f"B{len(c.lens)}-H{c.H}-R{c.R}-{str(c.dtype).split('.')[-1]}-gs{c.group_size}" + ("-bad" * c.poisoned)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_reference_matches_numpy(case: Case) -> None:
-    lens, H, R, dtype, gs = case
+    lens, H, R, dtype, gs = case.lens, case.H, case.R, case.dtype, case.group_size
     P = 64
     cache, table = filled_cache(lens, R, P, dtype, group_size=gs)
+    if case.poisoned:
+        table = poison_table(table, cache.num_blocks)
     ql, qp, nl, nk = decode_inputs(len(lens), H, R, P, dtype)
     scale = 1.0 / math.sqrt(R + P)
     ctx = mx.array(lens, dtype=mx.int32)
@@ -71,6 +82,30 @@ def test_appended_bytes_equal_mx_quantize(gs: int) -> None:
         np.testing.assert_array_equal(after["scales"][blk, off], np.array(s[i].astype(mx.float32)))
         np.testing.assert_array_equal(after["biases"][blk, off], np.array(b[i].astype(mx.float32)))
         np.testing.assert_array_equal(after["k_pe"][blk, off], np.array(nk[i].astype(mx.float32)))
+    for k in ("packed", "scales", "biases", "k_pe"):
+        np.testing.assert_array_equal(after[k][~touched], before[k][~touched])
+
+
+def test_bad_block_ids_are_neither_read_nor_written() -> None:
+    """Entries outside [0, num_blocks) (a wrong table): nothing outside the pool is touched, the
+    bad append is dropped (its row repeats a valid one's write), the valid appends land."""
+    lens = [100, 70, 5]
+    R, P, dtype = 256, 64, mx.float16
+    cache, table = filled_cache(lens, R, P, dtype)
+    table = poison_table(table, cache.num_blocks)
+    before = cache_as_numpy(cache)
+    ql, qp, nl, nk = decode_inputs(len(lens), 4, R, P, dtype)
+    out = mla_decode_append(ql, qp, nl, nk, cache, table, mx.array(lens, mx.int32), 0.1, backend="reference")
+    mx.eval(out, *cache.arrays())
+    assert bool(mx.isfinite(out).all().item())
+    after = cache_as_numpy(cache)
+    q, _, _ = mx.quantize(nl, 64, 4)
+    tbl = np.array(table)
+    touched = np.zeros(cache.packed.shape[:2], bool)
+    for i in (0, 2):  # sequence 1's append block is outside the pool
+        blk, off = tbl[i, lens[i] // 64], lens[i] % 64
+        touched[blk, off] = True
+        np.testing.assert_array_equal(after["packed"][blk, off], np.array(q[i]))
     for k in ("packed", "scales", "biases", "k_pe"):
         np.testing.assert_array_equal(after[k][~touched], before[k][~touched])
 

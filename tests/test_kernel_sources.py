@@ -19,8 +19,9 @@ from server.kernels.tiles import TileConfig
 CUDA_TYPES = {"half": "__half", "bfloat": "__nv_bfloat16", "float": "float", "uint32": "uint32_t", "int32": "int32_t"}
 # Mistral Small 4 (R=256, H=32) and DeepSeek-V3 (R=512, H=128) shapes.
 SHAPES = [
-    dict(H=32, HG=32, R=256, P=64, GS=64, BS=64, TT=64, PPS=8, NW=8, MAXB=512, NSPLIT=64),
-    dict(H=128, HG=32, R=512, P=64, GS=64, BS=64, TT=32, PPS=4, NW=8, MAXB=64, NSPLIT=16),
+    dict(H=32, HG=32, R=256, P=64, GS=64, BS=64, TT=64, NW=8, NSTAGE=2),
+    dict(H=32, HG=32, R=256, P=64, GS=64, BS=64, TT=32, NW=16, NSTAGE=4),
+    dict(H=128, HG=32, R=512, P=64, GS=64, BS=64, TT=32, NW=8, NSTAGE=3),
 ]
 
 
@@ -74,11 +75,11 @@ def test_launch_declarations_are_consistent() -> None:
 
 
 def smem_for(c: dict[str, int]) -> int:
-    return TileConfig(c["HG"], c["TT"], c["NW"], c["PPS"]).smem_bytes(c["R"], c["P"])
+    return TileConfig(c["HG"], c["TT"], c["NW"], 1, c["NSTAGE"]).smem_bytes(c["R"], c["P"], c["GS"])
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("shape", SHAPES, ids=["mistral4", "deepseek3"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["mistral4", "mistral4-tt32", "deepseek3"])
 def test_cuda_source_compiles_for_sm90(tmp_path: Path, shape: dict[str, int]) -> None:
     units = [(DIRECT, "half"), (SPLIT, "bfloat"), (COMBINE, "bfloat")]
     for launch, dtype in units:
@@ -136,6 +137,7 @@ struct uint4 {
   uint x, y, z, w;
   uint4() = default;
   explicit uint4(uint a) : x(a), y(a), z(a), w(a) {}
+  uint4(uint a, uint b, uint c, uint d) : x(a), y(b), z(c), w(d) {}
   uint operator[](int i) const { return i == 0 ? x : (i == 1 ? y : (i == 2 ? z : w)); }
 };
 template <typename T, int N> struct vec;
@@ -198,7 +200,7 @@ def metal_translation_unit(launch: Launch, consts: dict[str, int]) -> str:
 def test_metal_source_type_checks_as_cpp(tmp_path: Path, launch: Launch) -> None:
     for inc in ("metal_simdgroup", "metal_simdgroup_matrix"):
         (tmp_path / inc).write_text("")
-    shape = dict(H=32, HG=16, R=256, P=64, GS=64, BS=64, TT=16, PPS=8, NW=4, MAXB=512, NSPLIT=64)
+    shape = dict(H=32, HG=16, R=256, P=64, GS=64, BS=64, TT=16, NW=4, NSTAGE=2)
     assert smem_for(shape) <= 32 * 1024  # Apple GPUs' threadgroup memory
     src = tmp_path / f"{launch.name}.cpp"
     src.write_text(metal_translation_unit(launch, template_ints(launch, shape)))

@@ -34,15 +34,17 @@ import numpy as np
 
 from server.bench.kernel_cases import (
     GROUP_CASES,
+    POISONED_CASES,
     SHAPE_CASES,
     Case,
     contiguous_tables,
     decode_inputs,
     filled_cache,
+    poison_table,
     random_pool,
 )
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import default_backend, mla_decode_append, mla_decode_append_fused
+from server.kernels.mla_decode import device_backend, mla_decode_append, mla_decode_append_fused
 from server.kernels.tiles import TileConfig, choose_config
 
 # The CPU tests' shapes and quant groups, plus a full B=16 batch, a long single sequence and a
@@ -50,6 +52,7 @@ from server.kernels.tiles import TileConfig, choose_config
 CHECKS = [
     *SHAPE_CASES,
     *GROUP_CASES,
+    *POISONED_CASES,
     Case(list(range(0, 1600, 100)), 32, 256, mx.bfloat16),  # B=16
     Case([20000], 32, 256, mx.float16),  # many splits
     Case([4000, 17, 1000, 2047], 128, 512, mx.float16),
@@ -66,13 +69,21 @@ BEGIN, END = "<!-- section:kernel -->", "<!-- /section:kernel -->"
 # ---- correctness -------------------------------------------------------------------------
 
 
-def check(backend: str, case: Case, P: int = 64) -> bool:
+class Checked(NamedTuple):
+    ok: bool
+    max_abs: float
+    rel: float
+
+
+def check(backend: str, case: Case, P: int = 64) -> Checked:
     """The kernel against the reference on one case: `out` and all four cache fields."""
-    lens, H, R, dtype, gs = case
+    lens, H, R, dtype, gs = case.lens, case.H, case.R, case.dtype, case.group_size
     scale = 1.0 / math.sqrt(R + P)
     ctx = mx.array(lens, dtype=mx.int32)
     ref_cache, table = filled_cache(lens, R, P, dtype, group_size=gs)
     gpu_cache, _ = filled_cache(lens, R, P, dtype, group_size=gs)
+    if case.poisoned:
+        table = poison_table(table, ref_cache.num_blocks)
     args = decode_inputs(len(lens), H, R, P, dtype)
     ref = mla_decode_append(*args, ref_cache, table, ctx, scale, backend="reference")
     got = mla_decode_append(*args, gpu_cache, table, ctx, scale, backend=backend)
@@ -88,10 +99,10 @@ def check(backend: str, case: Case, P: int = 64) -> bool:
     ok = bool(np.isfinite(g).all()) and rel_err < tol and all(same.values())
     print(
         f"{'ok ' if ok else 'BAD'} B={len(lens):2d} H={H:3d} R={R} gs={gs:3d} {str(dtype):14s} "
-        f"max_len={max(lens):5d}  max_abs={abs_err:.2e} rel={rel_err:.2e}  "
+        f"max_len={max(lens):5d}{' bad-blocks' if case.poisoned else ''}  max_abs={abs_err:.2e} rel={rel_err:.2e}  "
         f"cache bytes equal: {same}"
     )
-    return ok
+    return Checked(ok, abs_err, rel_err)
 
 
 def memory(backend: str) -> bool:
@@ -221,16 +232,16 @@ def sweep(backend: str, B: int, S: int, t: float, cfg: TileConfig) -> tuple[floa
             t, cfg = tc, c
 
     base = cfg
-    for tt in (32, 64):
+    for tt, nstage in ((64, 2), (64, 3), (32, 3), (32, 4)):
         for nw in (8, 16):  # 4 warps never won on the H100
-            c = TileConfig(base.hg, tt, nw, base.pps)
+            c = TileConfig(base.hg, tt, nw, base.pps, nstage)
             if c != base:
                 trial(c)
     best = cfg
     for mult in (0.5, 2):
         pps = max(1, min(max_blocks, round(best.pps * mult)))
         if pps != best.pps:
-            trial(TileConfig(best.hg, best.tt, best.nw, pps))
+            trial(TileConfig(best.hg, best.tt, best.nw, pps, best.nstage))
     return t, cfg
 
 
@@ -266,7 +277,7 @@ def table(backend: str, rows: list[Row]) -> list[str]:
         return f"{100 * nbytes / t / peak:.0f}%" if peak else "n/a"
 
     lines = [
-        "| B | S | fused INT4 (ms) | GB/s | % HBM | tiles (hg,tt,nw,pps) | mlx-lm bf16 (ms) "
+        "| B | S | fused INT4 (ms) | GB/s | % HBM | tiles (hg,tt,nw,pps,nstage) | mlx-lm bf16 (ms) "
         "| speed-up | composed INT4 (ms) | reference (ms) |",
         "|" + "---|" * 10,
     ]
@@ -274,17 +285,14 @@ def table(backend: str, rows: list[Row]) -> list[str]:
         ref = "-" if r.reference is None else f"{r.reference * 1e3:.4f}"
         lines.append(
             f"| {r.B} | {r.S} | {r.fused * 1e3:.4f} | {r.nbytes / r.fused / 1e9:.0f} | {pct(r.nbytes, r.fused)} | "
-            f"{r.cfg.hg},{r.cfg.tt},{r.cfg.nw},{r.cfg.pps} | {r.mlx_lm * 1e3:.4f} | {r.mlx_lm / r.fused:.1f}x | "
+            f"{r.cfg.hg},{r.cfg.tt},{r.cfg.nw},{r.cfg.pps},{r.cfg.nstage} | {r.mlx_lm * 1e3:.4f} | {r.mlx_lm / r.fused:.1f}x | "
             f"{r.composed * 1e3:.4f} | {ref} |"
         )
     return lines
 
 
 def section(backend: str, lines: list[str], command: str) -> str:
-    try:
-        device = f"{backend}: {mx.device_info().get('device_name', mx.default_device())}"
-    except Exception:  # device_info is not on every backend of every MLX
-        device = f"{backend}: {mx.default_device()}"
+    device = device_name(backend)
     return "\n".join(
         [
             "## Fused INT4 MLA decode kernel",
@@ -358,25 +366,55 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.md is not None and a.no_timings:
         ap.error("--md writes the timing table: drop --no-timings")
-    backend = a.backend or default_backend()
+    backend = a.backend or device_backend()
     if backend == "reference":
         print(f"no GPU backend on this machine (MLX default device: {mx.default_device()}); nothing to check or time")
         return 1 if a.md is not None else 0
     print(f"backend {backend}, device {mx.default_device()}")
     ok = True
+    checked: list[Checked] = []
+    rows: list[Row] = []
     if not a.no_check:
-        ok = all([check(backend, c) for c in CHECKS])
+        checked = [check(backend, c) for c in CHECKS]
+        ok = all(c.ok for c in checked)
         ok = memory(backend) and ok
     if not a.no_timings:
         shapes = a.shapes or shape_list(QUICK_SHAPES if a.quick else SHAPES)
-        lines = table(backend, timings(backend, shapes, a.sweep))
+        rows = timings(backend, shapes, a.sweep)
+        lines = table(backend, rows)
         print("\n".join(lines))
         if a.md is not None:
             command = " ".join(["python -m server.bench kernel", *map(shlex.quote, args_list)])
             write_section(a.md, section(backend, lines, command))
     if not a.no_check:
         print("PASS" if ok else "FAIL")
+    print(report_line(backend, ok, checked, rows))
     return 0 if ok else 1
+
+
+def device_name(backend: str) -> str:
+    try:
+        name = str(mx.device_info().get("device_name", ""))
+    except Exception:  # device_info is not on every backend of every MLX
+        name = ""
+    return f"{backend}: {name or mx.default_device()}"
+
+
+def report_line(backend: str, ok: bool, checked: list[Checked], rows: list[Row]) -> str:
+    """One line to paste into a bug report: device, MLX, verdict, worst error, time per shape."""
+    verdict = "not-checked" if not checked else ("PASS" if ok else "FAIL")
+    worst = (
+        f"worst max_abs={max(c.max_abs for c in checked):.2e} rel={max(c.rel for c in checked):.2e}" if checked else ""
+    )
+    times = " ".join(f"{r.B}x{r.S}={r.fused * 1e6:.0f}us" for r in rows)
+    parts = [
+        f"mla-kernel-report: {device_name(backend)}",
+        f"mlx {getattr(mx, '__version__', '?')}",
+        verdict,
+        worst,
+        times,
+    ]
+    return " | ".join(p for p in parts if p)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ class Case(NamedTuple):
     R: int
     dtype: mx.Dtype
     group_size: int = 64
+    poisoned: bool = False  # block table entries outside the pool: see `poison_table`
 
 
 # Lengths 0, 1, 63, 64, 65 and thousands, mixed in one batch, Mistral Small 4 (R=256) and
@@ -36,6 +37,23 @@ GROUP_CASES = [
     Case([0, 1, 63, 64, 65], 8, 256, mx.bfloat16, group_size=128),
     Case([700, 2, 129], 16, 512, mx.float16, group_size=128),
 ]
+
+
+# Block-table entries outside [0, num_blocks): sequence 0 loses its first block (-5), sequence 1's
+# append block points past the pool (its append is dropped), sequence 2 is untouched.
+POISONED_CASES = [
+    Case([100, 70, 5], 16, 256, mx.float16, poisoned=True),
+    Case([200, 64, 3000, 0], 32, 256, mx.bfloat16, poisoned=True),
+]
+
+
+def poison_table(table: mx.array, num_blocks: int) -> mx.array:
+    """A copy of `table` with entry [0, 0] = -5 and [1, 1] = num_blocks + 7 (sequence 1 needs at
+    least 64 tokens cached, so that column 1 is its append block)."""
+    t = np.array(table)
+    t[0, 0] = -5
+    t[1, 1] = num_blocks + 7
+    return mx.array(t)
 
 
 def filled_cache(

@@ -8,16 +8,20 @@ Shapes (B sequences, H heads, R latent width, P rope width, GS quant group, BS b
     new_kpe       [B, P]      its rotated rope key
     cache         LatentCache: packed uint32 [NB, BS, R/8], scales and biases [NB, BS, R/GS],
                   k_pe [NB, BS, P] (see latent_cache.py)
-    block_table   int32 [B, max_blocks]; padding entries are never read
-    context_lens  int32 [B]   tokens already cached
+    block_table   int32 [B, max_blocks]; padding entries are never read; an entry outside
+                  [0, NB) is never read or written through: its tokens weigh nothing, and an
+                  append into it is dropped (a row with no token left is zeros)
+    context_lens  int32 [B]   tokens already cached (tokens past the table's width are not read)
     -> out        [B, H, R]   in cache.dtype
 
 Where it lives, all one step from here:
 
 - `mla_decode_append` (bottom of this file): picks the fused kernel for the default device (Metal
   on an Apple GPU, CUDA when MLX has it) or the plain-MLX reference (`reference.py`, the
-  semantics) otherwise, when `backend="reference"`, or for a shape the kernel does not cover
-  (float32 caches; Metal shapes beyond its 32 KB of threadgroup memory), warning once per reason.
+  semantics) otherwise, when `backend="reference"`, when the process forced it
+  (`set_default_backend`, MLA_DECODE_BACKEND; `selfcheck.py` does so when the fused kernel fails
+  its start-up check), or for a shape the kernel does not cover (float32 caches; Metal shapes
+  beyond its 32 KB of threadgroup memory), warning once per reason.
 - The fused kernel's three launches, `DIRECT`, `SPLIT` and `COMBINE`, are declared once below:
   buffers, template constants and the body text, which is in `mla_body.py`. Each `Dialect` of
   `dialects.py` (Metal, CUDA) supplies the primitives that body is written over.
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -65,7 +70,7 @@ from . import mla_body
 from .dialects import DIALECTS
 from .latent_cache import LatentCache
 from .reference import mla_decode_append_reference
-from .tiles import COMBINE_WARPS, TileConfig, bucket, choose_config, unsupported_reason
+from .tiles import COMBINE_WARPS, TileConfig, choose_config, unsupported_reason
 
 BACKENDS = ("reference", "metal", "cuda")
 
@@ -134,9 +139,10 @@ PARTIAL_INPUTS = (
     ("block_table", "int32"),
     ("context_lens", "int32"),
     ("params", "float"),  # [scale]
+    ("dims", "int32"),  # [max_blocks, nsplit, pps, num_blocks]: runtime, so they compile nothing
     ("after", "T"),  # the previous step's out on this cache: GPU ordering (invariant 2)
 )
-PARTIAL_TEMPLATE = ("T", "H", "HG", "R", "P", "GS", "BS", "TT", "PPS", "NW", "MAXB", "NSPLIT", "SMEM_BYTES")
+PARTIAL_TEMPLATE = ("T", "H", "HG", "R", "P", "GS", "BS", "TT", "NW", "NSTAGE", "SMEM_BYTES")
 DIRECT = Launch("direct", PARTIAL_INPUTS, (("out", "T"),), PARTIAL_TEMPLATE, mla_body.PARTIAL, (("MLA_DIRECT", 1),))
 SPLIT = Launch(
     "split",
@@ -148,9 +154,9 @@ SPLIT = Launch(
 )
 COMBINE = Launch(
     "combine",
-    (("o_part", "float"), ("ml_part", "float"), ("context_lens", "int32")),
+    (("o_part", "float"), ("ml_part", "float"), ("context_lens", "int32"), ("dims", "int32")),
     (("out", "T"),),
-    ("T", "H", "R", "BS", "PPS", "NSPLIT", "NW"),
+    ("T", "H", "R", "BS", "NW"),
     mla_body.COMBINE,
 )
 LAUNCHES = (DIRECT, SPLIT, COMBINE)
@@ -201,6 +207,12 @@ def _scalar(value: float, dtype: mx.Dtype = mx.float32) -> mx.array:
     return mx.array([value], dtype)
 
 
+@lru_cache(maxsize=256)
+def _dims(*values: int) -> mx.array:
+    """int32 [4], cached: consecutive decode steps mostly share their sizes."""
+    return mx.array(values, mx.int32)
+
+
 def _run(
     backend: str,
     launch: Launch,
@@ -242,15 +254,14 @@ def mla_decode_append_fused(
     cover."""
     B, H, R = q_latent.shape
     P = cache.P
-    max_blocks = bucket(block_table.shape[1])
-    if max_blocks > block_table.shape[1]:
-        block_table = mx.pad(block_table, [(0, 0), (0, max_blocks - block_table.shape[1])])
+    max_blocks = block_table.shape[1]
     cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, cache.block_size)
     reason = unsupported_reason(backend, cache, cfg)
     if reason:
         raise NotImplementedError(f"{backend} MLA decode kernel: {reason}")
-    nsplit = math.ceil(max_blocks / cfg.pps)
-    smem = cfg.smem_bytes(R, P)
+    pps = max(1, min(cfg.pps, max_blocks))
+    nsplit = math.ceil(max_blocks / pps)
+    smem = cfg.smem_bytes(R, P, cache.group_size)
     dt = cache.dtype
     fields = cache.arrays()
     buffers = {
@@ -262,6 +273,7 @@ def mla_decode_append_fused(
         "block_table": block_table.astype(mx.int32),
         "context_lens": context_lens.astype(mx.int32),
         "params": _scalar(scale),
+        "dims": _dims(max_blocks, nsplit, pps, cache.num_blocks),
         "after": cache.last_out if cache.last_out is not None else _scalar(0.0, dt),
     }
     consts: dict[str, TemplateValue] = {
@@ -273,10 +285,8 @@ def mla_decode_append_fused(
         "GS": cache.group_size,
         "BS": cache.block_size,
         "TT": cfg.tt,
-        "PPS": cfg.pps,
         "NW": cfg.nw,
-        "MAXB": max_blocks,
-        "NSPLIT": nsplit,
+        "NSTAGE": cfg.nstage,
         "SMEM_BYTES": smem,
     }
     nt = 32 * cfg.nw
@@ -296,14 +306,12 @@ def mla_decode_append_fused(
             dt,
         )
         nt_c = 32 * COMBINE_WARPS
-        combine_buffers = {**parts, "context_lens": buffers["context_lens"]}
+        combine_buffers = {**parts, "context_lens": buffers["context_lens"], "dims": buffers["dims"]}
         combine_consts: dict[str, TemplateValue] = {
             "T": dt,
             "H": H,
             "R": R,
             "BS": cache.block_size,
-            "PPS": cfg.pps,
-            "NSPLIT": nsplit,
             "NW": COMBINE_WARPS,
         }
         out = _run(
@@ -322,13 +330,47 @@ def _warn_once(reason: str) -> None:
     log.warning("%s; decoding with the plain-MLX reference instead", reason)
 
 
-def default_backend() -> str:
+# Process-wide choice, above the device's default: `set_default_backend` (the engine's start-up
+# self-check sets "reference" when the fused kernel fails it), then the MLA_DECODE_BACKEND
+# environment variable ("reference", "metal", "cuda"; "auto" or unset: the device's).
+ENV_VAR = "MLA_DECODE_BACKEND"
+_override: str | None = None
+
+
+def set_default_backend(name: str | None) -> None:
+    """Make `name` the backend of every later `mla_decode_append(backend=None)`; None undoes it."""
+    global _override
+    if name not in (None, *BACKENDS):
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _override = name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by `set_default_backend` or MLA_DECODE_BACKEND, if any."""
+    if _override is not None:
+        return _override
+    env = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r}; expected auto or one of {BACKENDS}")
+    return env
+
+
+def device_backend() -> str:
+    """The fused kernel this device runs (Metal on an Apple GPU, CUDA when MLX has it), else
+    "reference"."""
     if mx.default_device() == mx.gpu:
         if mx.metal.is_available():
             return "metal"
         if mx.cuda.is_available():
             return "cuda"
     return "reference"
+
+
+def default_backend() -> str:
+    """What `mla_decode_append(backend=None)` uses: the forced backend, else the device's."""
+    return forced_backend() or device_backend()
 
 
 def mla_decode_append(

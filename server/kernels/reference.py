@@ -2,6 +2,13 @@
 
 Vectorized over the batch (no loop over sequences). It gathers the whole block table width, so
 its memory grows with `max_blocks * block_size`, never with the pool.
+
+A block-table entry outside [0, num_blocks) is clamped for the gather (never an out-of-bounds
+read) and its tokens are masked. An append into such a block repeats the first valid sequence's
+append instead (same slot, same bytes: never an out-of-bounds write, and no read of the old
+bytes, which would cost MLX's scatter its in-place update). One difference from the fused
+kernels, which drop such an append: when no sequence of the step appends validly, sequence 0's
+token lands in its clamped slot (block 0 or num_blocks - 1).
 """
 
 from __future__ import annotations
@@ -11,11 +18,29 @@ import mlx.core as mx
 from .latent_cache import BITS, LatentCache
 
 
-def append_slots(cache: LatentCache, block_table: mx.array, context_lens: mx.array) -> mx.array:
-    """int32 [B]: the slot of each sequence's new token (position context_lens[b])."""
+def in_pool(cache: LatentCache, block_ids: mx.array) -> mx.array:
+    """bool, same shape: which block ids lie in [0, num_blocks)."""
+    return (block_ids >= 0) & (block_ids < cache.num_blocks)
+
+
+def append_slots(cache: LatentCache, block_table: mx.array, context_lens: mx.array) -> tuple[mx.array, mx.array]:
+    """(slots int32 [B], ok bool [B]): the slot of each sequence's new token (position
+    context_lens[b]), clamped into the pool, and whether its block table entry was valid."""
     bs = cache.block_size
-    blk = mx.take_along_axis(block_table, (context_lens // bs)[:, None], axis=1)[:, 0]
-    return blk * bs + context_lens % bs
+    col = context_lens // bs
+    inside = col < block_table.shape[1]
+    col = mx.minimum(col, block_table.shape[1] - 1)
+    blk = mx.take_along_axis(block_table, col[:, None], axis=1)[:, 0]
+    ok = inside & in_pool(cache, blk)
+    return mx.clip(blk, 0, cache.num_blocks - 1) * bs + context_lens % bs, ok
+
+
+def append_guarded(cache: LatentCache, slots: mx.array, ok: mx.array, latent: mx.array, k_pe: mx.array) -> None:
+    """`cache.write(slots, latent, k_pe)`, where each row whose `ok` is False repeats the first
+    valid row's write (see the module docstring)."""
+    first = mx.argmax(ok.astype(mx.int32))
+    src = mx.where(ok, mx.arange(ok.shape[0]), first)
+    cache.write(slots[src], latent[src], k_pe[src])
 
 
 def mla_decode_append_reference(
@@ -33,9 +58,10 @@ def mla_decode_append_reference(
     bs = cache.block_size
     context_lens = context_lens.astype(mx.int32)
     block_table = block_table.astype(mx.int32)
-    cache.write(append_slots(cache, block_table, context_lens), new_latent, new_kpe)
+    append_guarded(cache, *append_slots(cache, block_table, context_lens), new_latent, new_kpe)
 
-    # Padding entries of the block table may hold any value; they are masked below.
+    # Padding entries of the block table may hold any value; they are masked below, as are
+    # entries outside the pool.
     bt = mx.clip(block_table, 0, cache.num_blocks - 1)
     T = bt.shape[1] * bs
 
@@ -53,6 +79,8 @@ def mla_decode_append_reference(
     scores = scores + q_pe.astype(mx.float32) @ k_pe.swapaxes(1, 2)
     scores = scores * scale
     valid = mx.arange(T)[None, :] <= context_lens[:, None]  # cached tokens plus the new one
+    valid = valid & mx.repeat(in_pool(cache, block_table), bs, axis=1)
     scores = mx.where(valid[:, None, :], scores, -mx.inf)
     p = mx.softmax(scores, axis=-1)
-    return (p @ latent).astype(cache.dtype)
+    out = p @ latent
+    return mx.where(valid.any(axis=1)[:, None, None], out, 0.0).astype(cache.dtype)

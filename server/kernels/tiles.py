@@ -15,12 +15,12 @@ from .latent_cache import LatentCache
 
 # Threadgroup memory per threadgroup; Apple GPUs have 32 KB.
 SMEM_LIMIT = {"cuda": 200 * 1024, "metal": 32 * 1024}
-# Threadgroups wanted (the kernel is latency-bound: about 2 per H100 SM did best), the fewest
-# cache blocks per split (fewer make the combine pass cost more than it saves), and the SM count
-# under which a threadgroup gets 16 warps instead of 8 (a long single sequence then has more
-# warps per split). Set from the H100 sweeps behind docs/benchmarks.md; Metal's are guesses.
+# Threadgroups wanted (one wave: about 2 per H100 SM), the fewest cache blocks per split (fewer
+# make the combine pass cost more than it saves), and the SM count under which a threadgroup gets
+# 16 warps instead of 8 (a long single sequence then has more warps per split). Set from the H100
+# sweeps behind docs/benchmarks.md; Metal's are guesses.
 TARGET_GROUPS = {"cuda": 264, "metal": 128}
-MIN_PPS = 8
+MIN_PPS = 4
 SM_COUNT = {"cuda": 132, "metal": 0}
 COMBINE_WARPS = 4
 
@@ -30,29 +30,25 @@ class TileConfig:
     hg: int  # heads per threadgroup (multiple of 16; padded heads are zero rows)
     tt: int  # tokens per tile
     nw: int  # warps per threadgroup
-    pps: int  # cache blocks per split
+    pps: int  # cache blocks per split (a runtime value: changing it compiles nothing)
+    nstage: int = 2  # raw tiles in the shared-memory ring: loads run nstage - 1 tiles ahead
 
-    def smem_bytes(self, R: int, P: int) -> int:
+    def smem_bytes(self, R: int, P: int, group_size: int) -> int:
+        """Threadgroup memory, as mla_body.PARTIAL lays it out (halves are 2 bytes)."""
         K = R + P
-        halves = (self.hg + self.tt) * (K + 8) + self.hg * (self.tt + 8) + K
+        halves = self.hg * (K + 8) + self.tt * (R + 8) + self.hg * (self.tt + 8) + K
+        stage = self.tt * R // 2 + 4 * self.tt * (R // group_size) + 2 * self.tt * (P + 8)
         floats = self.hg * (self.tt + 8) + 3 * self.hg + R
-        return 2 * halves + 4 * floats
+        return 2 * halves + self.nstage * stage + 4 * floats
 
 
-def bucket(n: int) -> int:
-    """The next power of two. PPS, MAXB and NSPLIT are template constants, and the runtime
-    compiler builds one kernel per distinct set: a serving engine whose batch size and longest
-    context change every step would otherwise compile a kernel every step."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int]:
-    """(hg, tt) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
+def default_tiles(backend: str, H: int, block_size: int) -> tuple[int, int, int]:
+    """(hg, tt, nstage) by measurement on the H100 (see docs/kernels.md); small tiles for Metal."""
     hp = 16 * math.ceil(H / 16)
     if backend == "metal":
-        return 16, 16
+        return 16, 16, 2
     tt = 64 if block_size % 64 == 0 else (32 if block_size % 32 == 0 else 16)
-    return min(hp, 32), tt
+    return min(hp, 32), tt, 2
 
 
 def choose_config(
@@ -67,18 +63,21 @@ def choose_config(
     tt: int | None = None,
     nw: int | None = None,
     pps: int | None = None,
+    nstage: int | None = None,
 ) -> TileConfig:
-    d_hg, d_tt = default_tiles(backend, H, block_size)
-    hg, tt = hg or d_hg, tt or d_tt
+    """`max_blocks` is the block table's real width (no rounding): the splits divide it so that
+    about TARGET_GROUPS threadgroups have tokens, in one wave."""
+    d_hg, d_tt, d_ns = default_tiles(backend, H, block_size)
+    hg, tt, nstage = hg or d_hg, tt or d_tt, nstage or d_ns
     groups = B * math.ceil(H / hg)
     if pps is None:
-        splits = max(1, math.ceil(TARGET_GROUPS[backend] / groups))
-        pps = bucket(max(MIN_PPS, math.ceil(max_blocks / splits)))
-    pps = min(pps, max_blocks)
+        splits = max(1, TARGET_GROUPS[backend] // groups)
+        pps = max(MIN_PPS, math.ceil(max_blocks / splits))
+    pps = max(1, min(pps, max_blocks))
     if nw is None:
         few = groups * math.ceil(max_blocks / pps) < SM_COUNT[backend]
         nw = 4 if backend == "metal" else (16 if few else 8)
-    return TileConfig(hg, tt, nw, pps)
+    return TileConfig(hg, tt, nw, pps, nstage)
 
 
 def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str | None:
@@ -86,12 +85,15 @@ def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str
     R, P = cache.R, cache.P
     if cache.dtype not in (mx.float16, mx.bfloat16):
         return f"dtype {cache.dtype} (the kernel is for float16 and bfloat16)"
-    if R % 32 or P % 8 or (R + P) % 16 or cache.group_size not in (32, 64, 128):
+    if R % 32 or P % 16 or cache.group_size not in (32, 64, 128):
         return f"R={R}, P={P}, group_size={cache.group_size}"
     if cfg.hg % 16 or cfg.tt % 16 or cache.block_size % cfg.tt:
         return f"tiles {cfg} with block_size={cache.block_size}"
     if (R // 8) % cfg.nw or cfg.nw % (cfg.hg // 16):
         return f"{cfg.nw} warps cannot split R/8={R // 8} column tiles and {cfg.hg // 16} head tiles"
-    if cfg.smem_bytes(R, P) > SMEM_LIMIT[backend]:
-        return f"{cfg.smem_bytes(R, P)} bytes of threadgroup memory > {SMEM_LIMIT[backend]}"
+    if cfg.nstage < 2:
+        return f"nstage={cfg.nstage} (the ring needs 2 stages)"
+    smem = cfg.smem_bytes(R, P, cache.group_size)
+    if smem > SMEM_LIMIT[backend]:
+        return f"{smem} bytes of threadgroup memory > {SMEM_LIMIT[backend]}"
     return None
