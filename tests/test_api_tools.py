@@ -170,3 +170,20 @@ def test_max_tokens_mid_object_ends_with_length(engine, base):
     fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST}}
     reply = client.chat.completions.create(model=engine.model_name, messages=ASK, response_format=fmt, max_tokens=3)
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_logprob_bytes_rebuild_the_content_and_eos_has_no_entry(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    multibyte = 0
+    for seed in range(6):
+        reply = client.chat.completions.create(
+            model=engine.model_name, messages=ASK, logprobs=True, top_logprobs=2, max_tokens=48, seed=seed
+        )
+        choice = reply.choices[0]
+        entries = choice.logprobs.content
+        joined = b"".join(bytes(e.bytes) for e in entries)
+        assert joined.decode("utf-8", "replace") == choice.message.content
+        multibyte += sum(1 for e in entries if e.token.endswith("\ufffd") or "\ufffd" in e.token)
+        expected = reply.usage.completion_tokens - (choice.finish_reason == "stop")
+        assert len(entries) == expected  # the EOS that ended a "stop" reply is not an entry
+    assert multibyte, "no token held part of a character: the case this test is for never came up"

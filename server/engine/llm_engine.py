@@ -17,6 +17,7 @@ from .detokenizer import TokenStream
 from .sampling import SampleResult, SamplerState, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
+from .token_bytes import TokenBytes
 from .types import EngineError, InvalidRequest, RequestTimeout, StreamDelta, TokenLogprob, fit_to_context
 
 
@@ -45,6 +46,7 @@ class LLMEngine:
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(args, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
+        self.token_bytes = TokenBytes(tokenizer)
         self.constraints = Constraints(tokenizer, runner.vocab_size, self.eos_ids)
         self.by_id: dict[str, Sequence] = {}
         self.counters = {
@@ -140,10 +142,11 @@ class LLMEngine:
                 constraint.consume(tok)
             text, finish = seq.output.add(tok, complete=constraint is not None and constraint.done)
             lp = None
-            if seq.params.logprobs:
+            # EOS ends the text without adding to it, so it has no logprob entry either.
+            if seq.params.logprobs and not (finish and tok in self.eos_ids and not seq.params.ignore_eos):
                 k = seq.params.top_logprobs
                 top = [(self._piece(t), v) for t, v in zip(top_ids[i][:k], top_lps[i][:k], strict=True)] if k else []
-                lp = [TokenLogprob(self._piece(tok), logprobs[i], top)]
+                lp = [TokenLogprob(self._piece(tok), logprobs[i], top, bytes=list(self.token_bytes(tok)))]
             seq.emit(
                 StreamDelta(
                     text=text,
