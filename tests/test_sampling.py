@@ -229,3 +229,16 @@ def test_no_top_logprobs_unless_asked():
     assert res.top_ids is None and res.top_logprobs is None
     mx.eval(res.logprobs)
     assert np.allclose(np.array(res.logprobs), -math.log(V))
+
+
+def test_a_request_draws_fresh_noise_every_step():
+    """A request's random stream advances with every token it records: over a flat distribution
+    its draws differ from step to step (the same noise each step would repeat one token)."""
+    logits = np.zeros((1, 1000), dtype=np.float32)
+    for state in (_state(vocab=1000, seed=7), _state(vocab=1000)):
+        drawn = []
+        for _ in range(16):
+            (token,) = _draw(logits, [state])
+            state.record(token)
+            drawn.append(token)
+        assert len(set(drawn)) > 8, drawn
