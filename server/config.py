@@ -89,6 +89,11 @@ class Settings:
         lambda v: v >= 0,
         "must be >= 0",
     )
+    rank_timeout: float = _option(
+        _ENGINE.rank_timeout,
+        "tensor parallel: seconds rank 0 waits for the other ranks in one step before it stops the set",
+        **_POSITIVE,
+    )
     default_max_tokens: int = _option(
         _ENGINE.default_max_tokens, "completion tokens of a request that sets no max_tokens", **_POSITIVE
     )

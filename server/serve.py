@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import logging.handlers
+import os
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 import h11
+import mlx.core as mx
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -43,6 +45,16 @@ def serve(settings: Settings) -> int:
     except OSError as e:
         print(f"{PROG}: cannot open the log file {settings.log_file}: {e.strerror or e}", file=sys.stderr)
         return 1
+    group = _distributed_group()
+    if group is not None and group.rank() != 0:
+        # Ranks other than 0 serve no HTTP: they run rank 0's steps on their shard.
+        log.info("rank %d of %d: loading %s", group.rank(), group.size(), settings.model or "the demo model")
+        try:
+            factory.follow(settings.engine_args(), group)
+        except EngineError as e:
+            print(f"{PROG}: rank {group.rank()}: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         sock = _claim_port(settings.host, settings.port)
     except OSError as e:
@@ -51,7 +63,7 @@ def serve(settings: Settings) -> int:
     with sock:
         log.info("loading %s", settings.model or "the embedded demo model")
         try:
-            engine = factory.start_engine(settings.engine_args())
+            engine = factory.start_engine(settings.engine_args(), group)
         except EngineError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
@@ -78,7 +90,19 @@ def serve(settings: Settings) -> int:
             server.run(sockets=[sock])
         finally:
             engine.shutdown()
-    return 0 if server.started else 1
+    # Not 0 when a tensor-parallel rank failed: launchd restarts the whole set.
+    return 0 if server.started and not engine.failed else 1
+
+
+def _distributed_group() -> mx.distributed.Group | None:
+    """The tensor-parallel group when `mlx.launch` started this process as one of several ranks."""
+    if not any(name in os.environ for name in ("MLX_RANK", "OMPI_COMM_WORLD_RANK")):
+        return None
+    group = mx.distributed.init()
+    if group.size() < 2:
+        return None
+    log.info("tensor parallel: rank %d of %d", group.rank(), group.size())
+    return group
 
 
 def allowed_hosts(settings: Settings) -> list[str] | None:

@@ -55,6 +55,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.tools_seen: list[list[ToolSpec] | None] = []
         self.is_shut_down = False
+        self.failed = False  # as AsyncEngine's: no tensor-parallel rank to fail
         self._running = 0
 
     async def encode_chat(self, messages: list[dict[str, Any]], tools: list[ToolSpec] | None = None) -> list[int]:

@@ -33,6 +33,7 @@ SAMPLES = {
     "header_timeout": ("2.5", "2.5", 2.5),
     "cors_origins": ('"http://localhost:3000"', "http://localhost:3000", "http://localhost:3000"),
     "max_n": ("4", "4", 4),
+    "rank_timeout": ("30.0", "30.0", 30.0),
 }
 
 

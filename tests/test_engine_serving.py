@@ -6,6 +6,8 @@ import random
 from engine_harness import ScriptedRunner, demo_model, make_engine, prompt, run_until_idle, submit
 from support.hardware import needs_reference_decode
 
+from server.engine.async_engine import apply_events
+
 
 def test_no_block_leaks_after_random_requests_cancellations_and_preemptions():
     rng = random.Random(0)
@@ -134,7 +136,7 @@ def test_timed_out_request_frees_its_blocks():
     engine = make_engine()
     out = submit(engine, "slow", prompt(50), max_tokens=500, ignore_eos=True)
     engine.step()
-    engine.by_id["slow"].deadline = 0.0
+    apply_events(engine, [("expire", "slow")], {})  # what the engine thread sends at the deadline
     engine.step()
     assert out.errors and "timed out" in str(out.errors[0])
     assert engine.blocks.num_free == len(engine.blocks.blocks)

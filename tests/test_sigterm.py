@@ -18,7 +18,7 @@ FAKE_SERVER = """
 import sys
 import server.engine.factory
 from fake_engine import FakeEngine
-server.engine.factory.start_engine = lambda args: FakeEngine(model_name="mla-demo", token_delay=0.05)
+server.engine.factory.start_engine = lambda args, group=None: FakeEngine(model_name="mla-demo", token_delay=0.05)
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
 """

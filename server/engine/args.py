@@ -25,6 +25,9 @@ class EngineArgs:
     block_size: int = 64  # tokens per cache block
     enable_prefix_caching: bool = True
     request_timeout: float = 600.0  # seconds a request may run
+    # Tensor parallel: seconds rank 0 waits for the other ranks in one turn before it declares one
+    # of them dead (a turn normally takes one step; the first waits for every rank to load).
+    rank_timeout: float = 120.0
     # Requests queued beyond the running ones before new ones are refused (429); None: 4 x max_num_seqs.
     max_waiting_requests: int | None = None
     # Completion length of a request that names none (it still stops at the context's end).

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -18,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .distributed import AddRequest, Event, EventChannel, with_fixed_seed
 from .llm_engine import LLMEngine
 from .sequence import Sequence
 from .types import (
@@ -26,6 +29,7 @@ from .types import (
     EngineShutdown,
     InvalidRequest,
     PromptTooLong,
+    RequestTimeout,
     SamplingParams,
     StreamDelta,
     ToolSpec,
@@ -37,11 +41,16 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
 
-    def __init__(self, make_engine: Callable[[], LLMEngine]) -> None:
+    def __init__(self, make_engine: Callable[[], LLMEngine], channel: EventChannel | None = None) -> None:
         """`make_engine` runs on the engine thread: MLX arrays and streams belong to the thread
-        that made them, so the model is loaded there too. Its errors are raised here."""
+        that made them, so the model is loaded there too. Its errors are raised here. With
+        `channel`, this is rank 0 of a tensor-parallel set (see distributed.py)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._channel = channel
+        self._deadlines: dict[str, float] = {}  # request id -> when it times out (engine thread)
+        self.failed = False  # a tensor-parallel rank failed
+        self._exchanging_since: float | None = None  # when the engine thread began waiting on the ranks
         ready: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(make_engine, ready), name="engine", daemon=True)
         self._thread.start()
@@ -57,6 +66,8 @@ class AsyncEngine:
         # No token is longer than this many characters, so a prompt of more characters than
         # max_model_len times this cannot fit and is refused before tokenizing.
         self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        if channel is not None:
+            threading.Thread(target=self._watch_ranks, name="rank-watchdog", daemon=True).start()
         self._in_flight = 0  # generations started and not ended; read and written on the event loop
 
     # -- EngineClient -------------------------------------------------------------------------
@@ -110,7 +121,6 @@ class AsyncEngine:
             list(prompt_ids),
             params,
             emit=lambda item: _ignore(loop.call_soon_threadsafe(deltas.put_nowait, item)),
-            deadline=time.monotonic() + self.args.request_timeout,
         )
         self._inbox.put(("add", seq))
         self._in_flight += 1
@@ -158,35 +168,110 @@ class AsyncEngine:
             mx.clear_streams()
 
     def _loop(self, engine: LLMEngine) -> None:
+        """Each turn: this turn's events (requests added, aborted, expired; the stop), shared with
+        every other rank when serving tensor-parallel, applied, then one step."""
         progressed = True
-        while not self._stopping.is_set():
+        local: dict[str, Sequence] = {}  # added here, not yet handed to the engine
+        while True:
+            # Sleep on the inbox when idle, and when the last step could run nothing.
+            events = self._events(engine, local, block=not (engine.has_work and progressed))
+            if self._channel is not None:
+                self._exchanging_since = time.monotonic()
+                try:
+                    events = self._channel.exchange(events)
+                except Exception:
+                    log.exception("a tensor-parallel rank failed")
+                    self._fail_ranks(engine)
+                    return
+                self._exchanging_since = None
+            if apply_events(engine, events, local):
+                break
             try:
-                # Sleep on the inbox when idle, and when the last step could run nothing.
-                self._drain(engine, block=not (engine.has_work and progressed))
-                if self._stopping.is_set():
-                    break
                 progressed = engine.step()
             except Exception as exc:  # a failed step must not take the server down
                 log.exception("engine step failed; failing the requests in flight")
                 engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
         engine.fail_all(EngineShutdown("server is shutting down"))
 
-    def _drain(self, engine: LLMEngine, block: bool) -> None:
-        try:
-            kind, item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if kind == "add":
-                engine.add(item)
-            elif kind == "abort":
-                seq = engine.abort(item)
-                if seq is not None:  # its generator (if still open) ends with this error
-                    seq.emit(EngineError("the request was aborted"))
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
+    def _watch_ranks(self) -> None:
+        """A dead rank can leave the turn's exchange waiting forever (a peer's closed socket is not
+        always an error to the collective): past `rank_timeout`, stop the whole set."""
+        while not self._stopping.is_set() and not self.failed:
+            since = self._exchanging_since
+            if since is not None and time.monotonic() - since > self.args.rank_timeout:
+                log.error("no answer from the other tensor-parallel ranks for %.0f s", self.args.rank_timeout)
+                self._fail_ranks(self.engine)
                 return
+            time.sleep(1.0)
+
+    def _fail_ranks(self, engine: LLMEngine) -> None:
+        """Fail every live request and stop the server; serve() then exits non-zero, so that
+        launchd restarts the set."""
+        self.failed = True
+        engine.fail_all(EngineError("a tensor-parallel rank failed; the server is stopping"))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _events(self, engine: LLMEngine, local: dict[str, Sequence], block: bool) -> list[Event]:
+        """The inbox's requests and aborts, the requests past their deadline, and the stop."""
+        events: list[Event] = []
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                kind, payload = item
+                if kind == "add":
+                    seq: Sequence = payload
+                    if self._channel is not None:
+                        seq.params = with_fixed_seed(seq.params)
+                    local[seq.request_id] = seq
+                    self._deadlines[seq.request_id] = time.monotonic() + self.args.request_timeout
+                    events.append(("add", AddRequest(seq.request_id, seq.prompt_ids, seq.params)))
+                elif kind == "abort":
+                    events.append(("abort", payload))
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for request_id, deadline in list(self._deadlines.items()):
+            if request_id not in engine.by_id and request_id not in local:
+                del self._deadlines[request_id]  # finished
+            elif deadline < now:
+                del self._deadlines[request_id]
+                events.append(("expire", request_id))
+        if self._stopping.is_set():
+            events.append(("stop", None))
+        return events
+
+
+def apply_events(engine: LLMEngine, events: list[Event], local: dict[str, Sequence]) -> bool:
+    """Apply one turn's events to `engine`, the same on every rank; True when told to stop.
+    A request added on this rank (rank 0) streams to its client; on other ranks it streams to
+    nobody."""
+    for kind, payload in events:
+        if kind == "add":
+            request: AddRequest = payload
+            seq = local.pop(request.request_id, None) or Sequence(
+                request.request_id, request.prompt_ids, request.params, emit=_ignore
+            )
+            engine.add(seq)
+        elif kind == "abort":
+            aborted = engine.abort(payload)
+            if aborted is not None:  # its generator (if still open) ends with this error
+                aborted.emit(EngineError("the request was aborted"))
+        elif kind == "expire":
+            expired = engine.abort(payload)
+            if expired is not None:
+                expired.emit(RequestTimeout("request timed out"))
+        elif kind == "stop":
+            return True
+    return False
+
+
+def run_follower(engine: LLMEngine, channel: EventChannel) -> None:
+    """A rank other than 0: apply rank 0's events and run the same steps until it stops."""
+    while not apply_events(engine, channel.exchange([]), {}):
+        engine.step()
+    blocks = engine.blocks
+    log.info("rank %d stopped: %d of %d cache blocks free", channel.rank, blocks.num_free, len(blocks.blocks))
 
 
 def _ignore(_: object) -> None:

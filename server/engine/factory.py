@@ -15,7 +15,8 @@ from typing import Any
 import mlx.core as mx
 
 from .args import EngineArgs
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, run_follower
+from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .loader import load_model
 from .model_runner import ModelRunner, cache_bytes_per_token
@@ -23,18 +24,23 @@ from .model_runner import ModelRunner, cache_bytes_per_token
 log = logging.getLogger(__name__)
 
 
-def load_engine(args: EngineArgs, loaded: tuple[Any, Any] | None = None) -> LLMEngine:
+def load_engine(
+    args: EngineArgs, loaded: tuple[Any, Any] | None = None, group: mx.distributed.Group | None = None
+) -> LLMEngine:
     """An engine for `args.model` (None: the embedded demo model).
 
     `loaded` is an already loaded (model, tokenizer) pair to reuse instead (tests load the demo
-    model once). The returned engine's `args` are resolved: `max_model_len` is the model's limit
-    or less, and the cache holds at least one full-length sequence.
+    model once). With `group`, the model is sharded across its ranks (distributed.py). The
+    returned engine's `args` are resolved: `max_model_len` is the model's limit or less, and the
+    cache holds at least one full-length sequence.
     """
     if loaded is None:
         from .demo_model import ensure_demo_model
 
         loaded = load_model(args.model or str(ensure_demo_model()))
     model, tokenizer = loaded
+    if group is not None:
+        shard_model(model, group)
     limit: int = model.args.max_position_embeddings
     max_model_len = min(args.max_model_len or limit, limit)
     layers = len(model.model.layers)
@@ -64,9 +70,16 @@ def load_engine(args: EngineArgs, loaded: tuple[Any, Any] | None = None) -> LLME
     return LLMEngine(runner, tokenizer, resolved)
 
 
-def start_engine(args: EngineArgs) -> AsyncEngine:
-    """Load and run the engine on its own thread (MLX arrays belong to the thread that made them)."""
-    return AsyncEngine(lambda: load_engine(args))
+def start_engine(args: EngineArgs, group: mx.distributed.Group | None = None) -> AsyncEngine:
+    """Load and run the engine on its own thread (MLX arrays belong to the thread that made them).
+    With `group`, this is rank 0 of a tensor-parallel set: it shares each turn's events."""
+    channel = EventChannel(group) if group is not None else None
+    return AsyncEngine(lambda: load_engine(args, group=group), channel)
+
+
+def follow(args: EngineArgs, group: mx.distributed.Group) -> None:
+    """A rank other than 0: load and shard the same engine, then run rank 0's steps until it stops."""
+    run_follower(load_engine(args, group=group), EventChannel(group))
 
 
 def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int) -> int:

@@ -5,7 +5,6 @@ Everything here runs on the engine thread; `emit` callbacks hand deltas to other
 
 from __future__ import annotations
 
-import time
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -18,7 +17,7 @@ from .sampling import SampleResult, SamplerState, sample
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
 from .token_bytes import TokenBytes
-from .types import EngineError, InvalidRequest, RequestTimeout, StreamDelta, TokenLogprob, fit_to_context
+from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
 
 
 class Runner(Protocol):
@@ -93,7 +92,6 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> bool:
         """Run one step; False when there was nothing it could run."""
-        self._expire(time.monotonic())
         plan = self.scheduler.schedule()
         self.counters["preemptions"] += len(plan.preempted)
         if plan.empty:
@@ -162,11 +160,6 @@ class LLMEngine:
             if finish:
                 self.by_id.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
-
-    def _expire(self, now: float) -> None:
-        for seq in [s for s in self.by_id.values() if s.deadline < now]:
-            self.abort(seq.request_id)
-            seq.emit(RequestTimeout("request timed out"))
 
     def _piece(self, token_id: int) -> str:
         piece: str = self.tokenizer.decode([token_id])

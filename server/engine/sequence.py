@@ -27,7 +27,6 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[StreamDelta | Exception], None]
-    deadline: float = float("inf")
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,105 @@
+"""Tensor-parallel serving: two ranks over MLX's ring backend on loopback, launched by mlx.launch,
+serve the demo model through HTTP with the single-process server's greedy tokens, leak no block on
+either rank through cancellations and preemptions, and both stop on one SIGTERM to rank 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from support import free_port, sse_events
+
+from server.bench.servers import ServerProcess, python_module
+
+ARGS = ["--cache-tokens", str(64 * 24), "--max-num-seqs", "4", "--log-level", "info"]
+PROMPTS = [
+    "Tell me about the quick brown fox.",
+    "Write a haiku about caches. " * 6,  # two blocks: prefix reuse across ranks
+    "hello",
+]
+
+launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
+pytestmark = pytest.mark.skipif(launcher is None, reason="mlx.launch is not installed")
+
+
+def start(argv: list[str], port: int, log: Path) -> ServerProcess:
+    server = ServerProcess(argv, f"http://127.0.0.1:{port}/v1", log)
+    server.start()
+    server.wait_healthy(180)
+    return server
+
+
+def greedy(base: str, prompt: str, stream: bool = False) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    if stream:
+        body = {"model": "mla-demo", "messages": messages, "max_tokens": 24, "temperature": 0, "stream": True}
+        events = sse_events(httpx.post(f"{base}/chat/completions", json=body, timeout=120))
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model="mla-demo", messages=messages, max_tokens=24, temperature=0)
+    return reply.choices[0].message.content or ""
+
+
+async def crowd(base: str) -> None:
+    """More work than the pool holds (preemptions), and streams closed early (cancellations)."""
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
+
+    async def full(i: int) -> None:
+        prompt = f"request {i} " + "with a long shared middle part " * 30
+        await client.chat.completions.create(
+            model="mla-demo", messages=[{"role": "user", "content": prompt}], max_tokens=96, temperature=1.0, seed=i
+        )
+
+    async def dropped(i: int) -> None:
+        stream = await client.chat.completions.create(
+            model="mla-demo", messages=[{"role": "user", "content": f"drop {i}"}], max_tokens=200, stream=True
+        )
+        async for _ in stream:
+            break
+        await stream.close()
+
+    await asyncio.gather(*[full(i) for i in range(6)], *[dropped(i) for i in range(3)])
+    await client.close()
+
+
+def test_two_ranks_serve_the_single_process_tokens_and_stop_together(tmp_path):
+    single_port, tp_port = free_port(), free_port()
+    single = start(python_module("server", *ARGS, "--port", str(single_port)), single_port, tmp_path / "single.log")
+    try:
+        expected = [greedy(single.base_url, p) for p in PROMPTS] + [greedy(single.base_url, PROMPTS[0], stream=True)]
+    finally:
+        single.stop()
+
+    argv = [launcher or "", "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--"]
+    argv += python_module("server", *ARGS, "--port", str(tp_port))
+    tp = start(argv, tp_port, tmp_path / "tp.log")
+    try:
+        got = [greedy(tp.base_url, p) for p in PROMPTS] + [greedy(tp.base_url, PROMPTS[0], stream=True)]
+        assert got == expected
+
+        asyncio.run(crowd(tp.base_url))
+        deadline = time.monotonic() + 30
+        while (health := tp.health() or {}).get("engine", {}).get("running", 1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        engine = health["engine"]
+        assert engine["preemptions"] > 0, "the crowd was meant to preempt"
+        assert engine["cache_blocks_free"] == engine["cache_blocks"]  # rank 0 leaked nothing
+
+        rank0 = int(re.search(r"Started server process \[(\d+)\]", tp.log_path.read_text()).group(1))
+        os.kill(rank0, signal.SIGTERM)
+        assert tp.proc is not None
+        assert tp.proc.wait(60) == 0  # mlx.launch ends when both ranks have
+        log = tp.log_path.read_text()
+        free = re.search(r"rank 1 stopped: (\d+) of (\d+) cache blocks free", log)
+        assert free and free.group(1) == free.group(2), log[-2000:]  # rank 1 leaked nothing either
+    finally:
+        tp.stop()
