@@ -7,39 +7,43 @@ from typing import Any
 
 import mlx.core as mx
 
-from .model_runner import SUPPORTED_ARCHITECTURES
+from .architectures import UnsupportedArchitecture, check_supported, no_quantized_multilinear
 from .types import EngineError
 
 
 def load_model(model: str) -> tuple[Any, Any]:
-    """(model, tokenizer) through mlx-lm's loader; clear errors for what a user can fix."""
+    """(model, tokenizer) through mlx-lm's loader; clear errors for what a user can fix, an
+    architecture the engine does not serve included (architectures.py). The model is still
+    mlx-lm's (so it can be sharded); the engine adapts it (`adapt_model`) when it builds its runner."""
     from mlx_lm.utils import load
 
     local = Path(model).expanduser()
     if not local.exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
         raise EngineError(f"model not found: {model!r} is neither a local directory nor a repo id")
     try:
-        model_obj, tokenizer = load(str(local) if local.exists() else model)[:2]
+        # Lazy: an architecture the engine refuses is refused before its weights are read.
+        model_obj, tokenizer = load(str(local) if local.exists() else model, lazy=True)[:2]
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise EngineError(f"could not load model {model!r}: {exc}") from exc
-    model_type = getattr(model_obj.args, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise EngineError(
-            f"model {model!r} has architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    try:
+        check_supported(model_obj)
+    except UnsupportedArchitecture as exc:
+        raise UnsupportedArchitecture(f"model {model!r}: {exc}") from None
     _unquantize_absorbed_on_cuda(model_obj)
+    mx.eval(model_obj.parameters())
     return model_obj, tokenizer
 
 
 def _unquantize_absorbed_on_cuda(model: Any) -> None:
-    """MLX's CUDA backend has no quantized matmul for `embed_q`/`unembed_out` (transpose=False)."""
-    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+    """MLX's CUDA backend has no quantized matmul for `embed_q`/`unembed_out` (transpose=False).
+    (Models that keep `kv_b_proj` whole get float halves when the engine splits it.)"""
+    if not no_quantized_multilinear():
         return
     from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 
     for layer in model.model.layers:
-        attn = layer.self_attn
-        for name in ("embed_q", "unembed_out"):
+        attns = layer.self_attn if isinstance(layer.self_attn, list) else [layer.self_attn]  # longcat_flash: two
+        for attn, name in ((a, n) for a in attns for n in ("embed_q", "unembed_out") if "embed_q" in a):
             q = getattr(attn, name)
             if isinstance(q, QuantizedMultiLinear):
                 w = mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits)
