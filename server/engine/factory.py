@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .architectures import adapt_model
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
 from .distributed import EventChannel, shard_model
@@ -41,6 +42,7 @@ def load_engine(
     model, tokenizer = loaded
     if group is not None:
         shard_model(model, group)
+    model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
     limit: int = model.args.max_position_embeddings
     max_model_len = min(args.max_model_len or limit, limit)
     layers = len(model.model.layers)

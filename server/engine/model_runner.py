@@ -11,11 +11,11 @@ from typing import Any
 import mlx.core as mx
 
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
+from .architectures import adapt_model
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
 from .scheduler import StepPlan
 from .sequence import Sequence
 
-SUPPORTED_ARCHITECTURES = ("mistral4", "deepseek_v3")
 LATENT_GROUP_SIZE = 64  # MLX affine 4-bit quantization of the latent, in groups of 64
 
 
@@ -34,12 +34,8 @@ def cache_bytes_per_token(model: Any) -> int:
 
 class ModelRunner:
     def __init__(self, model: Any, num_blocks: int, block_size: int = 64) -> None:
+        model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
         args = model.args
-        if args.model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {args.model_type!r}: this server serves "
-                f"MLA models of types {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
         self.model = model
         self.inner = model.model
         self.num_blocks = num_blocks
