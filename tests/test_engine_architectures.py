@@ -9,7 +9,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from engine_harness import Collector, make_engine, prompt, run_until_idle
+from engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models import (
     deepseek_v2,
@@ -353,3 +353,45 @@ def test_refusals_cover_every_mla_type_not_served():
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(EngineError, match="model not found"):
         load_model(str(tmp_path / "nowhere"))
+
+
+@needs_reference_decode
+def test_deepseek_v2_through_http_matches_reference_loop(serve_app):
+    """DeepSeek-V2 (kv_b_proj split at load) through uvicorn and the openai SDK: completions from
+    token ids, plain and streamed at once, give the reference loop's greedy text (special tokens
+    skipped, as the server does)."""
+    import asyncio
+
+    import openai
+
+    from server.api.app import create_app
+    from server.engine.args import EngineArgs
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.factory import load_engine
+
+    _, tokenizer = demo_model()
+    prompts = [prompt(150, seed=11), prompt(23, seed=12)]
+    expected = [greedy_reference(tiny_deepseek_v2(), ids, 12) for ids in prompts]
+    assert all(tokenizer.eos_token_id not in e for e in expected)
+    # MLX arrays belong to the thread that made them: the engine's model is built on its thread.
+    args = EngineArgs(cache_tokens=64 * 16, max_num_seqs=4, prefill_chunk_size=64)
+    engine = AsyncEngine(lambda: load_engine(args, loaded=(tiny_deepseek_v2(), tokenizer)))
+    base = serve_app(create_app(engine))
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+    async def plain(ids):
+        reply = await client.completions.create(model=engine.model_name, prompt=ids, max_tokens=12, temperature=0)
+        return reply.choices[0].text, reply.choices[0].finish_reason
+
+    async def streamed(ids):
+        chunks = await client.completions.create(
+            model=engine.model_name, prompt=ids, max_tokens=12, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].text async for c in chunks if c.choices]), "length"
+
+    async def both():
+        return await asyncio.gather(plain(prompts[0]), streamed(prompts[1]), streamed(prompts[0]))
+
+    got = asyncio.run(both())
+    want = [tokenizer.decode(e, skip_special_tokens=True) for e in (expected[0], expected[1], expected[0])]
+    assert got == [(w, "length") for w in want]
