@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import uvicorn
 from support import wait_until
+
+from server.api.app import create_app
+from server.engine import EngineArgs
+from server.engine.async_engine import AsyncEngine
+from server.engine.factory import start_engine
+from server.engine.types import EngineClient
 
 
 @pytest.fixture
@@ -40,6 +47,32 @@ def serve_app() -> Iterator[Callable[..., str]]:
         server.should_exit = True
     for _, thread in running:
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def demo_engine() -> Iterator[AsyncEngine]:
+    """The real engine on the demo model, loaded once for every test that serves it over HTTP."""
+    engine = start_engine(EngineArgs(cache_tokens=64 * 512, max_num_seqs=64))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def serve_engine(serve_app: Callable[..., str]) -> Callable[..., str]:
+    """`serve_engine(engine, **create_app_options)`: `create_app(engine)` behind uvicorn; returns
+    the base URL ending in /v1. The engine outlives the app (a shared engine serves many tests)."""
+
+    def serve(engine: EngineClient, **options: object) -> str:
+        app = create_app(engine, **options)  # type: ignore[arg-type]
+        app.router.lifespan_context = _engine_outlives_app
+        return serve_app(app) + "/v1"
+
+    return serve
+
+
+@asynccontextmanager
+async def _engine_outlives_app(app: object) -> AsyncIterator[None]:
+    yield
 
 
 @pytest.fixture

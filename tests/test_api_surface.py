@@ -4,7 +4,6 @@ where the engine's own behaviour is the point)."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import httpx
@@ -15,8 +14,6 @@ from support import sse_events
 
 from server.api.app import create_app
 from server.api.protocol import ChatMessage
-from server.engine import EngineArgs
-from server.engine.factory import start_engine
 
 MODEL = "fake-model"
 HELLO = [{"role": "user", "content": "hello there world"}]
@@ -133,30 +130,16 @@ def test_cors_is_off_by_default_and_on_for_named_origins(engine, serve_app):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
 
 
-@pytest.fixture(scope="module")
-def demo_base():
-    engine = start_engine(EngineArgs(cache_tokens=64 * 128, max_num_seqs=8))
-    yield engine
-    engine.shutdown()
-
-
-@contextlib.asynccontextmanager
-async def _engine_outlives_app(app):
-    yield
-
-
-def test_n_choices_share_the_prompt_blocks_and_differ_by_seed(demo_base, serve_app):
-    app = create_app(demo_base)
-    app.router.lifespan_context = _engine_outlives_app
-    base = serve_app(app)
+def test_n_choices_share_the_prompt_blocks_and_differ_by_seed(demo_engine, serve_engine):
+    base = serve_engine(demo_engine).removesuffix("/v1")
     client = sdk(base)
-    before = demo_base.stats()
+    before = demo_engine.stats()
     prompt = [{"role": "user", "content": "a long shared prompt " * 40}]  # several full blocks
     reply = client.chat.completions.create(
-        model=demo_base.model_name, messages=prompt, n=3, max_tokens=12, temperature=1.0, seed=7
+        model=demo_engine.model_name, messages=prompt, n=3, max_tokens=12, temperature=1.0, seed=7
     )
     assert [c.index for c in reply.choices] == [0, 1, 2]
-    after = demo_base.stats()
+    after = demo_engine.stats()
     prompt_tokens = reply.usage.prompt_tokens
     # The prompt is prefilled once: choices 1 and 2 find every full block of it cached.
     hits = after["cached_prompt_tokens"] - before["cached_prompt_tokens"]
@@ -165,14 +148,14 @@ def test_n_choices_share_the_prompt_blocks_and_differ_by_seed(demo_base, serve_a
     texts = [c.message.content for c in reply.choices]
     assert len(set(texts)) > 1  # seed, seed + 1, seed + 2
     again = client.chat.completions.create(
-        model=demo_base.model_name, messages=prompt, n=3, max_tokens=12, temperature=1.0, seed=7
+        model=demo_engine.model_name, messages=prompt, n=3, max_tokens=12, temperature=1.0, seed=7
     )
     assert [c.message.content for c in again.choices] == texts
 
     events = sse_events(
         httpx.post(
             f"{base}/v1/chat/completions",
-            json={"model": demo_base.model_name, "messages": prompt, "n": 2, "max_tokens": 6, "stream": True},
+            json={"model": demo_engine.model_name, "messages": prompt, "n": 2, "max_tokens": 6, "stream": True},
             timeout=60,
         )
     )

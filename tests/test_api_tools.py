@@ -4,16 +4,11 @@ model: what the grammar enforces holds however random the model is."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import jsonschema
 import openai
 import pytest
-
-from server.api.app import create_app
-from server.engine import EngineArgs
-from server.engine.factory import start_engine
 
 # Bounded strings and numbers: the random model rarely closes an unbounded string by itself.
 FORECAST = {
@@ -39,23 +34,14 @@ TOOLS = [
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    engine = start_engine(EngineArgs(cache_tokens=64 * 512, max_num_seqs=64))
-    yield engine
-    engine.shutdown()
-
-
-@contextlib.asynccontextmanager
-async def _engine_outlives_app(app):
-    yield
+@pytest.fixture
+def engine(demo_engine):
+    return demo_engine
 
 
 @pytest.fixture
-def base(engine, serve_app) -> str:
-    app = create_app(engine)
-    app.router.lifespan_context = _engine_outlives_app
-    return serve_app(app) + "/v1"
+def base(engine, serve_engine) -> str:
+    return serve_engine(engine)
 
 
 def many(base: str, count: int, **request: object) -> list[object]:

@@ -3,16 +3,12 @@ real uvicorn serving the demo engine (plain chat, streaming, tools, structured o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
+import openai
 import pytest
 from pydantic import BaseModel, Field
-
-from server.api.app import create_app
-from server.engine import EngineArgs
-from server.engine.factory import start_engine
 
 # litellm fetches its model price list at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -30,23 +26,14 @@ WEATHER = {
 }
 
 
-@pytest.fixture(scope="module")
-def engine():
-    engine = start_engine(EngineArgs(cache_tokens=64 * 256, max_num_seqs=8))
-    yield engine
-    engine.shutdown()
-
-
-@contextlib.asynccontextmanager
-async def _engine_outlives_app(app):
-    yield
+@pytest.fixture
+def engine(demo_engine):
+    return demo_engine
 
 
 @pytest.fixture
-def base(engine, serve_app) -> str:
-    app = create_app(engine)
-    app.router.lifespan_context = _engine_outlives_app
-    return serve_app(app) + "/v1"
+def base(engine, serve_engine) -> str:
+    return serve_engine(engine)
 
 
 def test_litellm_chat_stream_and_tools(engine, base):
@@ -91,6 +78,9 @@ def test_langchain_bind_tools_and_structured_output(engine, base):
     # json_mode promises a JSON object, with keys the model chooses: with a random model they are
     # unbounded, so the reply may end at max_tokens; what must hold is that LangChain gets JSON or
     # a cut-off reply, never an error from the server.
-    raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke("Weather as JSON?")
+    try:
+        raw = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke("Weather as JSON?")
+    except openai.LengthFinishReasonError:
+        return  # the SDK's own refusal to parse a reply cut at max_tokens
     finish = raw["raw"].response_metadata["finish_reason"]
     assert isinstance(raw["parsed"], dict) or finish == "length"

@@ -12,8 +12,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from functools import partial
 
 import httpx
@@ -94,16 +93,11 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def demo_engine():
+def short_engine():
     """The real engine on the demo model, with a short context so a long prompt is easy to make."""
     engine = start_engine(EngineArgs(served_model_name=MODEL, cache_tokens=64 * 64, max_model_len=512))
     yield engine
     engine.shutdown()
-
-
-@asynccontextmanager
-async def _engine_outlives_app(app: object) -> AsyncIterator[None]:
-    yield
 
 
 def raw_post(base: str, payload: bytes, headers: dict[str, str]) -> httpx.Response:
@@ -121,10 +115,8 @@ def assert_openai_error(response: httpx.Response) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_input_is_a_4xx_and_the_server_keeps_serving(name, demo_engine, serve_app):
-    app = create_app(demo_engine, api_key=KEY)
-    app.router.lifespan_context = _engine_outlives_app  # the module's engine serves every case
-    base = serve_app(app)
+def test_hostile_input_is_a_4xx_and_the_server_keeps_serving(name, short_engine, serve_engine):
+    base = serve_engine(short_engine, api_key=KEY).removesuffix("/v1")
     payload, headers = HOSTILE[name]
     assert_openai_error(raw_post(base, payload, headers))
     ok = raw_post(base, body(max_tokens=3), AUTH)

@@ -32,28 +32,14 @@ class Metrics:
     def __init__(self, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
-        labels = ["model_name"]
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time from request to its first token",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=self.registry,
-        ).labels(engine.model_name)
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between two tokens of a request",
-            labels,
-            buckets=_ITL_BUCKETS,
-            registry=self.registry,
-        ).labels(engine.model_name)
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Time from request to its end",
-            labels,
-            buckets=_E2E_BUCKETS,
-            registry=self.registry,
-        ).labels(engine.model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            family = Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry)
+            return family.labels(engine.model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time from request to its first token", _TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of a request", _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from request to its end", _E2E_BUCKETS)
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)

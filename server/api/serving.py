@@ -13,14 +13,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+import anyio
+from fastapi import Request, Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from server.api.disconnect import ClientDisconnected, until_disconnected
 from server.api.errors import APIError
 from server.api.metrics import RequestTimer
 from server.api.protocol import FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
 from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
+
+T = TypeVar("T")
 
 # How long a stream may take to end on its own after the server starts exiting, before
 # sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
@@ -169,23 +175,54 @@ async def _next(stream: AsyncGenerator[StreamDelta, None]) -> StreamDelta:
         raise EngineError("the engine ended the request before it finished") from None
 
 
+async def run(
+    request: Request,
+    start: Awaitable[Generation],
+    events: Callable[[Generation], AsyncIterator[str]] | None,
+    respond: Callable[[Generation], T],
+) -> Response | T:
+    """A request's generations to their answer: `respond(gen)` once every choice has finished,
+    or, with `events`, an SSE stream of `events(gen)`. A client gone before the answer gets 499,
+    and its generations are closed (which aborts them)."""
+    try:
+        gen = await until_disconnected(request, start)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    if events is not None:
+        return event_stream(events(gen), gen)
+    try:
+        await until_disconnected(request, gen.collect())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await gen.aclose()
+    return respond(gen)
+
+
+def check_model(sent: str, served: str) -> None:
+    if sent != served:
+        raise APIError(
+            404,
+            f"The model '{sent}' does not exist; this server serves '{served}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
 def check_n(n: int, max_n: int) -> None:
     if n > max_n:
         raise APIError(400, f"n: at most {max_n} choices per request on this server (--max-n)", param="n")
 
 
-def event_stream(
-    events: AsyncIterator[str], gen: Generation, on_exit: Callable[[], Awaitable[None]]
-) -> EventSourceResponse:
-    """An SSE response of `events`; `on_exit` runs when the server starts to exit (sse-starlette
-    notices it however uvicorn was started), and the generations are closed however it ends."""
-    import anyio
-
+def event_stream(events: AsyncIterator[str], gen: Generation) -> EventSourceResponse:
+    """An SSE response of `events`. When the server starts to exit (sse-starlette notices it
+    however uvicorn was started) the engine ends every stream, so each ends with an error event
+    and [DONE]; the generations are closed however the response ends."""
     exiting = anyio.Event()
 
     async def watch() -> None:
         await exiting.wait()
-        await on_exit()
+        gen.engine.shutdown()
 
     return EventSourceResponse(
         events,

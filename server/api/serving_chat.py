@@ -12,8 +12,7 @@ from functools import partial
 
 from fastapi import Request, Response
 
-from server.api.disconnect import ClientDisconnected, until_disconnected
-from server.api.errors import APIError, to_api_error
+from server.api.errors import to_api_error
 from server.api.metrics import Metrics
 from server.api.protocol import (
     AssistantMessage,
@@ -29,7 +28,7 @@ from server.api.protocol import (
     ToolCallChunk,
     TopLogprob,
 )
-from server.api.serving import ChoiceState, Generation, check_n, event_stream
+from server.api.serving import ChoiceState, Generation, check_model, check_n, run
 from server.engine.types import EngineClient, EngineError, StreamDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -51,28 +50,14 @@ class ChatService:
         prompt_ids = await self.engine.encode_chat(messages, req.tool_specs() or None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         start = Generation.start(self.engine, request_id, [prompt_ids], req.to_sampling_params(), req.n, timer)
-        try:
-            gen = await until_disconnected(request, start)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        if req.stream:
-            return event_stream(self._events(req, gen), gen, self._shutdown)
-        try:
-            await until_disconnected(request, gen.collect())
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            await gen.aclose()
-        return ChatCompletionResponse(
-            id=request_id,
-            model=self.engine.model_name,
-            choices=[self._choice(req, c) for c in gen.choices],
-            usage=gen.usage(),
-        )
 
-    async def _shutdown(self) -> None:
-        """The server is exiting: have the engine end every stream, so each ends with [DONE]."""
-        self.engine.shutdown()
+        def respond(gen: Generation) -> ChatCompletionResponse:
+            choices = [self._choice(req, c) for c in gen.choices]
+            return ChatCompletionResponse(
+                id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage()
+            )
+
+        return await run(request, start, partial(self._events, req) if req.stream else None, respond)
 
     def _choice(self, req: ChatCompletionRequest, c: ChoiceState) -> Choice:
         text = "".join(c.text)
@@ -125,16 +110,6 @@ def _chunk_choice(index: int, delta: StreamDelta, logprobs: bool) -> ChunkChoice
         delta=ChunkDelta(content=delta.text if delta.text or not calls else None, tool_calls=calls),
         logprobs=choice_logprobs(delta.logprobs) if logprobs and delta.logprobs else None,
     )
-
-
-def check_model(sent: str, served: str) -> None:
-    if sent != served:
-        raise APIError(
-            404,
-            f"The model '{sent}' does not exist; this server serves '{served}'",
-            param="model",
-            code="model_not_found",
-        )
 
 
 def choice_logprobs(logprobs: list[TokenLogprob]) -> ChoiceLogprobs:

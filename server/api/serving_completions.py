@@ -11,12 +11,10 @@ from functools import partial
 
 from fastapi import Request, Response
 
-from server.api.disconnect import ClientDisconnected, until_disconnected
 from server.api.errors import APIError, to_api_error
 from server.api.metrics import Metrics
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.api.serving import Generation, check_n, event_stream
-from server.api.serving_chat import check_model
+from server.api.serving import Generation, check_model, check_n, run
 from server.engine.types import EngineClient, EngineError, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -40,33 +38,23 @@ class CompletionService:
         echoes = [self.engine.decode(ids) if req.echo else "" for ids in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         start = Generation.start(self.engine, request_id, prompts, req.to_sampling_params(), req.n, timer)
-        try:
-            gen = await until_disconnected(request, start)
-        except ClientDisconnected:
-            return Response(status_code=499)
-        if req.stream:
-            return event_stream(self._events(req, gen, echoes), gen, self._shutdown)
-        try:
-            await until_disconnected(request, gen.collect())
-        except ClientDisconnected:
-            return Response(status_code=499)
-        finally:
-            await gen.aclose()
-        choices = [
-            CompletionChoice(
-                index=c.index,
-                text=echoes[c.index // req.n] + "".join(c.text),
-                finish_reason=c.finish_reason,
-                logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
-            )
-            for c in gen.choices
-        ]
-        return CompletionResponse(id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage())
 
-    async def _shutdown(self) -> None:
-        self.engine.shutdown()
+        def respond(gen: Generation) -> CompletionResponse:
+            choices = [
+                CompletionChoice(
+                    index=c.index,
+                    text=echoes[c.index // req.n] + "".join(c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=completion_logprobs(c.logprobs, 0) if req.logprobs is not None else None,
+                )
+                for c in gen.choices
+            ]
+            return CompletionResponse(id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage())
 
-    async def _events(self, req: CompletionRequest, gen: Generation, echoes: list[str]) -> AsyncIterator[str]:
+        events = partial(self._events, req, echoes=echoes) if req.stream else None
+        return await run(request, start, events, respond)
+
+    async def _events(self, req: CompletionRequest, gen: Generation, *, echoes: list[str]) -> AsyncIterator[str]:
         """SSE data: text chunks per choice (the echoed prompt first), the finish on each choice's
         last chunk, a usage chunk when asked, then [DONE]."""
         chunk = partial(CompletionResponse, id=gen.request_id, created=int(time.time()), model=self.engine.model_name)
