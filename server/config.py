@@ -58,6 +58,17 @@ class Settings:
         lambda v: 0 < v <= 1,
         "must be in (0, 1]",
     )
+    cache_tokens_per_seq: int = _option(
+        _ENGINE.cache_tokens_per_seq,
+        "tokens per running sequence the default cache is sized for (within --cache-memory-fraction)",
+        **_POSITIVE,
+    )
+    warmup: str = _option(
+        _ENGINE.warmup,
+        "run the engine's step shapes once before serving: on, off, or auto (on a GPU only)",
+        lambda v: v in ("auto", "on", "off"),
+        "must be one of auto, on, off",
+    )
     prefill_chunk_size: int = _option(
         _ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE
     )

@@ -1,4 +1,4 @@
-"""`python -m server.bench {serve,side-by-side,engine,kernel} ...`: every benchmark of this project.
+"""`python -m server.bench {serve,side-by-side,engine,profile,kernel} ...`: every benchmark of this project.
 
 Each subcommand keeps its own flags (`python -m server.bench SUBCOMMAND --help`) and is imported
 only when it runs, so the load generator needs neither MLX nor a GPU.
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
         "server.bench.side_by_side", "our server and mlx_lm.server in turn on one model; docs/benchmarks.md serving"
     ),
     "engine": Subcommand("server.bench.engine", "the engine without HTTP: tokens/s, TTFT, prefix reuse"),
+    "profile": Subcommand("server.bench.profile", "where one engine step's time goes (attention, MoE, host, ...)"),
     "kernel": Subcommand("server.bench.kernel", "check the fused MLA decode kernel against the reference, time it"),
 }
 

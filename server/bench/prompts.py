@@ -28,6 +28,12 @@ _WORDS = (
     " air line set own under read last never us left end along while might next sound below saw something"
 )
 DEFAULT_WORDS = tuple(_WORDS.split())
+# Numbered words, mixed into every synthetic prompt so that prompts differ whatever the tokenizer:
+# a byte-level BPE splits them into a few distinct tokens, and a word-level vocabulary of
+# "w0 w1 ..." (the synthetic benchmark checkpoints) knows them where it knows no English word.
+NUMBERED_WORDS = tuple(f"w{i}" for i in range(1000))
+_TAG_WORDS = 4  # numbered words that open each prompt: distinct from the first token on
+_NUMBERED_EVERY = 8  # then one word in this many is numbered
 
 
 class PromptSource(Protocol):
@@ -72,7 +78,9 @@ class LengthDist:
 
 
 class SyntheticPrompts:
-    """Random-word prompts; a unique leading tag per request defeats servers' prefix caches.
+    """Random-word prompts, distinct from their first words on whatever the tokenizer, so that no
+    server's prefix cache helps: each opens with a tag of random numbered words (`NUMBERED_WORDS`)
+    and one word in eight is numbered; the rest come from `words`.
 
     `tokens_per_word` converts the token target into words (see `calibrate_tokens_per_word`);
     `words` is the vocabulary drawn from (see `words_for_tokenizer`).
@@ -91,12 +99,13 @@ class SyntheticPrompts:
         self.tokens_per_word = tokens_per_word
         self.words = words
         self._rng = random.Random(seed)
-        self._count = itertools.count()
 
     def next_body(self) -> dict[str, Any]:
         n_words = max(1, round(self.lengths.sample(self._rng) / self.tokens_per_word))
-        words = [f"r{next(self._count)}x{self._rng.randrange(10**6)}"]
-        words += self._rng.choices(self.words, k=n_words - 1)
+        rng = self._rng
+        words = rng.choices(NUMBERED_WORDS, k=min(_TAG_WORDS, n_words))
+        for i in range(len(words), n_words):
+            words.append(rng.choice(NUMBERED_WORDS if i % _NUMBERED_EVERY == 0 else self.words))
         return {"messages": [{"role": "user", "content": " ".join(words)}], "max_tokens": self.max_tokens}
 
 

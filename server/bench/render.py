@@ -40,15 +40,18 @@ def _fmt_mib(n: int | None) -> str:
 def _memory_table(run: dict[str, Any]) -> str:
     cache = run["cache_bytes_per_token_layer"]
     lines = [
-        "| server | cache bytes / token / layer | peak RSS MiB (max over cells) | startup s (max) | exit | /health cache figures (last cell) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| server | cache bytes / token / layer | peak RSS MiB (max over cells) | startup s (max) "
+        "| cold start s (first cell: start + first request) | exit | /health cache figures (last cell) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in run["servers"]:
         shown = ", ".join(_reported(s.get("health"))) or "–"
         startup = "–" if s["startup_s"] is None else f"{s['startup_s']:.1f}"
+        first = (s.get("first_startup_s"), s.get("first_request_s"))
+        cold = "–" if None in first else f"{first[0]:.1f} + {first[1]:.1f}"
         lines.append(
             f"| {s['label']} | {cache.get(s['name'], '–')} | {_fmt_mib(s['peak_rss_bytes'])} | "
-            f"{startup} | {s['exit_code']} | {shown} |"
+            f"{startup} | {cold} | {s['exit_code']} | {shown} |"
         )
     return "\n".join(lines)
 

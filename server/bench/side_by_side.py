@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument(
+        "--warm",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measured cell, a warm pass of this many seconds (at most one request per client) at "
+        "the cell's prompt length and concurrency on other prompts; the cold first request and the warm "
+        "pass are reported apart (default 0: off)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells",
@@ -203,9 +212,21 @@ def run_cell(
     try:
         server.wait_healthy(args.startup_timeout)
         cell["startup_s"] = time.monotonic() - t0
-        # Compile and allocate on a short request first, unrecorded.
+        # Compile and allocate on a short request first, unrecorded (its time is the cold start).
         warm = SyntheticPrompts(LengthDist("fixed", min(used, 128)), 4, seed=-1, **prompt_kw)
+        t1 = time.monotonic()
         asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
+        cell["cold_first_request_s"] = time.monotonic() - t1
+        if args.warm > 0:
+            # The cell's own shapes on other prompts (another seed), so the measured prompts are
+            # still real prefills, not prefix-cache hits.
+            warm = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, seed=used + 7_919, **prompt_kw)
+            t1 = time.monotonic()
+            wcfg = LoadConfig(
+                concurrency=clients, num_requests=clients, duration_s=args.warm, warmup_requests=0, **common
+            )
+            warm_result = asyncio.run(run_load(warm, wcfg))
+            cell["warm_pass"] = {"seconds": time.monotonic() - t1, "summary": warm_result.get("summary")}
         source = SyntheticPrompts(LengthDist("fixed", used), args.max_tokens, seed=used, **prompt_kw)
         cfg = LoadConfig(
             concurrency=clients,
@@ -252,6 +273,9 @@ def run_server(
         "label": SERVERS[name].label,
         "argv": cells[0]["argv"] if cells else None,
         "startup_s": max((c.get("startup_s") or 0.0 for c in cells), default=None),
+        # Cold start, apart from the measured cells: the first cell's start and first request.
+        "first_startup_s": cells[0].get("startup_s") if cells else None,
+        "first_request_s": cells[0].get("cold_first_request_s") if cells else None,
         "error": next((c["error"] for c in cells if c["error"]), None),
         "peak_rss_bytes": max(rss, default=None),
         "health": served[-1]["health"] if served else None,

@@ -19,9 +19,22 @@ class EngineArgs:
     max_num_seqs: int = 64  # most sequences running (decoding or prefilling) at once
     max_num_batched_tokens: int = 2048  # most tokens (decode + prefill) in one step
     prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one step
+    # Most prompt tokens (all prefills together) in a step that also decodes; None: no cap beyond
+    # max_num_batched_tokens. A step with nothing to decode prefills up to max_num_batched_tokens.
+    max_prefill_tokens_per_step: int | None = 512
+    # While sequences decode, prefill only as many tokens as keep a step near this many
+    # milliseconds (from measured step times; at least one block's worth); None: off.
+    target_step_ms: float | None = None
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
     cache_tokens: int | None = None  # latent cache capacity; None: sized by the fraction below
     cache_memory_fraction: float = 0.5  # share of free device memory for the cache
+    # The default cache holds max_num_seqs sequences of this many tokens (at least one
+    # max_model_len sequence), within cache_memory_fraction; cache_tokens overrides both.
+    cache_tokens_per_seq: int = 8192
+    # Run the decode batch sizes and prefill chunk lengths the engine will use once before it is
+    # returned (MLX's GPU backends compile kernels on first use of each shape): "on", "off", or
+    # "auto" (on a GPU only).
+    warmup: str = "auto"
     block_size: int = 64  # tokens per cache block
     enable_prefix_caching: bool = True
     request_timeout: float = 600.0  # seconds a request may run

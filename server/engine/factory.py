@@ -1,14 +1,19 @@
-"""The one way to build an engine: load the model, size the cache, assemble the parts.
+"""The one way to build an engine: load the model, size the cache, assemble the parts, warm up.
 
 `load_engine(args)` returns a synchronous `LLMEngine` on the calling thread (tests, benchmarks);
 `start_engine(args)` runs the same on a dedicated engine thread and returns the `AsyncEngine`
-client the server uses.
+client the server uses (it is ready, and /health answers, only once `load_engine` returned).
+
+Memory: on Apple silicon the model and the cache pool are wired (kept resident) up to the GPU's
+recommended working set, as mlx-lm does, and the pool is sized from what remains of it after the
+model; a model that leaves no room for a minimal pool is refused with a clear error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +26,8 @@ from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .loader import load_model
 from .model_runner import ModelRunner, cache_bytes_per_token
+from .sequence import Sequence
+from .types import EngineError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ def load_engine(
     max_model_len = min(args.max_model_len or limit, limit)
     layers = len(model.model.layers)
     per_token = cache_bytes_per_token(model)
+    _wire()
     tokens = args.cache_tokens or _tokens_by_memory(args, per_token, max_model_len)
     num_blocks = -(-tokens // args.block_size)
     if num_blocks * args.block_size < max_model_len:
@@ -69,7 +77,47 @@ def load_engine(
         layers,
         per_token // layers,
     )
-    return LLMEngine(runner, tokenizer, resolved)
+    engine = LLMEngine(runner, tokenizer, resolved)
+    if args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu):
+        t0 = time.perf_counter()
+        steps = warm_up(engine)
+        log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
+        engine = LLMEngine(runner, tokenizer, resolved)  # fresh counters, scheduler and prefix cache
+    return engine
+
+
+def warmup_shapes(args: EngineArgs, max_model_len: int) -> tuple[list[int], list[int]]:
+    """(decode batch sizes, prefill chunk lengths) the warm-up runs: powers of two up to the
+    engine's limits, so the shapes most steps take have their kernels compiled before serving."""
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= args.max_num_seqs]
+    longest = min(args.prefill_chunk_size, args.max_num_batched_tokens, max_model_len - 2)
+    chunks = sorted({c for c in (16, 128, 512, 2048) if c <= longest} | {max(1, longest)})
+    return batches, chunks
+
+
+def warm_up(engine: LLMEngine) -> int:
+    """Run each warm-up shape through the engine's own step; the steps it took."""
+    args = engine.args
+    batches, chunks = warmup_shapes(args, engine.max_model_len)
+    vocab = engine.runner.vocab_size
+    steps = 0
+
+    def submit(rid: str, n: int, max_tokens: int) -> None:
+        ids = [(7 + 31 * len(rid) + 17 * i) % vocab for i in range(n)]
+        engine.add(Sequence(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), emit=lambda item: None))
+
+    for n in chunks:  # a first chunk of each length, then one decode
+        submit(f"warm-prefill-{n}", n + 1, 2)
+    for b in batches:  # every sequence decodes in the same steps
+        for i in range(b):
+            submit(f"warm-decode-{b}-{i}", 8, 4)
+        while engine.has_work:
+            engine.step()
+            steps += 1
+    while engine.has_work:
+        engine.step()
+        steps += 1
+    return steps
 
 
 def start_engine(args: EngineArgs, group: mx.distributed.Group | None = None) -> AsyncEngine:
@@ -84,11 +132,34 @@ def follow(args: EngineArgs, group: mx.distributed.Group) -> None:
     run_follower(load_engine(args, group=group), EventChannel(group))
 
 
+def _wire() -> None:
+    """On Apple silicon, wire memory up to the recommended working set, as mlx-lm does
+    (`maybe_set_recommended_wired_limit`), so macOS does not page out the model or the pool."""
+    if not (mx.default_device() == mx.gpu and mx.metal.is_available()):
+        return
+    limit = mx.device_info().get("max_recommended_working_set_size")
+    if isinstance(limit, int) and limit:
+        mx.set_wired_limit(limit)
+
+
 def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int) -> int:
-    """A share of free memory, never more than `max_num_seqs` full-length sequences could use."""
-    ceiling = args.max_num_seqs * max_model_len
-    by_memory = int(_free_memory_bytes() * args.cache_memory_fraction) // bytes_per_token
-    return max(args.block_size, min(ceiling, by_memory))
+    """What the workload needs (`max_num_seqs` sequences of `cache_tokens_per_seq` tokens, and at
+    least one of `max_model_len`), within a share of the memory the model leaves free.
+
+    Refuses (EngineError) when the memory left cannot hold even a minimal pool: one block per
+    running sequence plus one sequence of min(max_model_len, 4096) tokens."""
+    want = max(max_model_len, args.max_num_seqs * min(args.cache_tokens_per_seq, max_model_len))
+    free = _free_memory_bytes()
+    minimum = args.max_num_seqs * args.block_size + min(max_model_len, 4096)
+    if free < minimum * bytes_per_token:
+        raise EngineError(
+            f"not enough memory for the latent cache: the model leaves {free / 2**20:.0f} MiB of the "
+            f"device's working set, and a minimal cache ({minimum} tokens, {bytes_per_token} bytes each) "
+            f"needs {minimum * bytes_per_token / 2**20:.0f} MiB; use a smaller model or quantization, "
+            "a lower --max-num-seqs, or a machine with more memory"
+        )
+    by_memory = int(free * args.cache_memory_fraction) // bytes_per_token
+    return max(args.block_size, minimum if by_memory < minimum else min(want, by_memory))
 
 
 def _free_memory_bytes() -> int:

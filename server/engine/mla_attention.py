@@ -13,6 +13,7 @@ and `unembed_out` are the absorbed halves of `kv_b_proj`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,15 @@ def llama4_attn_scale(positions: mx.array, beta: float, original_max: int) -> mx
     return s[:, None, None]
 
 
-def mla_attention(attn: Any, x: mx.array, cache: LatentCache, batch: AttentionBatch) -> mx.array:
-    """x [T, D] -> [T, D]; appends every token's latent and rope key to `cache`."""
+def mla_attention(
+    attn: Any,
+    x: mx.array,
+    cache: LatentCache,
+    batch: AttentionBatch,
+    mark: Callable[..., None] | None = None,
+) -> mx.array:
+    """x [T, D] -> [T, D]; appends every token's latent and rope key to `cache`. `mark(name,
+    *arrays)`, if given, is called after the projections, decode and prefill attention, and o_proj."""
     T = x.shape[0]
     H, nope, P = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
@@ -63,6 +71,8 @@ def mla_attention(attn: Any, x: mx.array, cache: LatentCache, batch: AttentionBa
     if batch.attn_scale is not None:
         q_nope = q_nope * batch.attn_scale.astype(q_nope.dtype)
         q_pe = q_pe * batch.attn_scale.astype(q_pe.dtype)
+    if mark:
+        mark("attn_proj", q_nope, q_pe, latent, k_pe)
     # Prefill writes go in before the decode kernel appends in place: the scatter can then take
     # over the evaluated pool buffers instead of copying a pool the kernel has just written to.
     d, offset = batch.num_decodes, batch.num_decodes
@@ -79,13 +89,19 @@ def mla_attention(attn: Any, x: mx.array, cache: LatentCache, batch: AttentionBa
             q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
         )
         outs.append(attn.unembed_out(o.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1))
+        if mark:
+            mark("attn_decode", outs[-1])
     offset = d
     for chunk in batch.prefills:
         rows = slice(offset, offset + chunk.length)
         offset += chunk.length
         outs.append(_prefill_attention(attn, q_nope[rows], q_pe[rows], cache, chunk))
+        if mark:
+            mark("attn_prefill", outs[-1])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     projected: mx.array = attn.o_proj(out.astype(x.dtype).reshape(T, -1))
+    if mark:
+        mark("attn_o_proj", projected)
     return projected
 
 

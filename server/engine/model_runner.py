@@ -6,9 +6,12 @@ ours (`mla_attention`), over one `LatentCache` per layer.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .architectures import adapt_model
@@ -30,6 +33,93 @@ def cache_bytes_per_token(model: Any) -> int:
     args = model.args
     per_layer = latent_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, cache_dtype(model))
     return len(model.model.layers) * per_layer
+
+
+# Routed experts of a large batch one expert at a time (see `_experts_by_expert`): "auto" (on
+# CUDA, from MOE_BY_EXPERT_MIN_TOKENS tokens), "on" or "off".
+MOE_BY_EXPERT = os.environ.get("MLA_SERVER_MOE_BY_EXPERT", "auto")
+MOE_BY_EXPERT_MIN_TOKENS = 64
+
+Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
+
+
+def _by_expert(mlp: Any, tokens: int) -> bool:
+    if not hasattr(mlp, "switch_mlp") or not hasattr(mlp.switch_mlp.up_proj, "scales"):
+        return False
+    if MOE_BY_EXPERT == "on":
+        return True
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return MOE_BY_EXPERT == "auto" and on_cuda and tokens >= MOE_BY_EXPERT_MIN_TOKENS
+
+
+def _experts_by_expert(switch: Any, x: mx.array, inds: mx.array) -> mx.array:
+    """SwitchGLU(x, inds) -> [T, k, D], computed one expert at a time: the (token, slot) pairs
+    sorted by expert on the host, one quantized matmul per expert over its contiguous rows.
+
+    For a prefill batch this reads each expert's weights once per layer, where MLX's CUDA
+    `gather_qmm` runs row by row. It waits for the router (one host sync per layer), so it is
+    used for large batches only."""
+    T, k = inds.shape
+    flat = np.asarray(inds.reshape(-1))
+    order = np.argsort(flat, kind="stable")
+    experts, starts = np.unique(flat[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    xs = x[mx.array(order // k, mx.int32)]  # [T*k, D], rows grouped by expert
+    up, gate, down = switch.up_proj, switch.gate_proj, switch.down_proj
+
+    def qmm(lin: Any, a: mx.array, e: int) -> mx.array:
+        biases = lin.biases[e] if "biases" in lin else None
+        out: mx.array = mx.quantized_matmul(
+            a,
+            lin.weight[e],
+            lin.scales[e],
+            biases,
+            transpose=True,
+            group_size=lin.group_size,
+            bits=lin.bits,
+            mode=lin.mode,
+        )
+        return out
+
+    outs = []
+    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist(), strict=True):
+        rows = xs[a:b]
+        outs.append(qmm(down, switch.activation(qmm(up, rows, e), qmm(gate, rows, e)), e))
+    ys = mx.concatenate(outs, axis=0)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return ys[mx.array(inverse, mx.int32)].reshape(T, k, -1)
+
+
+def _mlp(mlp: Any, x: mx.array, mark: Mark | None) -> mx.array:
+    """The layer's MLP over [T, D]; with `mark`, the MoE's router, routed experts and shared
+    experts are split apart (as mlx-lm computes them) so a profiler can time each."""
+    by_expert = _by_expert(mlp, x.shape[0])
+    if (mark is None and not by_expert) or not hasattr(mlp, "switch_mlp"):
+        y: mx.array = mlp(x[None])[0]
+        if mark:
+            mark("dense_mlp", y)
+        return y
+    if type(mlp.gate).__name__ in ("Linear", "QuantizedLinear"):  # mistral4: a plain linear router
+        from mlx_lm.models.mistral4 import mistral4_expert_select
+
+        a = mlp.args
+        inds, scores = mistral4_expert_select(
+            mlp.gate(x), mlp.num_experts_per_tok, a.n_group, a.topk_group, a.routed_scaling_factor, a.norm_topk_prob
+        )
+    else:  # deepseek_v3's MoEGate
+        inds, scores = mlp.gate(x)
+    if mark:
+        mark("router", inds)
+    y = _experts_by_expert(mlp.switch_mlp, x, inds) if by_expert else mlp.switch_mlp(x, inds)
+    y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+    if mark:
+        mark("experts", y)
+    if getattr(mlp, "shared_experts", None) is not None:
+        y = y + mlp.shared_experts(x)
+        if mark:
+            mark("shared_expert", y)
+    return y
 
 
 class ModelRunner:
@@ -61,6 +151,10 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> mx.array:
         """Logits [N, V] (float32) for the sequences that sample this step, in plan order:
         every decode, then every prefill whose chunk reaches the end of its sequence."""
+        return self.forward(*self.prepare(plan))
+
+    def prepare(self, plan: StepPlan) -> tuple[mx.array, AttentionBatch, mx.array]:
+        """The step's inputs: token ids [T], the attention batch, and the rows that sample."""
         tokens, positions, last_rows = [], [], []
         for seq in plan.decodes:
             tokens.append(seq.token_ids[-1])
@@ -86,14 +180,23 @@ class ModelRunner:
         )
         if self.llama4:
             batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
+        return mx.array(tokens, mx.int32), batch, mx.array(last_rows, mx.int32)
 
-        h = self.inner.embed_tokens(mx.array(tokens, mx.int32))
+    def forward(
+        self, tokens: mx.array, batch: AttentionBatch, last_rows: mx.array, mark: Mark | None = None
+    ) -> mx.array:
+        """The model over one step's tokens. `mark(name, *arrays)`, if given, is called after each
+        part (a profiler evaluates and times there: see server/bench/profile.py)."""
+        h = self.inner.embed_tokens(tokens)
         for layer, cache in zip(self.inner.layers, self.caches, strict=False):
-            h = h + mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch)
-            h = h + layer.mlp(layer.post_attention_layernorm(h)[None])[0]
-        h = self.inner.norm(h[mx.array(last_rows, mx.int32)])
+            a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, mark)
+            h = h + a
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), mark)
+        h = self.inner.norm(h[last_rows])
         logits = self.model.lm_head(h) if hasattr(self.model, "lm_head") else self.inner.embed_tokens.as_linear(h)
         out: mx.array = logits.astype(mx.float32)
+        if mark:
+            mark("lm_head", out)
         return out
 
     def cache_arrays(self) -> list[mx.array]:

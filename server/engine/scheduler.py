@@ -1,16 +1,28 @@
 """Which sequences run in the next step, and how many tokens of each.
 
 Each step has a token budget. Decoding sequences go first, one token each, so running streams keep
-flowing; then prefills continue in chunks, oldest first; then waiting requests are admitted while
-blocks and slots last. When a running sequence cannot grow, the newest running one is preempted:
-its blocks go back (its full blocks stay cached) and it is recomputed later.
+flowing. Prompts then share a bounded prefill budget, first come first served: prefills already
+running continue oldest first, then waiting requests are admitted in arrival order while blocks
+and slots last, each taking at most `prefill_chunk_size` tokens of what is left. So one prompt (or
+a few short ones) advances at a time and reaches its first token soonest, instead of every
+waiting prompt crawling forward together.
+
+The prefill budget of a step that also decodes is the smallest of what the token budget leaves,
+`max_prefill_tokens_per_step`, and, with `target_step_ms`, the prompt tokens that fit in that
+time next to the decodes, from measured step times (`StepCost`); a step with nothing to decode
+prefills as much as the token budget allows. See docs/serving.md.
+
+When a running sequence cannot grow, the newest running one is preempted: its blocks go back
+(its full blocks stay cached) and it is recomputed later.
 
 The result is a `StepPlan` of plain data, so that several ranks can apply the same decisions.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .args import EngineArgs
@@ -34,12 +46,47 @@ class StepPlan:
         return len(self.decodes) + sum(n for _, n in self.prefills)
 
 
+class PrefillPacer:
+    """How many prompt tokens a step that decodes may add to stay near the target step time.
+
+    A feedback loop on measured step times: after a step that decoded and prefilled `p` tokens in
+    `t` seconds, the next such step may prefill about `p * target / t` (the change bounded to a
+    factor of two per step). Its fixed point is a step of the target length whatever the decode
+    batch costs, and it follows the batch size and the prompt lengths as they change.
+    """
+
+    def __init__(self, target_s: float, floor: int, ceiling: int) -> None:
+        self.target_s = target_s
+        self.floor = floor
+        self.ceiling = max(floor, ceiling)
+        self.limit = self.ceiling  # start optimistic: the first steps measure
+
+    def observe(self, seconds: float, decodes: int, prefill_tokens: int) -> None:
+        if not decodes or not prefill_tokens or seconds <= 0:
+            return
+        ratio = min(2.0, max(0.5, self.target_s / seconds))
+        self.limit = int(min(self.ceiling, max(self.floor, prefill_tokens * ratio)))
+
+
 class Scheduler:
-    def __init__(self, config: EngineArgs, blocks: BlockManager) -> None:
+    def __init__(
+        self, config: EngineArgs, blocks: BlockManager, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.config = config
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        ceiling = min(
+            config.max_prefill_tokens_per_step or config.max_num_batched_tokens, config.max_num_batched_tokens
+        )
+        # At least a block's worth per step, so prompts advance however slow decoding is.
+        self.pacer = (
+            PrefillPacer(config.target_step_ms / 1000, min(blocks.block_size, ceiling), ceiling)
+            if config.target_step_ms is not None
+            else None
+        )
+        self._clock = clock
+        self._last: tuple[float, int, int] | None = None  # (start, decodes, prefill tokens) of the last plan
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -49,12 +96,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
+        now = self._clock()
+        # The time since the last plan is that step's whole cost (model, sampling, streaming), as
+        # long as the engine stepped straight on: it does while anything is running.
+        if self._last is not None and self.running and self.pacer is not None:
+            start, decodes, prefill = self._last
+            self.pacer.observe(now - start, decodes, prefill)
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
             if seq.status is Status.RUNNING and not seq.is_prefilling and self._make_room(seq, 1, plan):
                 plan.decodes.append(seq)
                 budget -= 1
+        budget = min(budget, self.prefill_budget(len(plan.decodes)))
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -73,7 +127,18 @@ class Scheduler:
             self.running.append(seq)
             plan.prefills.append((seq, n))
             budget -= n
+        self._last = (now, len(plan.decodes), sum(n for _, n in plan.prefills)) if not plan.empty else None
         return plan
+
+    def prefill_budget(self, decodes: int) -> int:
+        """Prompt tokens this step may prefill next to `decodes` decodes (before the token budget)."""
+        cfg = self.config
+        if not decodes:
+            return cfg.max_num_batched_tokens
+        budget = cfg.max_prefill_tokens_per_step or cfg.max_num_batched_tokens
+        if self.pacer is not None:
+            budget = min(budget, self.pacer.limit)
+        return budget
 
     def advance(self, plan: StepPlan) -> None:
         """Count the tokens the step computed and register the blocks they filled."""

@@ -1,0 +1,202 @@
+"""`python -m server.bench profile`: where one engine step's time goes.
+
+Builds the engine through the server's factory, lays out sequences in the paged cache (their
+cached latents are whatever the pool holds: only the shapes matter), and times single steps:
+
+- `step`: the step as the engine runs it (host preparation, model, sampling, one evaluation);
+- `host`: turning the plan into arrays (token ids, positions, block tables, slots);
+- the model's parts, each evaluated on its own and summed over layers: attention projections
+  (q/kv down and up projections, norms, rope), decode attention (fused INT4 kernel and
+  `unembed_out`), prefill attention (latent read, expansion through `kv_b_proj`, SDPA), `o_proj`,
+  the MoE router, routed experts, shared expert, dense MLP layers, final norm and LM head;
+- `sampling`: the engine's sampler over the step's logits.
+
+Evaluating after every part removes the overlap a single graph has, so the parts add up to more
+than `step`; read them as shares. Each scenario runs twice before it is timed (MLX's CUDA backend
+compiles kernels on first use of each shape), then `--reps` times; medians are reported.
+
+Scenarios: `prefill:N@S` (one chunk of N prompt tokens after S cached tokens) and `decode:B@S`
+(B sequences decoding one token each after S cached tokens), comma-separated.
+
+    python -m server.bench profile --scenarios prefill:2048@0,prefill:2048@8192,decode:1@1024,decode:16@1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from server.bench.report import command_line, device_name, provenance, update_section, utc_now
+from server.engine.args import EngineArgs
+from server.engine.demo_model import ensure_demo_model
+from server.engine.factory import load_engine
+from server.engine.llm_engine import LLMEngine
+from server.engine.loader import load_model
+from server.engine.sampling import SamplerState, sample
+from server.engine.scheduler import StepPlan
+from server.engine.sequence import Sequence
+from server.engine.types import SamplingParams
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+DEFAULT_SCENARIOS = "prefill:2048@0,prefill:512@0,prefill:2048@8192,decode:1@1024,decode:16@1024,decode:64@1024"
+PARTS = (
+    "attn_proj",
+    "attn_decode",
+    "attn_prefill",
+    "attn_o_proj",
+    "router",
+    "experts",
+    "shared_expert",
+    "dense_mlp",
+    "lm_head",
+)
+
+
+def parse_scenario(text: str) -> tuple[str, int, int]:
+    kind, _, rest = text.partition(":")
+    n, _, s = rest.partition("@")
+    if kind not in ("prefill", "decode") or not n.isdigit() or not (s or "0").isdigit():
+        raise ValueError(f"bad scenario {text!r}: use prefill:N@S or decode:B@S")
+    return kind, int(n), int(s or 0)
+
+
+def _sequence(engine: LLMEngine, rid: str, cached: int, new: int, vocab: int, seed: int) -> Sequence:
+    """A running sequence with `cached` tokens in the cache and `new` more to run, blocks allocated."""
+    ids = [(seed * 7919 + i * 104729) % vocab for i in range(cached + new)]
+    seq = Sequence(rid, ids, SamplingParams(max_tokens=1, temperature=0.0), emit=lambda item: None)
+    if not engine.blocks.grow(seq, cached + new):
+        raise SystemExit(f"cache too small for {rid}: raise --cache-tokens")
+    seq.num_computed = cached
+    return seq
+
+
+def build_plan(engine: LLMEngine, kind: str, n: int, s: int) -> StepPlan:
+    vocab = engine.runner.vocab_size
+    for seq in list(engine.scheduler.running):
+        engine.blocks.release(seq)
+    engine.scheduler.running.clear()
+    if kind == "prefill":
+        seq = _sequence(engine, "p", s, n, vocab, 1)
+        engine.scheduler.running.append(seq)
+        return StepPlan(prefills=[(seq, n)])
+    seqs = [_sequence(engine, f"d{i}", s, 1, vocab, i) for i in range(n)]
+    engine.scheduler.running.extend(seqs)
+    return StepPlan(decodes=seqs)
+
+
+def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -> dict[str, float]:
+    """One step as the engine runs it, and the same step split into evaluated parts (seconds)."""
+    runner: Any = engine.runner
+    cache = runner.cache_arrays()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    logits = runner.run(plan)
+    result = sample(logits, samplers)
+    mx.eval(result.tokens, *cache)
+    result.tokens.tolist()
+    step = time.perf_counter() - t0
+
+    parts: dict[str, float] = defaultdict(float)
+    t0 = time.perf_counter()
+    tokens, batch, rows = runner.prepare(plan)
+    mx.eval(tokens, rows, batch.positions)
+    parts["host"] = time.perf_counter() - t0
+    clock = [time.perf_counter()]
+
+    def mark(name: str, *arrays: mx.array) -> None:
+        mx.eval(*arrays)
+        now = time.perf_counter()
+        parts[name] += now - clock[0]
+        clock[0] = now
+
+    logits = runner.forward(tokens, batch, rows, mark)
+    t0 = time.perf_counter()
+    result = sample(logits, samplers)
+    mx.eval(result.tokens)
+    result.tokens.tolist()
+    parts["sampling"] = time.perf_counter() - t0
+    return {"step": step, **parts}
+
+
+def profile(engine: LLMEngine, scenarios: list[str], reps: int) -> list[dict[str, Any]]:
+    out = []
+    vocab = engine.runner.vocab_size
+    for text in scenarios:
+        kind, n, s = parse_scenario(text)
+        plan = build_plan(engine, kind, n, s)
+        rows = len(plan.decodes) + (1 if plan.prefills else 0)
+        samplers = [SamplerState(SamplingParams(temperature=0.0), [1], vocab) for _ in range(rows)]
+        for _ in range(2):  # compile and allocate
+            time_step(engine, plan, samplers)
+        runs = [time_step(engine, plan, samplers) for _ in range(reps)]
+        keys = sorted({k for r in runs for k in r})
+        med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+        tokens = plan.num_tokens
+        out.append({"scenario": text, "tokens": tokens, "ms": {k: 1e3 * v for k, v in med.items()}})
+        print(f"{text}: step {1e3 * med['step']:.2f} ms ({tokens / med['step']:.0f} tok/s)", flush=True)
+        print(table(out[-1:]).splitlines()[-1], flush=True)  # the row now, in case a later one runs out of time
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    cols = ["host", *PARTS, "sampling"]
+    present = [c for c in cols if any(r["ms"].get(c, 0.0) > 0 for r in results)]
+    head = "| scenario | step ms | tok/s | " + " | ".join(present) + " |"
+    lines = [head, "|---|" + "---:|" * (2 + len(present))]
+    for r in results:
+        ms = r["ms"]
+        total = sum(ms.get(c, 0.0) for c in present) or 1.0
+        cells = [f"{ms.get(c, 0.0):.2f} ({100 * ms.get(c, 0.0) / total:.0f}%)" for c in present]
+        lines.append(
+            f"| {r['scenario']} | {ms['step']:.2f} | {1e3 * r['tokens'] / ms['step']:.0f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m server.bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default=None, help="model dir or repo id (default: the embedded demo model)")
+    ap.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cache-tokens", type=int, default=None, help="cache size (default: what the scenarios need)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--md", type=Path, default=None, help=f"update a section of this file (e.g. {DOCS})")
+    ap.add_argument("--section", default="profile")
+    args = ap.parse_args(argv)
+
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    need = max(n * (s + 64) if k == "decode" else s + n + 64 for k, n, s in map(parse_scenario, scenarios))
+    started = utc_now()
+    loaded = load_model(args.model or str(ensure_demo_model()))
+    engine = load_engine(
+        EngineArgs(model=args.model, cache_tokens=args.cache_tokens or need + 1024, max_num_seqs=256), loaded
+    )
+    results = profile(engine, scenarios, args.reps)
+    device = device_name()
+    text = "\n".join(
+        [
+            f"### Step profile: {args.model or 'demo model'} on {device}",
+            "",
+            provenance(started, device, command_line("profile", argv)) + ".",
+            "",
+            "Milliseconds per step (median of the timed runs); each part evaluated on its own, summed over layers,",
+            "with its share of the parts' sum. `step` is the whole step in one graph, as the engine runs it.",
+            "",
+            table(results),
+        ]
+    )
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "date": started, "results": results}, indent=1))
+    if args.md:
+        update_section(args.md, args.section, text)
+    return 0
