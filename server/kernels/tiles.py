@@ -15,13 +15,11 @@ from .latent_cache import LatentCache
 
 # Threadgroup memory per threadgroup; Apple GPUs have 32 KB.
 SMEM_LIMIT = {"cuda": 200 * 1024, "metal": 32 * 1024}
-# Threadgroups wanted (one wave: about 2 per H100 SM), the fewest cache blocks per split (fewer
-# make the combine pass cost more than it saves), and the SM count under which a threadgroup gets
-# 16 warps instead of 8 (a long single sequence then has more warps per split). Set from the H100
-# sweeps behind docs/benchmarks.md; Metal's are guesses.
+# Threadgroups wanted (one wave: about 2 per H100 SM) and the fewest cache blocks per split
+# (fewer make the combine pass cost more than it saves). Set from the H100 sweeps behind
+# docs/benchmarks.md; Metal's are guesses.
 TARGET_GROUPS = {"cuda": 264, "metal": 128}
 MIN_PPS = 4
-SM_COUNT = {"cuda": 132, "metal": 0}
 COMBINE_WARPS = 4
 
 
@@ -74,9 +72,11 @@ def choose_config(
         splits = max(1, TARGET_GROUPS[backend] // groups)
         pps = max(MIN_PPS, math.ceil(max_blocks / splits))
     pps = max(1, min(pps, max_blocks))
+    # 2026-11-27 H100 sweep: 8 warps won at B=16 and B=64; at B=1 S=32K, 8 warps with these
+    # tiles (151 us) beat 16 (168 us); 16 warps with 32-token tiles and 4 stages (143 us) was
+    # within the run's noise of it.
     if nw is None:
-        few = groups * math.ceil(max_blocks / pps) < SM_COUNT[backend]
-        nw = 4 if backend == "metal" else (16 if few else 8)
+        nw = 4 if backend == "metal" else 8
     return TileConfig(hg, tt, nw, pps, nstage)
 
 
