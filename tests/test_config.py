@@ -34,6 +34,10 @@ SAMPLES = {
     "cors_origins": ('"http://localhost:3000"', "http://localhost:3000", "http://localhost:3000"),
     "max_n": ("4", "4", 4),
     "rank_timeout": ("30.0", "30.0", 30.0),
+    "cache_tokens_per_seq": ("4096", "4096", 4096),
+    "warmup": ('"on"', "on", "on"),
+    "max_prefill_tokens_per_step": ("256", "256", 256),
+    "target_step_ms": ("30.0", "30.0", 30.0),
 }
 
 

@@ -20,7 +20,7 @@ from support import free_port, sse_events
 
 from server.bench.servers import ServerProcess, python_module
 
-ARGS = ["--cache-tokens", str(64 * 24), "--max-num-seqs", "4", "--log-level", "info"]
+ARGS = ["--cache-tokens", str(64 * 10), "--max-num-seqs", "4", "--log-level", "info"]
 PROMPTS = [
     "Tell me about the quick brown fox.",
     "Write a haiku about caches. " * 6,  # two blocks: prefix reuse across ranks
@@ -54,9 +54,9 @@ async def crowd(base: str) -> None:
     client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
 
     async def full(i: int) -> None:
-        prompt = f"request {i} " + "with a long shared middle part " * 30
+        prompt = f"request {i} " + "with a long shared middle part " * 8
         await client.chat.completions.create(
-            model="mla-demo", messages=[{"role": "user", "content": prompt}], max_tokens=96, temperature=1.0, seed=i
+            model="mla-demo", messages=[{"role": "user", "content": prompt}], max_tokens=200, temperature=1.0, seed=i
         )
 
     async def dropped(i: int) -> None:
