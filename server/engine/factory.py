@@ -19,13 +19,14 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..kernels.selfcheck import check_fused_decode
 from .architectures import adapt_model
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
 from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .loader import load_model
-from .model_runner import ModelRunner, cache_bytes_per_token
+from .model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token
 from .sequence import Sequence
 from .types import EngineError, SamplingParams
 
@@ -77,12 +78,23 @@ def load_engine(
         layers,
         per_token // layers,
     )
+    # The fused decode kernel against the reference on this model's shapes; on a failure the
+    # process decodes through the reference, and /health says so.
+    decode = check_fused_decode(
+        R=model.args.kv_lora_rank,
+        P=model.args.qk_rope_head_dim,
+        H=model.model.layers[0].self_attn.num_heads,
+        dtype=runner.dtype,
+        group_size=LATENT_GROUP_SIZE,
+        block_size=args.block_size,
+    )
     engine = LLMEngine(runner, tokenizer, resolved)
     if args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu):
         t0 = time.perf_counter()
         steps = warm_up(engine)
         log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
         engine = LLMEngine(runner, tokenizer, resolved)  # fresh counters, scheduler and prefix cache
+    engine.decode = decode.as_dict()
     return engine
 
 

@@ -46,6 +46,8 @@ class LLMEngine:
         self.scheduler = Scheduler(args, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
         self.token_bytes = TokenBytes(tokenizer)
+        # Which decode backend runs, and the start-up check behind that choice (set by the factory).
+        self.decode: dict[str, object] = {}
         self.constraints = Constraints(tokenizer, runner.vocab_size, self.eos_ids)
         self.by_id: dict[str, Sequence] = {}
         self.counters = {
@@ -172,5 +174,6 @@ class LLMEngine:
             "cache_blocks": len(self.blocks.blocks),
             "cache_blocks_free": self.blocks.num_free,
             "cache_usage": round(self.blocks.usage(), 4),
+            "decode": self.decode,
             **self.counters,
         }
