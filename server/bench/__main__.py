@@ -1,4 +1,4 @@
-"""`python -m server.bench {serve,side-by-side,engine,profile,kernel} ...`: every benchmark of this project.
+"""`python -m server.bench {serve,side-by-side,engine,profile,constrained,kernel} ...`: every benchmark of this project.
 
 Each subcommand keeps its own flags (`python -m server.bench SUBCOMMAND --help`) and is imported
 only when it runs, so the load generator needs neither MLX nor a GPU.
@@ -24,6 +24,9 @@ SUBCOMMANDS = {
     ),
     "engine": Subcommand("server.bench.engine", "the engine without HTTP: tokens/s, TTFT, prefix reuse"),
     "profile": Subcommand("server.bench.profile", "where one engine step's time goes (attention, MoE, host, ...)"),
+    "constrained": Subcommand(
+        "server.bench.constrained", "decode tok/s with 0, 16 and 64 of 64 requests under a json_schema grammar"
+    ),
     "kernel": Subcommand("server.bench.kernel", "check the fused MLA decode kernel against the reference, time it"),
 }
 
