@@ -81,7 +81,7 @@ def run_level(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.bench.constrained", description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m server.bench constrained", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--model", default=None, help="model directory or repo id (default: the demo model)")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--output-len", type=int, default=128)
