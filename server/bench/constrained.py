@@ -1,7 +1,7 @@
-"""`python -m server.bench.constrained`: the cost of constrained decoding, through the engine.
+"""`python -m server.bench constrained`: the cost of constrained decoding, through the engine.
 
-    python -m server.bench.constrained                   # the demo model, this machine's default device
-    python -m server.bench.constrained --model DIR       # any MLA model
+    python -m server.bench constrained                   # the demo model, this machine's default device
+    python -m server.bench constrained --model DIR       # any MLA model
 
 Submits --clients requests at once (same prompt, --output-len tokens each, temperature 1.0,
 seeded), of which 0, 16 and all use a `json_schema` whose shortest document is longer than
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [run_level(engine, prompt, clients, level, args.output_len) for _ in range(args.repeats)]
         results[level] = max(runs, key=lambda r: r["tok_s"])
     base = results.get(0, results[levels[0]])["tok_s"]
-    command = shlex.join(["python", "-m", "server.bench.constrained", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "server.bench", "constrained", *(sys.argv[1:] if argv is None else argv)])
     print(f"{utc_now()}, {device_name()}. Command: `{command}`")
     print()
     print(f"| json_schema clients (of {clients}) | decode tok/s | ratio to unconstrained |")
