@@ -133,3 +133,15 @@ def test_blocks_are_reference_counted_between_sharers():
     assert [bm.blocks[i].ref_count for i in b.block_table[:2]] == [1, 1]
     bm.release(b)
     assert bm.num_free == 8 and all(blk.ref_count == 0 for blk in bm.blocks)
+
+
+def test_a_freed_block_with_nothing_cached_is_reused_before_any_cached_block():
+    bm = BlockManager(3, BS)
+    first = seq_of(blocks(100) + [1], "first")
+    compute(bm, first)  # one full block (cached) and one partial
+    bm.release(first)
+    scratch = seq_of([7, 8, 9, 10, 11], "scratch")
+    assert bm.admit(scratch, 1000) == 5  # two blocks, never filled: nothing cached in them
+    bm.release(scratch)
+    assert bm.admit(seq_of([5, 6, 7], "one"), 1000) == 3  # one block: one of scratch's, not the cached one
+    assert hits(bm, blocks(100)) == 1

@@ -171,3 +171,16 @@ def test_one_token_left_is_a_decode():
         plan = sim.step()
         assert plan.decodes == [seq] and plan.prefills == []
     assert seq.status is Status.FINISHED and len(seq.output_ids) == 3
+
+
+def test_a_step_spends_its_whole_budget_when_there_is_work():
+    """Decodes cost one token each and the rest of the budget goes to prefill: two decoding
+    sequences and a long prompt waiting, with a budget of 16, make a 14-token prefill chunk."""
+    sim = Sim(EngineArgs(max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk_size=16, block_size=4), 64)
+    for i in range(2):
+        sim.add(make_seq(f"d{i}", [10 + i, 11, 12], 20))
+    sim.step()
+    long = make_seq("long", list(range(100, 160)), 2)
+    sim.add(long)
+    plan = sim.step()
+    assert len(plan.decodes) == 2 and plan.prefills == [(long, 14)] and plan.num_tokens == 16
