@@ -173,3 +173,28 @@ def test_logprob_bytes_rebuild_the_content_and_eos_has_no_entry(engine, base):
         expected = reply.usage.completion_tokens - (choice.finish_reason == "stop")
         assert len(entries) == expected  # the EOS that ended a "stop" reply is not an entry
     assert multibyte, "no token held part of a character: the case this test is for never came up"
+
+
+def test_json_schema_composes_with_n_stop_and_streaming(engine, base):
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST, "strict": True}}
+    reply = client.chat.completions.create(
+        model=engine.model_name, messages=ASK, response_format=fmt, n=3, seed=5, temperature=1.0, max_tokens=80
+    )
+    assert len(reply.choices) == 3
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), FORECAST)
+    text = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=engine.model_name,
+            messages=ASK,
+            response_format=fmt,
+            seed=5,
+            temperature=1.0,
+            max_tokens=80,
+            stream=True,
+        )
+        if chunk.choices
+    )
+    assert text == reply.choices[0].message.content  # choice 0 streams the same under the same seed
