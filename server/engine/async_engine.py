@@ -9,6 +9,7 @@ the engine frees its blocks at the start of the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -120,7 +122,7 @@ class AsyncEngine:
             request_id,
             list(prompt_ids),
             params,
-            emit=lambda item: _ignore(loop.call_soon_threadsafe(deltas.put_nowait, item)),
+            emit=partial(_deliver, loop, deltas),
         )
         self._inbox.put(("add", seq))
         self._in_flight += 1
@@ -272,6 +274,15 @@ def run_follower(engine: LLMEngine, channel: EventChannel) -> None:
         engine.step()
     blocks = engine.blocks
     log.info("rank %d stopped: %d of %d cache blocks free", channel.rank, blocks.num_free, len(blocks.blocks))
+
+
+def _deliver(
+    loop: asyncio.AbstractEventLoop, deltas: asyncio.Queue[StreamDelta | Exception], item: StreamDelta | Exception
+) -> None:
+    """Hand an item to its request's event loop; a closed loop has nobody left to read it (and
+    raising here would kill the engine thread for every other request)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(deltas.put_nowait, item)
 
 
 def _ignore(_: object) -> None:
