@@ -66,8 +66,8 @@ def mla_attention(
     kv = attn.kv_a_proj_with_mqa(x)
     latent = attn.kv_a_layernorm(kv[:, : attn.kv_lora_rank])
     # Each token is its own rope "batch" row, so each gets its own position offset.
-    q_pe = attn.rope(q_pe[:, :, None, :], offset=batch.positions)[:, :, 0, :]
-    k_pe = attn.rope(kv[:, None, None, attn.kv_lora_rank :], offset=batch.positions)[:, 0, 0, :]
+    q_pe = _rope(attn.rope, q_pe[:, :, None, :], batch.positions)[:, :, 0, :]
+    k_pe = _rope(attn.rope, kv[:, None, None, attn.kv_lora_rank :], batch.positions)[:, 0, 0, :]
     if batch.attn_scale is not None:
         q_nope = q_nope * batch.attn_scale.astype(q_nope.dtype)
         q_pe = q_pe * batch.attn_scale.astype(q_pe.dtype)
@@ -103,6 +103,22 @@ def mla_attention(
     if mark:
         mark("attn_o_proj", projected)
     return projected
+
+
+# MLX's CUDA rope fails (cudaGraphAddKernelNode: invalid argument) on more than 128 rows of
+# per-row offsets for some shapes (seen on an H100, MLX 0.32.4: the demo model, P=16, 129 rows),
+# so on CUDA the rows are rotated in groups of at most this many.
+_CUDA_ROPE_ROWS = 128
+
+
+def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
+    """`rope(x, offset=positions)` with one offset per row of `x` [T, ...]."""
+    rows = x.shape[0]
+    if rows <= _CUDA_ROPE_ROWS or not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+        out: mx.array = rope(x, offset=positions)
+        return out
+    step = _CUDA_ROPE_ROWS
+    return mx.concatenate([rope(x[i : i + step], offset=positions[i : i + step]) for i in range(0, rows, step)])
 
 
 def _prefill_attention(
