@@ -105,10 +105,10 @@ def mla_attention(
     return projected
 
 
-# MLX's CUDA rope fails (cudaGraphAddKernelNode: invalid argument) on more than 128 rows of
-# per-row offsets for some shapes (seen on an H100, MLX 0.32.4: the demo model, P=16, 129 rows),
-# so on CUDA the rows are rotated in groups of at most this many.
-_CUDA_ROPE_ROWS = 128
+# MLX's CUDA rope with one offset per row fails (cudaGraphAddKernelNode: invalid argument) from
+# some row count between 100 and 128 on (seen on an H100, MLX 0.32.4: the demo model's yarn rope,
+# P=16; 64 and 100 rows worked), so on CUDA the rows are rotated in groups of at most this many.
+_CUDA_ROPE_ROWS = 64
 
 
 def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
