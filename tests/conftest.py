@@ -57,6 +57,17 @@ def demo_engine() -> Iterator[AsyncEngine]:
     engine.shutdown()
 
 
+@pytest.fixture(scope="session")
+def random_engine() -> Iterator[AsyncEngine]:
+    """The real engine on the random demo model (`ensure_demo_model(random=True)`), for tests that
+    want its flat distributions (e.g. sampled tokens that hold part of a character)."""
+    from server.engine.demo_model import ensure_demo_model
+
+    engine = start_engine(EngineArgs(model=str(ensure_demo_model(random=True)), cache_tokens=64 * 128, max_num_seqs=16))
+    yield engine
+    engine.shutdown()
+
+
 @pytest.fixture
 def serve_engine(serve_app: Callable[..., str]) -> Callable[..., str]:
     """`serve_engine(engine, **create_app_options)`: `create_app(engine)` behind uvicorn; returns

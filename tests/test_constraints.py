@@ -11,7 +11,7 @@ from server.engine.constraints import Constraints
 from server.engine.sampling import SamplerState, apply_token_masks, sample
 from server.engine.types import InvalidRequest, OutputConstraint, SamplingParams, ToolSpec
 
-V = 1024
+V = demo_model()[0].args.vocab_size  # the demo model's vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,17 @@
-"""The embedded default model: a tiny `mistral4` written once in Hugging Face layout.
+"""The embedded default model: a small `mistral4` trained on the King James Bible, in Hugging Face layout.
 
 It has every structural feature of Mistral Small 4 (q_lora, kv_lora_rank, rope and nope heads, a MoE
 with a shared expert after a dense first layer, yarn rope with llama-4 attention scaling) at toy size,
 so the server starts in seconds on any machine and serves through exactly the code path a real
 `--model` takes: config.json + safetensors + tokenizer files, loaded by mlx-lm's own loader.
 
-The weights are random but deterministic. Swapping in trained weights means changing `_weights`
-(and `VERSION`) only.
+The trained weights (bf16, about 3.6 M parameters) and their byte-level BPE tokenizer ship in
+`demo_weights/`, written by `python -m server.bench.train_demo` (docs/quality.md). They are written
+out in bf16 where MLX runs on a GPU (so the fused decode kernel runs) and in float32 on a CPU (MLX's
+CPU `gather_mm`, which the MoE uses, takes float32 only).
+
+`ensure_demo_model(random=True)` is the earlier random model (deterministic float32 weights, the
+tokenizer trained on `_CORPUS`): for shape-only benchmarks and tests that want its exact behaviour.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from typing import Any
 
 import numpy as np
 
-VERSION = "3"
+VERSION = "4"  # the trained model
+RANDOM_VERSION = "3"  # the random model
+WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
 
+# The random model's configuration (the trained model's is demo_weights/config.json).
 CONFIG: dict[str, Any] = {
     "architectures": ["Mistral4ForCausalLM"],
     "model_type": "mistral4",
@@ -115,15 +123,28 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def ensure_demo_model(root: Path | None = None) -> Path:
-    """Return the demo model's directory, writing it first if absent. Safe to call concurrently."""
-    target = (root or cache_root()) / f"demo-mistral4-v{VERSION}"
+def demo_dtype() -> str:
+    """The trained model's dtype on this machine: bf16 on a GPU, float32 on a CPU (see above)."""
+    import mlx.core as mx
+
+    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+
+
+def ensure_demo_model(root: Path | None = None, random: bool = False) -> Path:
+    """Return the demo model's directory, writing it first if absent. Safe to call concurrently.
+
+    The trained model by default; `random=True`: the random model (shape-only benchmarks)."""
+    name = f"demo-mistral4-random-v{RANDOM_VERSION}" if random else f"demo-mistral4-v{VERSION}-{demo_dtype()}"
+    target = (root or cache_root()) / name
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
-        write_demo_model(staging)
+        if random:
+            write_demo_model(staging)
+        else:
+            write_trained_model(staging, demo_dtype())
         try:
             staging.rename(target)
         except OSError:
@@ -134,7 +155,26 @@ def ensure_demo_model(root: Path | None = None) -> Path:
     return target
 
 
+def write_trained_model(path: Path, dtype: str = "bfloat16") -> None:
+    """The trained model from demo_weights/, its weights in `dtype` ("bfloat16" or "float32")."""
+    import mlx.core as mx
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(WEIGHTS_DIR / "tokenizer.json", path / "tokenizer.json")
+    _write_tokenizer_config(path, json.loads((WEIGHTS_DIR / "config.json").read_text())["max_position_embeddings"])
+    config = dict(
+        json.loads((WEIGHTS_DIR / "config.json").read_text()), torch_dtype=dtype, bos_token_id=1, eos_token_id=2
+    )
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    weights = mx.load(str(WEIGHTS_DIR / "model.safetensors"))
+    assert isinstance(weights, dict)
+    cast = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+    mx.save_safetensors(str(path / "model.safetensors"), cast, metadata={"format": "pt"})
+
+
 def write_demo_model(path: Path) -> None:
+    """The random model."""
     path.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(path)
     config = dict(CONFIG, bos_token_id=1, eos_token_id=2)
@@ -162,6 +202,10 @@ def _write_tokenizer(path: Path) -> None:
     if tok.get_vocab_size() > CONFIG["vocab_size"]:
         raise ValueError("the demo tokenizer outgrew the model's vocab_size")
     tok.save(str(path / "tokenizer.json"))
+    _write_tokenizer_config(path, CONFIG["max_position_embeddings"])
+
+
+def _write_tokenizer_config(path: Path, max_len: int) -> None:
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
@@ -169,7 +213,7 @@ def _write_tokenizer(path: Path) -> None:
         "unk_token": "<unk>",
         "add_bos_token": False,
         "add_eos_token": False,
-        "model_max_length": CONFIG["max_position_embeddings"],
+        "model_max_length": max_len,
         "chat_template": CHAT_TEMPLATE,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
