@@ -69,6 +69,12 @@ class Settings:
         lambda v: v in ("auto", "on", "off"),
         "must be one of auto, on, off",
     )
+    latent_cache: str = _option(
+        _ENGINE.latent_cache,
+        "the latent cache: int4 (MLX 4-bit, 272 bytes/token/layer for Mistral Small 4) or bf16 (unquantized, 640)",
+        lambda v: v in ("int4", "bf16"),
+        "must be one of int4, bf16",
+    )
     prefill_chunk_size: int = _option(
         _ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE
     )

@@ -36,6 +36,7 @@ SAMPLES = {
     "rank_timeout": ("30.0", "30.0", 30.0),
     "cache_tokens_per_seq": ("4096", "4096", 4096),
     "warmup": ('"on"', "on", "on"),
+    "latent_cache": ('"bf16"', "bf16", "bf16"),
     "max_prefill_tokens_per_step": ("256", "256", 256),
     "target_step_ms": ("30.0", "30.0", 30.0),
 }

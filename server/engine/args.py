@@ -36,6 +36,9 @@ class EngineArgs:
     # "auto" (on a GPU only).
     warmup: str = "auto"
     block_size: int = 64  # tokens per cache block
+    # The latent cache: "int4" (MLX affine 4-bit, group 64, plus the rope key) or "bf16" (unquantized,
+    # 2.35x the bytes for Mistral Small 4: when quality must be bit-comparable; docs/quality.md).
+    latent_cache: str = "int4"
     enable_prefix_caching: bool = True
     request_timeout: float = 600.0  # seconds a request may run
     # Tensor parallel: seconds rank 0 waits for the other ranks in one turn before it declares one

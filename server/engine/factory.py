@@ -54,7 +54,7 @@ def load_engine(
     limit: int = model.args.max_position_embeddings
     max_model_len = min(args.max_model_len or limit, limit)
     layers = len(model.model.layers)
-    per_token = cache_bytes_per_token(model)
+    per_token = cache_bytes_per_token(model, args.latent_cache)
     _wire()
     tokens = args.cache_tokens or _tokens_by_memory(args, per_token, max_model_len)
     num_blocks = -(-tokens // args.block_size)
@@ -68,15 +68,16 @@ def load_engine(
         # Every running sequence must be able to decode in the same step.
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
     )
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size)
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, latent_cache=args.latent_cache)
     log.info(
-        "latent cache: %d tokens (%d blocks of %d), %.1f MiB over %d layers (%d bytes/token/layer, INT4)",
+        "latent cache: %d tokens (%d blocks of %d), %.1f MiB over %d layers (%d bytes/token/layer, %s)",
         resolved.cache_tokens,
         num_blocks,
         args.block_size,
         runner.cache_bytes / 2**20,
         layers,
         per_token // layers,
+        args.latent_cache.upper(),
     )
     # The fused decode kernel against the reference on this model's shapes; on a failure the
     # process decodes through the reference, and /health says so.

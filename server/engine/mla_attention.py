@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..kernels.dense_cache import DenseLatentCache
 from ..kernels.latent_cache import LatentCache
 from ..kernels.mla_decode import mla_decode_append
 
@@ -52,7 +53,7 @@ def llama4_attn_scale(positions: mx.array, beta: float, original_max: int) -> mx
 def mla_attention(
     attn: Any,
     x: mx.array,
-    cache: LatentCache,
+    cache: LatentCache | DenseLatentCache,
     batch: AttentionBatch,
     mark: Callable[..., None] | None = None,
 ) -> mx.array:
@@ -85,9 +86,14 @@ def mla_attention(
     if d:
         assert batch.block_table is not None and batch.context_lens is not None  # set with decodes
         q_latent = attn.embed_q(q_nope[:d].swapaxes(0, 1)).swapaxes(0, 1)  # [d, H, R]
-        o = mla_decode_append(
-            q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
-        )
+        if isinstance(cache, DenseLatentCache):  # --latent-cache bf16
+            o = cache.decode_append(
+                q_latent, q_pe[:d], latent[:d], k_pe[:d], batch.block_table, batch.context_lens, attn.scale
+            )
+        else:
+            o = mla_decode_append(
+                q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
+            )
         outs.append(attn.unembed_out(o.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1))
         if mark:
             mark("attn_decode", outs[-1])
@@ -122,7 +128,7 @@ def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
 
 
 def _prefill_attention(
-    attn: Any, q_nope: mx.array, q_pe: mx.array, cache: LatentCache, chunk: PrefillChunk
+    attn: Any, q_nope: mx.array, q_pe: mx.array, cache: LatentCache | DenseLatentCache, chunk: PrefillChunk
 ) -> mx.array:
     """Causal attention of one chunk (q [n, H, *]) over its sequence's dequantized cache prefix
     plus itself (already written): [n, H, v].

@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .architectures import adapt_model
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
@@ -28,10 +29,12 @@ def cache_dtype(model: Any) -> mx.Dtype:
     return dtype
 
 
-def cache_bytes_per_token(model: Any) -> int:
-    """Latent cache bytes one token takes over all of the model's layers."""
+def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
+    """Latent cache bytes one token takes over all of the model's layers (`latent_cache`: "int4" or "bf16")."""
     args = model.args
     per_layer = latent_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, cache_dtype(model))
+    if latent_cache == "bf16":
+        per_layer = dense_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim)
     return len(model.model.layers) * per_layer
 
 
@@ -123,7 +126,7 @@ def _mlp(mlp: Any, x: mx.array, mark: Mark | None) -> mx.array:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, num_blocks: int, block_size: int = 64) -> None:
+    def __init__(self, model: Any, num_blocks: int, block_size: int = 64, latent_cache: str = "int4") -> None:
         model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
         args = model.args
         self.model = model
@@ -138,8 +141,12 @@ class ModelRunner:
             if args.model_type == "mistral4" and "llama_4_scaling_beta" in rp
             else None
         )
-        self.caches = [
-            LatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, self.dtype)
+        self.caches: list[LatentCache | DenseLatentCache] = [
+            DenseLatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim)
+            if latent_cache == "bf16"
+            else LatentCache(
+                num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim, LATENT_GROUP_SIZE, self.dtype
+            )
             for _ in self.inner.layers
         ]
         mx.eval(*[a for c in self.caches for a in c.arrays()])

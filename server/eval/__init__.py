@@ -1,0 +1,1 @@
+"""Quality measurements through the engine's own code path (`python -m server.eval ...`)."""
