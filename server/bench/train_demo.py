@@ -36,50 +36,24 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.demo_model import CONFIG
+
 CHUNK_CHARS = 64 * 1024
 # Chunk i is held out for the test when i % HOLD_EVERY == HOLD_EVERY // 2, and for validation (the
 # trainer keeps the checkpoint with the lowest validation loss) when i % HOLD_EVERY == 0.
 HOLD_EVERY = 20
 
-# The trained demo model's shape: about 3.5 M parameters (7 MB in bf16).
+# The trained demo model's shape: the random demo model's features at about 3.5 M parameters
+# (7 MB in bf16).
 TRAINED_CONFIG: dict[str, Any] = {
-    "architectures": ["Mistral4ForCausalLM"],
-    "model_type": "mistral4",
+    **CONFIG,
     "torch_dtype": "bfloat16",
     "vocab_size": 2048,
     "hidden_size": 256,
     "intermediate_size": 512,
     "moe_intermediate_size": 128,
     "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_shared_experts": 1,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "routed_scaling_factor": 1.0,
-    "norm_topk_prob": True,
-    "n_group": 1,
-    "topk_group": 1,
-    "first_k_dense_replace": 1,
     "q_lora_rank": 128,
-    "kv_lora_rank": 128,
-    "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 32,
-    "v_head_dim": 32,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "rope_parameters": {
-        "type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 128.0,
-        "original_max_position_embeddings": 256,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "llama_4_scaling_beta": 0.1,
-    },
 }
 
 
