@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 
 from server.api.disconnect import ClientDisconnected, until_disconnected
 from server.api.errors import APIError
-from server.api.metrics import RequestTimer
+from server.api.metrics import Metrics, RequestTimer
 from server.api.protocol import FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
 from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
 
@@ -199,19 +199,26 @@ async def run(
     return respond(gen)
 
 
-def check_model(sent: str, served: str) -> None:
-    if sent != served:
-        raise APIError(
-            404,
-            f"The model '{sent}' does not exist; this server serves '{served}'",
-            param="model",
-            code="model_not_found",
-        )
+class Service:
+    """What an endpoint's service holds: the engine, the metrics, the most choices a request may ask."""
 
+    def __init__(self, engine: EngineClient, metrics: Metrics, max_n: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_n = max_n
 
-def check_n(n: int, max_n: int) -> None:
-    if n > max_n:
-        raise APIError(400, f"n: at most {max_n} choices per request on this server (--max-n)", param="n")
+    def admit(self, model: str, choices: int) -> RequestTimer:
+        """Refuse a request for another model or for too many choices; else start its timer."""
+        if model != self.engine.model_name:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.engine.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+        if choices > self.max_n:
+            raise APIError(400, f"n: at most {self.max_n} choices per request on this server (--max-n)", param="n")
+        return self.metrics.timer()
 
 
 def event_stream(events: AsyncIterator[str], gen: Generation) -> EventSourceResponse:

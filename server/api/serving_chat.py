@@ -13,7 +13,6 @@ from functools import partial
 from fastapi import Request, Response
 
 from server.api.errors import to_api_error
-from server.api.metrics import Metrics
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -28,24 +27,17 @@ from server.api.protocol import (
     ToolCallChunk,
     TopLogprob,
 )
-from server.api.serving import ChoiceState, Generation, check_model, check_n, run
-from server.engine.types import EngineClient, EngineError, StreamDelta, TokenLogprob
+from server.api.serving import ChoiceState, Generation, Service, run
+from server.engine.types import EngineError, StreamDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
 
-class ChatService:
+class ChatService(Service):
     """Serves /v1/chat/completions for one engine under its model name."""
 
-    def __init__(self, engine: EngineClient, metrics: Metrics, max_n: int) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.max_n = max_n
-
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
-        check_model(req.model, self.engine.model_name)
-        check_n(req.n, self.max_n)
-        timer = self.metrics.timer()
+        timer = self.admit(req.model, req.n)
         messages = [m.to_template() for m in req.messages]
         prompt_ids = await self.engine.encode_chat(messages, req.tool_specs() or None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -12,28 +12,20 @@ from functools import partial
 from fastapi import Request, Response
 
 from server.api.errors import APIError, to_api_error
-from server.api.metrics import Metrics
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.api.serving import Generation, check_model, check_n, run
-from server.engine.types import EngineClient, EngineError, TokenLogprob
+from server.api.serving import Generation, Service, run
+from server.engine.types import EngineError, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
 
-class CompletionService:
+class CompletionService(Service):
     """Serves /v1/completions for one engine under its model name."""
 
-    def __init__(self, engine: EngineClient, metrics: Metrics, max_n: int) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.max_n = max_n
-
     async def create(self, req: CompletionRequest, request: Request) -> Response | CompletionResponse:
-        check_model(req.model, self.engine.model_name)
-        check_n(req.n * len(req.prompts()), self.max_n)
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", param="echo")
-        timer = self.metrics.timer()
+        timer = self.admit(req.model, req.n * len(req.prompts()))
         prompts = [p if isinstance(p, list) else await self.engine.encode_text(p) for p in req.prompts()]
         echoes = [self.engine.decode(ids) if req.echo else "" for ids in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
