@@ -183,3 +183,13 @@ def test_a_request_timer_observes_once_per_event_and_once_per_token():
     assert got["mla:e2e_request_latency_seconds_count"] == 1
     assert got["mla:e2e_request_latency_seconds_sum"] >= got["mla:inter_token_latency_seconds_sum"] >= 0
     assert got["mla:e2e_request_latency_seconds_sum"] < 5
+
+
+def test_a_count_the_engine_does_not_report_is_exported_as_zero():
+    class Quiet(StatsEngine):
+        def stats(self):
+            return {"running": 1}
+
+    got = samples(Metrics(Quiet()))
+    assert got["mla:num_requests_running"] == 1
+    assert got["mla:num_requests_waiting"] == 0 and got["mla:generation_tokens_total"] == 0

@@ -156,3 +156,17 @@ def test_a_tokenizer_without_a_tool_parser_streams_text():
     tok = WordTokenizer()
     text, reason, calls, _ = run(tok, [" hi", CALL, "</s>"], constraint=TOOLS)
     assert (text, reason, calls) == (" hi" + CALL, "stop", [])
+
+
+def test_text_held_back_for_a_stop_string_is_released_when_a_tool_section_opens():
+    tok = ToolWords()
+    text, reason, calls, _ = run(
+        tok, [" a", " ST", "[TOOL_CALLS]", CALL, "[/TC]", "</s>"], stop=["STOP"], constraint=TOOLS
+    )
+    assert (text, reason, len(calls)) == (" a ST", "tool_calls", 1)
+
+
+def test_text_that_cannot_start_a_stop_string_is_released_at_once():
+    tok = WordTokenizer()
+    detok = IncrementalDetokenizer(tok, None, ["STOP"])
+    assert [detok.add(tok.token_id(w)) for w in ["a", " b", " S", " c"]] == ["a", " b", " ", "S c"]
