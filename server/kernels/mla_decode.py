@@ -45,8 +45,13 @@ that write). It is correct because of these invariants, kept here and by the eng
    GPU: within one evaluation MLX's CUDA graph (and Metal's barriers) order a kernel only
    after the kernels that *output* the buffers it touches, and the append is not an output.
    So each call also takes the previous call's `out` (`cache.last_out`) as an input, which
-   chains successive decode steps on one cache; any other reader or writer of the fields
-   (prefill's `write`/`read`) must be evaluated in a later `mx.eval` than the decode step.
+   chains successive decode steps on one cache. In the same `mx.eval` as the step, a write the
+   kernel must see has to produce the field it takes (prefill's `write` scatters before the
+   decode, and the kernel takes the scatter's result), and a reader built after it (prefill's
+   `read`) may run beside it on the GPU, so it must read only bytes the kernel does not write
+   (its own sequence's blocks: invariant 3); any other writer must be evaluated in a later
+   `mx.eval`. docs/kernels.md lists every op on the cache between two steps, and
+   tests/test_kernel_ordering.py checks each ordering the engine uses.
    Read the fields from the cache at the time of use; never keep an old field array.
 3. Ownership: the block that holds position context_lens[b] belongs to sequence b alone (a
    shared prefix block is always full), so no other threadgroup reads the bytes being written.
