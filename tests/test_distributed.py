@@ -21,6 +21,7 @@ from support import free_port, sse_events
 from server.bench.servers import ServerProcess, python_module
 
 ARGS = ["--cache-tokens", str(64 * 10), "--max-num-seqs", "4", "--log-level", "info"]
+EOS = 2  # the demo model's </s>
 PROMPTS = [
     "Tell me about the quick brown fox.",
     "Write a haiku about caches. " * 6,  # two blocks: prefix reuse across ranks
@@ -56,7 +57,12 @@ async def crowd(base: str) -> None:
     async def full(i: int) -> None:
         prompt = f"request {i} " + "with a long shared middle part " * 8
         await client.chat.completions.create(
-            model="mla-demo", messages=[{"role": "user", "content": prompt}], max_tokens=200, temperature=1.0, seed=i
+            model="mla-demo",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=200,
+            temperature=1.0,
+            seed=i,
+            logit_bias={str(EOS): -100},  # every reply runs to max_tokens, so the pool must run short
         )
 
     async def dropped(i: int) -> None:

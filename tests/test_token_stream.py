@@ -139,7 +139,6 @@ def test_a_call_cut_off_by_max_tokens_is_dropped_and_the_reason_is_length():
 
 
 def test_an_open_section_that_is_not_a_call_comes_out_as_text_and_the_reason_stays_stop():
-    # (A section closed by its end token that does not parse is dropped instead: see docs/testing.md.)
     tok = ToolWords(end=False)
     text, reason, calls, _ = run(tok, [" hi", "[TOOL_CALLS]", " nope", "</s>"], constraint=TOOLS)
     assert (text, reason, calls) == (" hi[TOOL_CALLS] nope", "stop", [])
@@ -170,3 +169,10 @@ def test_text_that_cannot_start_a_stop_string_is_released_at_once():
     tok = WordTokenizer()
     detok = IncrementalDetokenizer(tok, None, ["STOP"])
     assert [detok.add(tok.token_id(w)) for w in ["a", " b", " S", " c"]] == ["a", " b", " ", "S c"]
+
+
+def test_a_closed_section_that_is_not_a_call_comes_out_as_text():
+    tok = ToolWords()
+    text, reason, calls, _ = run(tok, [" hi", "[TOOL_CALLS]", " nope", "[/TC]", " after", "</s>"], constraint=TOOLS)
+    assert calls == [] and reason == "stop"
+    assert text == " hi[TOOL_CALLS] nope after"

@@ -167,8 +167,9 @@ class TokenStream:
             kind, calls = self._tools.feed(token_id)
             self._calls += calls
             if kind == "start":
-                text = self._detokenizer.finish()
+                text = self._detokenizer.finish() + self._tools.take_leftover()
             elif kind == "end":  # content may follow a closed section
+                text = self._tools.take_leftover()
                 self._detokenizer = IncrementalDetokenizer(self._tokenizer, self._ids, self._stop)
         if kind == "content":
             text = self._detokenizer.add(token_id)

@@ -100,6 +100,7 @@ class ToolCallStream:
         self._ids: list[int] = []  # the open section's tokens
         self._in_section = 0  # calls of the open section passed on
         self._recent: list[int] = []
+        self._leftover = ""  # a closed section's text that held no call, to pass on as content
 
     @property
     def satisfied(self) -> bool:
@@ -109,7 +110,7 @@ class ToolCallStream:
     def feed(self, token_id: int) -> tuple[str, list[ToolCallDelta]]:
         self._recent = (self._recent + [token_id])[-max(len(self._start), len(self._end), 1) :]
         if self._start and tuple(self._recent[-len(self._start) :]) == self._start:
-            deltas = self.close()[0] if self.active else []
+            deltas, self._leftover = self.close() if self.active else ([], "")
             self.active = True
             self._ids, self._in_section = [], 0
             return "start", deltas
@@ -117,10 +118,15 @@ class ToolCallStream:
             return "content", []
         if self._end and tuple(self._recent[-len(self._end) :]) == self._end:
             self._ids = self._ids[: len(self._ids) - len(self._end) + 1]
-            deltas, _ = self.close()
+            deltas, self._leftover = self.close()
             return "end", deltas
         self._ids.append(token_id)
         return "tool", self._emit(self._calls(final=False))
+
+    def take_leftover(self) -> str:
+        """The text of the section `feed` just closed when it held no call (else "")."""
+        text, self._leftover = self._leftover, ""
+        return text
 
     def close(self, truncated: bool = False) -> tuple[list[ToolCallDelta], str]:
         """End the open section: (the calls it still held, its text when nothing in it parsed).
