@@ -11,6 +11,8 @@ or the client goes away (that is how the engine learns to cancel).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
@@ -21,12 +23,14 @@ from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from server.api.disconnect import ClientDisconnected, until_disconnected
-from server.api.errors import APIError
+from server.api.errors import APIError, to_api_error
 from server.api.metrics import Metrics, RequestTimer
 from server.api.protocol import FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
 from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # How long a stream may take to end on its own after the server starts exiting, before
 # sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
@@ -180,16 +184,17 @@ async def run(
     start: Awaitable[Generation],
     events: Callable[[Generation], AsyncIterator[str]] | None,
     respond: Callable[[Generation], T],
+    usage_event: Callable[[Usage], str] | None = None,
 ) -> Response | T:
     """A request's generations to their answer: `respond(gen)` once every choice has finished,
-    or, with `events`, an SSE stream of `events(gen)`. A client gone before the answer gets 499,
-    and its generations are closed (which aborts them)."""
+    or, with `events`, an SSE stream of `events(gen)` (then `usage_event(usage)` when given).
+    A client gone before the answer gets 499, and its generations are closed (which aborts them)."""
     try:
         gen = await until_disconnected(request, start)
     except ClientDisconnected:
         return Response(status_code=499)
     if events is not None:
-        return event_stream(events(gen), gen)
+        return event_stream(_framed(events(gen), gen, usage_event), gen)
     try:
         await until_disconnected(request, gen.collect())
     except ClientDisconnected:
@@ -219,6 +224,25 @@ class Service:
         if choices > self.max_n:
             raise APIError(400, f"n: at most {self.max_n} choices per request on this server (--max-n)", param="n")
         return self.metrics.timer()
+
+
+async def _framed(
+    events: AsyncIterator[str], gen: Generation, usage_event: Callable[[Usage], str] | None
+) -> AsyncIterator[str]:
+    """`events`, the usage event when asked, then [DONE]. An engine failure mid-stream replaces
+    the rest with one error event before [DONE]; the generations are closed however it ends."""
+    try:
+        async for event in events:
+            yield event
+        if usage_event is not None:
+            yield usage_event(gen.usage())
+    except Exception as exc:
+        if not isinstance(exc, EngineError):
+            logger.exception("stream %s failed", gen.request_id)
+        yield json.dumps(to_api_error(exc).body())
+    finally:
+        await gen.aclose()
+    yield "[DONE]"
 
 
 def event_stream(events: AsyncIterator[str], gen: Generation) -> EventSourceResponse:

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from fastapi import Request, Response
 
-from server.api.errors import to_api_error
 from server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -28,7 +26,7 @@ from server.api.protocol import (
     TopLogprob,
 )
 from server.api.serving import ChoiceState, Generation, Service, run
-from server.engine.types import EngineError, StreamDelta, TokenLogprob
+from server.engine.types import StreamDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +47,10 @@ class ChatService(Service):
                 id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage()
             )
 
-        return await run(request, start, partial(self._events, req) if req.stream else None, respond)
+        chunk = partial(ChatCompletionChunk, id=request_id, created=int(time.time()), model=self.engine.model_name)
+        events = partial(self._events, req, chunk) if req.stream else None
+        usage = (lambda u: chunk(choices=[], usage=u).model_dump_json()) if req.include_usage() else None
+        return await run(request, start, events, respond, usage)
 
     def _choice(self, req: ChatCompletionRequest, c: ChoiceState) -> Choice:
         text = "".join(c.text)
@@ -61,30 +62,20 @@ class ChatService(Service):
             logprobs=choice_logprobs(c.logprobs) if req.logprobs else None,
         )
 
-    async def _events(self, req: ChatCompletionRequest, gen: Generation) -> AsyncIterator[str]:
-        """SSE data: per choice a role chunk, content and tool-call chunks, a finish chunk; then a
-        usage chunk when asked; then [DONE]. An engine failure mid-stream replaces the rest with
-        one error event before [DONE]."""
-        chunk = partial(ChatCompletionChunk, id=gen.request_id, created=int(time.time()), model=self.engine.model_name)
-        try:
-            for c in gen.choices:
-                role = ChunkChoice(index=c.index, delta=ChunkDelta(role="assistant", content=""))
-                yield chunk(choices=[role]).model_dump_json()
-            async for c, delta in gen.deltas():
-                if delta.text or delta.logprobs or delta.tool_calls:
-                    yield chunk(choices=[_chunk_choice(c.index, delta, bool(req.logprobs))]).model_dump_json()
-                if delta.finish_reason:
-                    finish = ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=delta.finish_reason)
-                    yield chunk(choices=[finish]).model_dump_json()
-            if req.include_usage():
-                yield chunk(choices=[], usage=gen.usage()).model_dump_json()
-        except Exception as exc:
-            if not isinstance(exc, EngineError):
-                logger.exception("stream %s failed", gen.request_id)
-            yield json.dumps(to_api_error(exc).body())
-        finally:
-            await gen.aclose()
-        yield "[DONE]"
+    async def _events(
+        self, req: ChatCompletionRequest, chunk: Callable[..., ChatCompletionChunk], gen: Generation
+    ) -> AsyncIterator[str]:
+        """SSE data: per choice a role chunk, content and tool-call chunks, a finish chunk
+        (`serving.run` adds the usage chunk, an error event if the engine fails, and [DONE])."""
+        for c in gen.choices:
+            role = ChunkChoice(index=c.index, delta=ChunkDelta(role="assistant", content=""))
+            yield chunk(choices=[role]).model_dump_json()
+        async for c, delta in gen.deltas():
+            if delta.text or delta.logprobs or delta.tool_calls:
+                yield chunk(choices=[_chunk_choice(c.index, delta, bool(req.logprobs))]).model_dump_json()
+            if delta.finish_reason:
+                finish = ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=delta.finish_reason)
+                yield chunk(choices=[finish]).model_dump_json()
 
 
 def _chunk_choice(index: int, delta: StreamDelta, logprobs: bool) -> ChunkChoice:

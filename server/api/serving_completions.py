@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from fastapi import Request, Response
 
-from server.api.errors import APIError, to_api_error
+from server.api.errors import APIError
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.api.serving import Generation, Service, run
-from server.engine.types import EngineError, TokenLogprob
+from server.engine.types import TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -43,39 +42,31 @@ class CompletionService(Service):
             ]
             return CompletionResponse(id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage())
 
-        events = partial(self._events, req, echoes=echoes) if req.stream else None
-        return await run(request, start, events, respond)
+        chunk = partial(CompletionResponse, id=request_id, created=int(time.time()), model=self.engine.model_name)
+        events = partial(self._events, req, chunk, echoes) if req.stream else None
+        usage = (lambda u: chunk(choices=[], usage=u).model_dump_json()) if req.include_usage() else None
+        return await run(request, start, events, respond, usage)
 
-    async def _events(self, req: CompletionRequest, gen: Generation, *, echoes: list[str]) -> AsyncIterator[str]:
+    async def _events(
+        self, req: CompletionRequest, chunk: Callable[..., CompletionResponse], echoes: list[str], gen: Generation
+    ) -> AsyncIterator[str]:
         """SSE data: text chunks per choice (the echoed prompt first), the finish on each choice's
-        last chunk, a usage chunk when asked, then [DONE]."""
-        chunk = partial(CompletionResponse, id=gen.request_id, created=int(time.time()), model=self.engine.model_name)
+        last chunk (`serving.run` adds the usage chunk, an error event if the engine fails, and
+        [DONE])."""
         offsets = {c.index: len(echoes[c.index // req.n]) for c in gen.choices}
-        try:
-            for c in gen.choices:
-                if echoes[c.index // req.n]:
-                    yield chunk(
-                        choices=[CompletionChoice(index=c.index, text=echoes[c.index // req.n])]
-                    ).model_dump_json()
-            async for c, delta in gen.deltas():
-                logprobs = None
-                if req.logprobs is not None and delta.logprobs:
-                    logprobs = completion_logprobs(delta.logprobs, offsets[c.index])
-                offsets[c.index] += len(delta.text)
-                if delta.text or logprobs or delta.finish_reason:
-                    choice = CompletionChoice(
-                        index=c.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
-                    )
-                    yield chunk(choices=[choice]).model_dump_json()
-            if req.include_usage():
-                yield chunk(choices=[], usage=gen.usage()).model_dump_json()
-        except Exception as exc:
-            if not isinstance(exc, EngineError):
-                logger.exception("stream %s failed", gen.request_id)
-            yield json.dumps(to_api_error(exc).body())
-        finally:
-            await gen.aclose()
-        yield "[DONE]"
+        for c in gen.choices:
+            if echoes[c.index // req.n]:
+                yield chunk(choices=[CompletionChoice(index=c.index, text=echoes[c.index // req.n])]).model_dump_json()
+        async for c, delta in gen.deltas():
+            logprobs = None
+            if req.logprobs is not None and delta.logprobs:
+                logprobs = completion_logprobs(delta.logprobs, offsets[c.index])
+            offsets[c.index] += len(delta.text)
+            if delta.text or logprobs or delta.finish_reason:
+                choice = CompletionChoice(
+                    index=c.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+                )
+                yield chunk(choices=[choice]).model_dump_json()
 
 
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
