@@ -106,6 +106,18 @@ class Settings:
         lambda v: v >= 0,
         "must be >= 0",
     )
+    decode_backend: str = _option(
+        _ENGINE.decode_backend,
+        "decode attention: auto (the fused kernel on Metal/CUDA, checked at load), reference, metal or cuda",
+        lambda v: v in ("auto", "reference", "metal", "cuda"),
+        "must be one of auto, reference, metal, cuda",
+    )
+    moe_by_expert: str = _option(
+        _ENGINE.moe_by_expert,
+        "run routed experts one expert at a time: auto (CUDA batches of 64+ tokens), on or off",
+        lambda v: v in ("auto", "on", "off"),
+        "must be one of auto, on, off",
+    )
     rank_timeout: float = _option(
         _ENGINE.rank_timeout,
         "tensor parallel: seconds rank 0 waits for the other ranks in one step before it stops the set",

@@ -34,6 +34,8 @@ SAMPLES = {
     "cors_origins": ('"http://localhost:3000"', "http://localhost:3000", "http://localhost:3000"),
     "max_n": ("4", "4", 4),
     "rank_timeout": ("30.0", "30.0", 30.0),
+    "decode_backend": ('"reference"', "reference", "reference"),
+    "moe_by_expert": ('"off"', "off", "off"),
     "cache_tokens_per_seq": ("4096", "4096", 4096),
     "warmup": ('"on"', "on", "on"),
     "latent_cache": ('"bf16"', "bf16", "bf16"),

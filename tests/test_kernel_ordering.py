@@ -344,7 +344,6 @@ BACKENDS = ["reference", "inplace-standin", "device"]
 @pytest.fixture
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     name: str = request.param
-    monkeypatch.delenv(mla_decode.ENV_VAR, raising=False)
     if name == "reference":
         set_default_backend("reference")
     elif name == "inplace-standin":

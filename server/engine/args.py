@@ -35,6 +35,11 @@ class EngineArgs:
     # returned (MLX's GPU backends compile kernels on first use of each shape): "on", "off", or
     # "auto" (on a GPU only).
     warmup: str = "auto"
+    # Which decode attention runs: "auto" (the fused kernel on Metal or CUDA, checked against the
+    # reference when the engine loads), "reference", "metal" or "cuda" (kept even if the check fails).
+    decode_backend: str = "auto"
+    # Routed experts one expert at a time: "auto" (CUDA batches of 64+ tokens), "on" or "off".
+    moe_by_expert: str = "auto"
     block_size: int = 64  # tokens per cache block
     # The latent cache: "int4" (MLX affine 4-bit, group 64, plus the rope key) or "bf16" (unquantized,
     # 2.35x the bytes for Mistral Small 4: when quality must be bit-comparable; docs/quality.md).

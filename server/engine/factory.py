@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..kernels.mla_decode import set_default_backend
 from ..kernels.selfcheck import check_fused_decode
 from .architectures import adapt_model
 from .args import EngineArgs
@@ -68,7 +69,13 @@ def load_engine(
         # Every running sequence must be able to decode in the same step.
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
     )
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=args.block_size, latent_cache=args.latent_cache)
+    runner = ModelRunner(
+        model,
+        num_blocks=num_blocks,
+        block_size=args.block_size,
+        latent_cache=args.latent_cache,
+        moe_by_expert=args.moe_by_expert,
+    )
     log.info(
         "latent cache: %d tokens (%d blocks of %d), %.1f MiB over %d layers (%d bytes/token/layer, %s)",
         resolved.cache_tokens,
@@ -81,6 +88,7 @@ def load_engine(
     )
     # The fused decode kernel against the reference on this model's shapes; on a failure the
     # process decodes through the reference, and /health says so.
+    set_default_backend(None if args.decode_backend == "auto" else args.decode_backend)
     decode = check_fused_decode(
         R=model.args.kv_lora_rank,
         P=model.args.qk_rope_head_dim,

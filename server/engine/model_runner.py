@@ -6,7 +6,6 @@ ours (`mla_attention`), over one `LatentCache` per layer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,21 +37,21 @@ def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
     return len(model.model.layers) * per_layer
 
 
-# Routed experts of a large batch one expert at a time (see `_experts_by_expert`): "auto" (on
-# CUDA, from MOE_BY_EXPERT_MIN_TOKENS tokens), "on" or "off".
-MOE_BY_EXPERT = os.environ.get("MLA_SERVER_MOE_BY_EXPERT", "auto")
+# With EngineArgs.moe_by_expert "auto", batches of at least this many tokens run their routed
+# experts one expert at a time on CUDA (see `_experts_by_expert`).
 MOE_BY_EXPERT_MIN_TOKENS = 64
 
 Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
 
 
-def _by_expert(mlp: Any, tokens: int) -> bool:
+def _by_expert(mlp: Any, tokens: int, mode: str) -> bool:
+    """Whether this MoE runs its routed experts one at a time; mode: "auto", "on" or "off"."""
     if not hasattr(mlp, "switch_mlp") or not hasattr(mlp.switch_mlp.up_proj, "scales"):
         return False
-    if MOE_BY_EXPERT == "on":
+    if mode == "on":
         return True
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    return MOE_BY_EXPERT == "auto" and on_cuda and tokens >= MOE_BY_EXPERT_MIN_TOKENS
+    return mode == "auto" and on_cuda and tokens >= MOE_BY_EXPERT_MIN_TOKENS
 
 
 def _experts_by_expert(switch: Any, x: mx.array, inds: mx.array) -> mx.array:
@@ -94,10 +93,10 @@ def _experts_by_expert(switch: Any, x: mx.array, inds: mx.array) -> mx.array:
     return ys[mx.array(inverse, mx.int32)].reshape(T, k, -1)
 
 
-def _mlp(mlp: Any, x: mx.array, mark: Mark | None) -> mx.array:
+def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str) -> mx.array:
     """The layer's MLP over [T, D]; with `mark`, the MoE's router, routed experts and shared
     experts are split apart (as mlx-lm computes them) so a profiler can time each."""
-    by_expert = _by_expert(mlp, x.shape[0])
+    by_expert = _by_expert(mlp, x.shape[0], moe_by_expert)
     if (mark is None and not by_expert) or not hasattr(mlp, "switch_mlp"):
         y: mx.array = mlp(x[None])[0]
         if mark:
@@ -122,14 +121,24 @@ def _mlp(mlp: Any, x: mx.array, mark: Mark | None) -> mx.array:
         y = y + mlp.shared_experts(x)
         if mark:
             mark("shared_expert", y)
+    if getattr(mlp, "sharding_group", None) is not None:  # tensor parallel: what mlx-lm's MoE ends with
+        y = mx.distributed.all_sum(y, group=mlp.sharding_group)
     return y
 
 
 class ModelRunner:
-    def __init__(self, model: Any, num_blocks: int, block_size: int = 64, latent_cache: str = "int4") -> None:
+    def __init__(
+        self,
+        model: Any,
+        num_blocks: int,
+        block_size: int = 64,
+        latent_cache: str = "int4",
+        moe_by_expert: str = "auto",
+    ) -> None:
         model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
         args = model.args
         self.model = model
+        self.moe_by_expert = moe_by_expert
         self.inner = model.model
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -198,7 +207,7 @@ class ModelRunner:
         for layer, cache in zip(self.inner.layers, self.caches, strict=False):
             a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, mark)
             h = h + a
-            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), mark)
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), mark, self.moe_by_expert)
         h = self.inner.norm(h[last_rows])
         logits = self.model.lm_head(h) if hasattr(self.model, "lm_head") else self.inner.embed_tokens.as_linear(h)
         out: mx.array = logits.astype(mx.float32)

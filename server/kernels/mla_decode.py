@@ -19,7 +19,7 @@ Where it lives, all one step from here:
 - `mla_decode_append` (bottom of this file): picks the fused kernel for the default device (Metal
   on an Apple GPU, CUDA when MLX has it) or the plain-MLX reference (`reference.py`, the
   semantics) otherwise, when `backend="reference"`, when the process forced it
-  (`set_default_backend`, MLA_DECODE_BACKEND; `selfcheck.py` does so when the fused kernel fails
+  (`set_default_backend`, which the engine's --decode-backend sets; `selfcheck.py` does so when the fused kernel fails
   its start-up check), or for a shape the kernel does not cover (float32 caches; Metal shapes
   beyond its 32 KB of threadgroup memory), warning once per reason.
 - The fused kernel's three launches, `DIRECT`, `SPLIT` and `COMBINE`, are declared once below:
@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -335,10 +334,9 @@ def _warn_once(reason: str) -> None:
     log.warning("%s; decoding with the plain-MLX reference instead", reason)
 
 
-# Process-wide choice, above the device's default: `set_default_backend` (the engine's start-up
-# self-check sets "reference" when the fused kernel fails it), then the MLA_DECODE_BACKEND
-# environment variable ("reference", "metal", "cuda"; "auto" or unset: the device's).
-ENV_VAR = "MLA_DECODE_BACKEND"
+# Process-wide choice, above the device's default: `set_default_backend`, which the engine calls
+# with its --decode-backend option and which the start-up self-check sets to "reference" when the
+# fused kernel fails it.
 _override: str | None = None
 
 
@@ -351,15 +349,8 @@ def set_default_backend(name: str | None) -> None:
 
 
 def forced_backend() -> str | None:
-    """The backend forced by `set_default_backend` or MLA_DECODE_BACKEND, if any."""
-    if _override is not None:
-        return _override
-    env = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if env in ("", "auto"):
-        return None
-    if env not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={env!r}; expected auto or one of {BACKENDS}")
-    return env
+    """The backend forced by `set_default_backend`, if any."""
+    return _override
 
 
 def device_backend() -> str:

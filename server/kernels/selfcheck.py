@@ -9,9 +9,9 @@ logs one error with the numbers and calls `set_default_backend("reference")`, so
 later `mla_decode_append` of the process decodes through the reference. The returned `Verdict`
 says which backend decodes (for /health).
 
-Forcing: MLA_DECODE_BACKEND=reference skips the check and decodes through the reference;
-MLA_DECODE_BACKEND=cuda (or metal) runs the check, logs its outcome, and keeps the fused kernel
-even on a failure (to debug it). `set_default_backend` does the same from code.
+Forcing (`set_default_backend`, which the engine calls with its --decode-backend option):
+"reference" skips the check and decodes through the reference; "cuda" (or "metal") runs the
+check, logs its outcome, and keeps the fused kernel even on a failure (to debug it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import mlx.core as mx
 
 from .latent_cache import LatentCache
 from .mla_decode import (
-    ENV_VAR,
     device_backend,
     forced_backend,
     mla_decode_append,
@@ -95,7 +94,7 @@ def check_fused_decode(
     decode backend (unless a fused backend is forced). Never raises for a kernel failure."""
     forced = forced_backend()
     if forced == "reference":
-        return Verdict("reference", None, True, f"forced ({ENV_VAR} or set_default_backend): no check")
+        return Verdict("reference", None, True, "forced (--decode-backend reference): no check")
     candidate = forced or device_backend()
     if candidate == "reference":
         return Verdict("reference", None, True, f"no fused kernel on this device ({mx.default_device()})")
