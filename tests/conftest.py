@@ -9,8 +9,10 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 import uvicorn
+from fake_engine import FakeEngine
 from support import wait_until
 
 from server.api.app import create_app
@@ -47,6 +49,20 @@ def serve_app() -> Iterator[Callable[..., str]]:
         server.should_exit = True
     for _, thread in running:
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    """The fake engine behind `client` (a module may define its own `engine` instead)."""
+    return FakeEngine(model_name="fake-model", max_model_len=64)
+
+
+@pytest.fixture
+async def client(engine: EngineClient) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over `engine`, called in process through httpx's ASGI transport."""
+    transport = httpx.ASGITransport(app=create_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
-from fake_engine import FakeEngine
 from starlette.exceptions import HTTPException
 
-from server.api.app import create_app
 from server.api.errors import APIError, to_api_error
 from server.api.guard import BodySizeLimit, default_allowed_hosts, default_max_request_bytes
 from server.engine.types import (
@@ -88,13 +85,6 @@ def test_http_exceptions_keep_their_status_and_headers(status, kind):
 def test_a_message_with_a_lone_surrogate_is_still_utf8():
     error = APIError(400, "bad \ud800 input")
     assert json.loads(error.response().body)["error"]["message"] == "bad \\ud800 input"
-
-
-@pytest.fixture
-async def client():
-    transport = httpx.ASGITransport(app=create_app(FakeEngine(model_name=MODEL, max_model_len=64)))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
 
 
 def chat_body(**fields):

@@ -36,17 +36,6 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     return error
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(model_name=MODEL, max_model_len=64)
-
-
-@pytest.fixture
-async def client(engine):
-    async with client_for(create_app(engine)) as c:
-        yield c
-
-
 async def test_completion_carries_text_usage_and_ids(client):
     r = await chat(client)
     assert r.status_code == 200

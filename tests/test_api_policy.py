@@ -21,18 +21,6 @@ MODEL = "fake-model"
 HELLO = [{"role": "user", "content": "hello there world"}]
 
 
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(model_name=MODEL, max_model_len=64)
-
-
-@pytest.fixture
-async def client(engine):
-    transport = httpx.ASGITransport(app=create_app(engine))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
-
-
 async def chat(client, **body):
     return await client.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, **body})
 

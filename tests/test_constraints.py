@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from engine_harness import demo_model
 
-from server.engine.constraints import Constraints
+from server.engine.constraints import Constraints, _closed
 from server.engine.sampling import SamplerState, apply_token_masks, sample
 from server.engine.types import InvalidRequest, OutputConstraint, SamplingParams, ToolSpec
 
@@ -74,3 +74,19 @@ def test_apply_token_masks_and_sample():
     assert mx.isinf(out[0]).sum().item() == V - 1 and out[0, 5].item() == 0 and not mx.isinf(out[1]).any().item()
     states = [SamplerState(SamplingParams(temperature=1.0, seed=1), [], V) for _ in range(2)]
     assert sample(logits, states, mx.array(masks)).tokens.tolist()[0] == 5
+
+
+def test_an_object_that_lists_its_properties_admits_no_others_unless_it_says_so():
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}},
+        "items": [{"properties": {"c": {}}}],
+        "$defs": {"open": {"properties": {"d": {}}, "additionalProperties": True}},
+    }
+    closed = _closed(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False  # nested
+    assert closed["items"][0]["additionalProperties"] is False  # inside lists
+    assert closed["$defs"]["open"]["additionalProperties"] is True  # an explicit choice is kept
+    assert _closed({"type": "object"}) == {"type": "object"}  # json_object: any keys
+    assert "additionalProperties" not in schema  # the client's schema is not changed

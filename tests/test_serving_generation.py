@@ -4,9 +4,7 @@ with n choices, seeds per choice, streamed tool-call pieces joined, chunk shapes
 
 from __future__ import annotations
 
-import httpx
 import pytest
-from fake_engine import FakeEngine
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.metrics import Metrics
@@ -16,20 +14,6 @@ from server.api.serving_chat import _chunk_choice
 from server.engine.types import StreamDelta, TokenLogprob, ToolCallDelta
 
 MODEL = "fake-model"
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(model_name=MODEL, max_model_len=64)
-
-
-@pytest.fixture
-async def client(engine):
-    from server.api.app import create_app
-
-    transport = httpx.ASGITransport(app=create_app(engine))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        yield c
 
 
 @pytest.mark.anyio
