@@ -108,9 +108,10 @@ class Settings:
     )
     decode_backend: str = _option(
         _ENGINE.decode_backend,
-        "decode attention: auto (the fused kernel on Metal/CUDA, checked at load), reference, metal or cuda",
-        lambda v: v in ("auto", "reference", "metal", "cuda"),
-        "must be one of auto, reference, metal, cuda",
+        "decode attention: auto (the fused kernel on Metal/CUDA, checked at load; cpu on the CPU), reference, cpu,"
+        " metal or cuda",
+        lambda v: v in ("auto", "reference", "cpu", "metal", "cuda"),
+        "must be one of auto, reference, cpu, metal, cuda",
     )
     moe_by_expert: str = _option(
         _ENGINE.moe_by_expert,

@@ -36,7 +36,8 @@ class EngineArgs:
     # "auto" (on a GPU only).
     warmup: str = "auto"
     # Which decode attention runs: "auto" (the fused kernel on Metal or CUDA, checked against the
-    # reference when the engine loads), "reference", "metal" or "cuda" (kept even if the check fails).
+    # reference when the engine loads; "cpu" on the CPU), "reference", "cpu" (plain MLX over the
+    # packed INT4 codes), "metal" or "cuda" (kept even if the check fails).
     decode_backend: str = "auto"
     # Routed experts one expert at a time: "auto" (CUDA batches of 64+ tokens), "on" or "off".
     moe_by_expert: str = "auto"

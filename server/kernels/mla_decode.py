@@ -17,8 +17,10 @@ Shapes (B sequences, H heads, R latent width, P rope width, GS quant group, BS b
 Where it lives, all one step from here:
 
 - `mla_decode_append` (bottom of this file): picks the fused kernel for the default device (Metal
-  on an Apple GPU, CUDA when MLX has it) or the plain-MLX reference (`reference.py`, the
-  semantics) otherwise, when `backend="reference"`, when the process forced it
+  on an Apple GPU, CUDA when MLX has it), the plain-MLX CPU path (`cpu_decode.py`: the
+  reference's semantics over the packed INT4 codes, several times faster on MLX's CPU backend)
+  on the CPU, or the plain-MLX reference (`reference.py`, the semantics) otherwise, when
+  `backend="reference"`, when the process forced it
   (`set_default_backend`, which the engine's --decode-backend sets; `selfcheck.py` does so when the fused kernel fails
   its start-up check), or for a shape the kernel does not cover (float32 caches; Metal shapes
   beyond its 32 KB of threadgroup memory), warning once per reason.
@@ -71,12 +73,14 @@ from typing import Protocol, cast
 import mlx.core as mx
 
 from . import mla_body
+from .cpu_decode import mla_decode_append_cpu
 from .dialects import DIALECTS
 from .latent_cache import LatentCache
 from .reference import mla_decode_append_reference
 from .tiles import COMBINE_WARPS, TileConfig, choose_config, unsupported_reason
 
-BACKENDS = ("reference", "metal", "cuda")
+BACKENDS = ("reference", "cpu", "metal", "cuda")
+FUSED = ("metal", "cuda")  # the fused kernels; "reference" and "cpu" are plain MLX
 
 # Element types a launch declares for its buffers; "T" is the cache dtype (float16 or bfloat16).
 ELEMENT_TYPES: dict[str, mx.Dtype] = {"float": mx.float32, "int32": mx.int32, "uint32": mx.uint32}
@@ -354,14 +358,15 @@ def forced_backend() -> str | None:
 
 
 def device_backend() -> str:
-    """The fused kernel this device runs (Metal on an Apple GPU, CUDA when MLX has it), else
-    "reference"."""
+    """The fused kernel this device runs (Metal on an Apple GPU, CUDA when MLX has it), "cpu"
+    (plain MLX over the packed codes, `cpu_decode.py`) on the CPU, else "reference"."""
     if mx.default_device() == mx.gpu:
         if mx.metal.is_available():
             return "metal"
         if mx.cuda.is_available():
             return "cuda"
-    return "reference"
+        return "reference"
+    return "cpu"
 
 
 def default_backend() -> str:
@@ -391,7 +396,9 @@ def mla_decode_append(
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     chosen = backend or default_backend()
-    if chosen != "reference":
+    if chosen == "cpu":
+        return mla_decode_append_cpu(q_latent, q_pe, new_latent, new_kpe, cache, block_table, context_lens, scale)
+    if chosen in FUSED:
         try:
             return mla_decode_append_fused(
                 chosen, q_latent, q_pe, new_latent, new_kpe, cache, block_table, context_lens, scale

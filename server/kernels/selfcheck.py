@@ -10,7 +10,7 @@ later `mla_decode_append` of the process decodes through the reference. The retu
 says which backend decodes (for /health).
 
 Forcing (`set_default_backend`, which the engine calls with its --decode-backend option):
-"reference" skips the check and decodes through the reference; "cuda" (or "metal") runs the
+"reference" (or "cpu") skips the check and decodes through that plain-MLX path; "cuda" (or "metal") runs the
 check, logs its outcome, and keeps the fused kernel even on a failure (to debug it).
 """
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Verdict:
-    backend: str  # the backend that decodes from now on: "cuda", "metal" or "reference"
+    backend: str  # the backend that decodes from now on: "cuda", "metal", "cpu" or "reference"
     checked: str | None  # the fused backend that was run against the reference, if any
     ok: bool  # False: the fused kernel failed (compile, run, or tolerance)
     detail: str  # one line: the numbers, or why no check ran
@@ -95,9 +95,11 @@ def check_fused_decode(
     forced = forced_backend()
     if forced == "reference":
         return Verdict("reference", None, True, "forced (--decode-backend reference): no check")
+    if forced == "cpu":
+        return Verdict("cpu", None, True, "forced (--decode-backend cpu): plain MLX, no check")
     candidate = forced or device_backend()
-    if candidate == "reference":
-        return Verdict("reference", None, True, f"no fused kernel on this device ({mx.default_device()})")
+    if candidate in ("reference", "cpu"):
+        return Verdict(candidate, None, True, f"no fused kernel on this device ({mx.default_device()}): plain MLX")
     # Lengths 0, 1 and a block edge, and one long enough to be cut into splits.
     lens = lens or [0, 1, block_size - 1, 8 * block_size + 3]
     scale = 1.0 / math.sqrt(R + P)
