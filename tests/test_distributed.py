@@ -18,7 +18,7 @@ import openai
 import pytest
 from support import free_port, sse_events
 
-from server.bench.servers import ServerProcess, python_module
+from server.bench.servers import ServerProcess, mlx_launch, python_module
 
 ARGS = ["--cache-tokens", str(64 * 10), "--max-num-seqs", "4", "--log-level", "info"]
 EOS = 2  # the demo model's </s>
@@ -85,8 +85,7 @@ def test_two_ranks_serve_the_single_process_tokens_and_stop_together(tmp_path):
     finally:
         single.stop()
 
-    argv = [launcher or "", "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--"]
-    argv += python_module("server", *ARGS, "--port", str(tp_port))
+    argv = mlx_launch(2) + python_module("server", *ARGS, "--port", str(tp_port))  # ring on this CPU
     tp = start(argv, tp_port, tmp_path / "tp.log")
     try:
         got = [greedy(tp.base_url, p) for p in PROMPTS] + [greedy(tp.base_url, PROMPTS[0], stream=True)]

@@ -56,6 +56,27 @@ def _memory_table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _first_difference(a: list[str], b: list[str]) -> int:
+    """The index of the first word where `a` and `b` differ (the shorter's length if one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _greedy_lines(servers: list[dict[str, Any]]) -> list[str]:
+    """How many greedy outputs of each server equal the first server's, word for word."""
+    ran = [s for s in servers if s.get("greedy")]
+    if len(ran) < 2:
+        return []
+    first = ran[0]
+    lines = []
+    for other in ran[1:]:
+        pairs = list(zip(first["greedy"], other["greedy"], strict=True))
+        same = sum(a == b for a, b in pairs)
+        where = [_first_difference(a.split(), b.split()) for a, b in pairs if a != b]
+        differ = f"; the others first differ at word {', '.join(map(str, where))}" if where else ""
+        lines.append(f"- {other['label']}: {same} of {len(pairs)} identical to {first['label']}'s{differ}")
+    return ["", f"#### Greedy outputs ({len(first['greedy'])} prompts, 32 tokens each)", "", *lines]
+
+
 def _plot(series: dict[str, list[dict[str, Any]]], png: Path, source: Path, title: str) -> bool:
     """Draw `png` unless it is newer than its `source` summary; False without matplotlib."""
     if png.exists() and png.stat().st_mtime >= source.stat().st_mtime:
@@ -93,7 +114,7 @@ def render_run(run: dict[str, Any], docs_dir: Path, source: Path) -> str:
         png = source.parent / f"side_by_side_{run['tag']}_{requested}.png"
         if series and _plot(series, png, source, f"{run['device']}: ~{used}-token prompts"):
             out += ["", f"![{run['tag']} ~{used}-token prompts]({os.path.relpath(png, docs_dir)})"]
-    out += ["", "#### Memory", "", _memory_table(run)]
+    out += ["", "#### Memory", "", _memory_table(run), *_greedy_lines(run["servers"])]
     failed = [f"- {s['label']} failed: {s['error'].splitlines()[0]}" for s in run["servers"] if s["error"]]
     if failed:
         out += ["", *failed]

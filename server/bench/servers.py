@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,21 @@ def rss_bytes(pid: int) -> tuple[int | None, int | None]:
         return int(out.stdout.strip()) * 1024, None
     except (OSError, ValueError, subprocess.SubprocessError):
         return None, None
+
+
+def session_pids(leader: int) -> list[int]:
+    """Every live process of the session `leader` started (Linux /proc; elsewhere only `leader`):
+    a server launched as several ranks (mlx.launch) is that whole set."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the command's closing parenthesis: state, ppid, pgrp, session, ...
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader:
+            pids.append(int(stat.parent.name))
+    return pids or [leader]
 
 
 class ServerProcess:
@@ -122,8 +138,15 @@ class ServerProcess:
         return self.proc.returncode
 
     def _sample_once(self) -> None:
-        current, peak = rss_bytes(self._running().pid)
-        self.peak_rss = max((v for v in (current, peak, self.peak_rss) if v is not None), default=None)
+        """One sample of the peak: one process's own high-water mark, or, for several processes (a
+        tensor-parallel set), the sum of their current sizes (their high-water marks need not
+        coincide in time)."""
+        sizes = [rss_bytes(pid) for pid in session_pids(self._running().pid)]
+        if len(sizes) == 1:
+            candidates = list(sizes[0])
+        else:
+            candidates = [sum(current for current, _ in sizes if current is not None)]
+        self.peak_rss = max((v for v in (*candidates, self.peak_rss) if v), default=None)
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -135,3 +158,14 @@ class ServerProcess:
 def python_module(module: str, *args: str) -> list[str]:
     """argv running `module` with this interpreter (the project's environment)."""
     return [sys.executable, "-m", module, *args]
+
+
+def mlx_launch(ranks: int) -> list[str]:
+    """argv prefix starting `ranks` processes of a command through MLX's launcher on this machine.
+
+    The backend is mlx.launch's own choice (nccl where CUDA is available, else ring); the ports
+    are free ones, so that a run leaves none behind for the next."""
+    launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
+    if launcher is None:
+        raise RuntimeError("mlx.launch is not installed beside this Python")
+    return [launcher, "-n", str(ranks), "--starting-port", str(free_port()), "--nccl-port", str(free_port()), "--"]

@@ -33,7 +33,7 @@ from server.bench.prompts import (
 from server.bench.render import render_section
 from server.bench.report import command_line, device_name, device_tag, utc_now
 from server.bench.serve import concurrency_list
-from server.bench.servers import ServerProcess, free_port, python_module
+from server.bench.servers import ServerProcess, free_port, mlx_launch, python_module
 
 # Room for the chat template and the output when a prompt length is clamped to the context.
 _TEMPLATE_MARGIN = 64
@@ -52,9 +52,15 @@ class ServerKind:
     module_args: tuple[str, ...]  # `python -m` module and its arguments before --model
     extra: tuple[str, ...] = ()
     model_name: str | None = None  # None: ask GET /v1/models
+    ranks: int = 1  # > 1: tensor parallel, that many processes started by mlx.launch
+
+    @property
+    def ours(self) -> bool:
+        return self.module_args[0] == "server"
 
     def argv(self, model: Path, port: int, user_args: list[str]) -> list[str]:
-        return python_module(
+        launch = mlx_launch(self.ranks) if self.ranks > 1 else []
+        return launch + python_module(
             *self.module_args,
             "--model",
             str(model),
@@ -69,12 +75,16 @@ class ServerKind:
 
 SERVERS = {
     "ours": ServerKind("ours (INT4 paged latent)", ("server",)),
+    # Two ranks on one machine (nccl over two GPUs, ring on a CPU): issue 13's tensor-parallel rows.
+    "ours_tp2": ServerKind("ours, 2 ranks (tensor parallel)", ("server",), ranks=2),
     # mlx_lm.server maps the name "default_model" to its --model; another name would make it load that.
     "mlx_lm": ServerKind("mlx_lm.server", ("mlx_lm", "server"), model_name="default_model"),
     "mlx_lm_kv4": ServerKind(
         "mlx_lm.server --kv-bits 4", ("mlx_lm", "server"), ("--kv-bits", "4"), model_name="default_model"
     ),
 }
+
+DEFAULT_SERVERS = ["ours", "mlx_lm", "mlx_lm_kv4"]
 
 
 def seconds_list(text: str) -> list[float]:
@@ -102,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", type=Path, help="model directory (default: the embedded demo model)")
-    p.add_argument("--servers", type=server_list, default=list(SERVERS), help="default: " + ",".join(SERVERS))
+    p.add_argument(
+        "--servers",
+        type=server_list,
+        default=DEFAULT_SERVERS,
+        help=f"among {', '.join(SERVERS)} (default: {','.join(DEFAULT_SERVERS)})",
+    )
     p.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16, 64])
     p.add_argument(
         "--prompt-tokens",
@@ -132,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="concurrency 1,4,16, 1K prompts, 16 output tokens, 1 request per client, 15 s cells",
+    )
+    p.add_argument(
+        "--greedy-prompts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on each server's first cell, N fixed prompts decoded greedily (32 tokens); the docs say which "
+        "servers' outputs equal the first server's (default 0: off)",
     )
     p.add_argument("--tag", help="device tag naming the docs files (default: cpu, cuda or metal)")
     p.add_argument("--device", help="device description for the docs (default: detected)")
@@ -183,13 +206,15 @@ def run_cell(
     clients: int,
     prompt_kw: PromptWords,
     extra: dict[str, Any],
+    greedy_prompts: int = 0,
 ) -> dict[str, Any]:
     """One fresh server process for one (prompt length, concurrency) cell, so that requests a time
-    bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell."""
+    bound cut off cannot slow the next cell, and the process's peak memory belongs to this cell.
+    With `greedy_prompts`, it also records that many greedy outputs (`greedy_outputs`)."""
     kind = SERVERS[name]
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
-    argv = kind.argv(model, port, args.ours_args if name == "ours" else args.mlx_lm_args)
+    argv = kind.argv(model, port, args.ours_args if kind.ours else args.mlx_lm_args)
     server = ServerProcess(argv, base, args.results_dir / f"{name}_{used}_c{clients}.log")
     print(f"== {kind.label}, ~{used}-token prompts, {clients} clients: {shlex.join(argv)}", file=sys.stderr)
     common: dict[str, Any] = dict(
@@ -217,6 +242,8 @@ def run_cell(
         t1 = time.monotonic()
         asyncio.run(run_load(warm, LoadConfig(num_requests=1, warmup_requests=0, progress=False, **common)))
         cell["cold_first_request_s"] = time.monotonic() - t1
+        if greedy_prompts:
+            cell["greedy"] = greedy_outputs(base, kind.model_name, prompt_kw, greedy_prompts, extra)
         if args.warm > 0:
             # The cell's own shapes on other prompts (another seed), so the measured prompts are
             # still real prefills, not prefix-cache hits.
@@ -245,6 +272,22 @@ def run_cell(
     return cell
 
 
+GREEDY_TOKENS = 32
+
+
+def greedy_outputs(base: str, model: str | None, prompt_kw: PromptWords, n: int, extra: dict[str, Any]) -> list[str]:
+    """The greedy completions (text) of `n` prompts that are the same on every server."""
+    source = SyntheticPrompts(LengthDist("fixed", 64), GREEDY_TOKENS, seed=424_242, **prompt_kw)
+    outputs = []
+    with httpx.Client(timeout=300.0, trust_env=False) as client:
+        model = model or client.get(f"{base}/models").json()["data"][0]["id"]
+        for _ in range(n):
+            body = {**source.next_body(), "model": model, "temperature": 0.0, **extra}
+            reply = client.post(f"{base}/chat/completions", json=body).raise_for_status().json()
+            outputs.append(reply["choices"][0]["message"]["content"] or "")
+    return outputs
+
+
 def run_server(
     name: str,
     args: argparse.Namespace,
@@ -259,7 +302,8 @@ def run_server(
     cells: list[dict[str, Any]] = []
     for (requested, used), seconds in zip(plan, args.cell_seconds, strict=True):
         for clients in args.concurrency:
-            cell = run_cell(name, args, model, used, seconds, clients, prompt_kw, extra)
+            greedy = 0 if cells else args.greedy_prompts
+            cell = run_cell(name, args, model, used, seconds, clients, prompt_kw, extra, greedy)
             cell["prompt_tokens_requested"] = requested
             cells.append(cell)
             if cell["error"]:
@@ -278,6 +322,7 @@ def run_server(
         "first_request_s": cells[0].get("cold_first_request_s") if cells else None,
         "error": next((c["error"] for c in cells if c["error"]), None),
         "peak_rss_bytes": max(rss, default=None),
+        "greedy": cells[0].get("greedy") if cells else None,
         "health": served[-1]["health"] if served else None,
         "exit_code": cells[-1]["exit_code"] if cells else None,
         "cells": served,
@@ -327,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "cache_bytes_per_token_layer": {
             "ours": cache_bytes.ours(config),
+            "ours_tp2": cache_bytes.ours(config),  # each rank holds the whole latent pool
             "mlx_lm": cache_bytes.mlx_lm_full(config),
             "mlx_lm_kv4": cache_bytes.mlx_lm_full(config),
             "mlx_lm_kv4_if_quantized": cache_bytes.mlx_lm_int4(config),
