@@ -115,7 +115,7 @@ class Settings:
     )
     moe_by_expert: str = _option(
         _ENGINE.moe_by_expert,
-        "run routed experts one expert at a time: auto (CUDA batches of 64+ tokens), on or off",
+        "run routed experts one expert at a time: auto (CUDA, batches giving each expert 3+ rows on average), on or off",
         lambda v: v in ("auto", "on", "off"),
         "must be one of auto, on, off",
     )

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--md", type=Path, default=None, help=f"update a section of this file (e.g. {DOCS})")
     ap.add_argument("--section", default="profile")
+    ap.add_argument(
+        "--moe-by-expert", choices=("auto", "on", "off"), default=EngineArgs.moe_by_expert, help="as the server's flag"
+    )
     args = ap.parse_args(argv)
 
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -178,7 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     started = utc_now()
     loaded = load_model(args.model or str(ensure_demo_model()))
     engine = load_engine(
-        EngineArgs(model=args.model, cache_tokens=args.cache_tokens or need + 1024, max_num_seqs=256), loaded
+        EngineArgs(
+            model=args.model,
+            cache_tokens=args.cache_tokens or need + 1024,
+            max_num_seqs=256,
+            moe_by_expert=args.moe_by_expert,
+        ),
+        loaded,
     )
     results = profile(engine, scenarios, args.reps)
     device = device_name()

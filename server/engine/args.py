@@ -39,7 +39,7 @@ class EngineArgs:
     # reference when the engine loads; "cpu" on the CPU), "reference", "cpu" (plain MLX over the
     # packed INT4 codes), "metal" or "cuda" (kept even if the check fails).
     decode_backend: str = "auto"
-    # Routed experts one expert at a time: "auto" (CUDA batches of 64+ tokens), "on" or "off".
+    # Routed experts one expert at a time: "auto" (CUDA, 3+ rows per expert on average), "on" or "off".
     moe_by_expert: str = "auto"
     block_size: int = 64  # tokens per cache block
     # The latent cache: "int4" (MLX affine 4-bit, group 64, plus the rope key) or "bf16" (unquantized,

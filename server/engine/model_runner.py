@@ -37,9 +37,12 @@ def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
     return len(model.model.layers) * per_layer
 
 
-# With EngineArgs.moe_by_expert "auto", batches of at least this many tokens run their routed
-# experts one expert at a time on CUDA (see `_experts_by_expert`).
-MOE_BY_EXPERT_MIN_TOKENS = 64
+# With EngineArgs.moe_by_expert "auto", a batch runs its routed experts one expert at a time on
+# CUDA when it gives the experts at least this many rows each on average (tokens x top-k / experts).
+# Measured on the H100 (8-layer Mistral-Small-4 shape: 128 experts, top 4; docs/serving.md): one at
+# a time costs a near-constant ~25 ms a step (one launch per expert), gather_qmm grows by ~0.4 ms a
+# token; 64 tokens (2 rows each) ran faster through gather_qmm, 128 (4 each) one at a time.
+MOE_BY_EXPERT_MIN_ROWS = 3
 
 Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
 
@@ -51,7 +54,8 @@ def _by_expert(mlp: Any, tokens: int, mode: str) -> bool:
     if mode == "on":
         return True
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    return mode == "auto" and on_cuda and tokens >= MOE_BY_EXPERT_MIN_TOKENS
+    experts = mlp.switch_mlp.up_proj.weight.shape[0]
+    return mode == "auto" and on_cuda and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
 
 
 def _experts_by_expert(switch: Any, x: mx.array, inds: mx.array) -> mx.array:
