@@ -2,12 +2,14 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from server.bench import cache_bytes
-from server.bench.render import render_section
+from server.bench.render import render_run, render_section
+from server.bench.servers import ServerProcess, session_pids
 from server.bench.side_by_side import SERVERS, parse_args, prompt_plan
 
 
@@ -159,3 +161,35 @@ def test_render_without_matplotlib_leaves_plots_out(tmp_path, monkeypatch):
     (tmp_path / "side_by_side_cuda.json").write_text(json.dumps(_fake_run("cuda")))
     text = render_section(tmp_path / "benchmarks.md", tmp_path)
     assert "| ours (INT4 paged latent) | 1 | 4/4 |" in text and "![" not in text
+
+
+def test_tensor_parallel_kind_starts_two_ranks_through_mlx_launch():
+    argv = SERVERS["ours_tp2"].argv(Path("/m"), 9002, ["--max-num-seqs", "8"])
+    launcher, rest = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    assert Path(launcher[0]).name == "mlx.launch" and launcher[launcher.index("-n") + 1] == "2"
+    assert "--backend" not in launcher  # mlx.launch picks nccl with CUDA, ring without
+    assert rest[1:3] == ["-m", "server"] and rest[-2:] == ["--max-num-seqs", "8"]
+    assert "ours_tp2" not in parse_args([]).servers  # not part of the default comparison
+
+
+def test_greedy_outputs_are_compared_with_the_first_servers():
+    run = _fake_run("cpu")
+    first = run["servers"][0]
+    first["greedy"] = ["a b c", "a b c d", "x y"]
+    run["servers"].append({**first, "name": "ours_tp2", "label": "two ranks", "greedy": ["a b c", "a b z d", "x"]})
+    text = render_run(run, Path("."), Path("side_by_side_cpu.json"))
+    assert "#### Greedy outputs (3 prompts, 32 tokens each)" in text
+    assert "- two ranks: 1 of 3 identical to ours (INT4 paged latent)'s; the others first differ at word 2, 1" in text
+
+
+def test_peak_rss_of_a_launched_set_sums_its_processes(tmp_path):
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'x = bytearray(200 << 20); import time; time.sleep(30)']); time.sleep(30)"
+    server = ServerProcess([sys.executable, "-c", code], "http://127.0.0.1:9/v1", tmp_path / "log")
+    server.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(session_pids(server.proc.pid)) < 2 or (server.peak_rss or 0) < 200 << 20:
+            assert time.monotonic() < deadline, f"peak {server.peak_rss} over {session_pids(server.proc.pid)}"
+            time.sleep(0.2)
+    finally:
+        server.stop(5)
