@@ -172,12 +172,14 @@ def test_tensor_parallel_kind_starts_two_ranks_through_mlx_launch():
     assert "ours_tp2" not in parse_args([]).servers  # not part of the default comparison
 
 
-def test_greedy_outputs_are_compared_with_the_first_servers():
+def test_greedy_outputs_are_compared_with_the_first_servers(tmp_path):
     run = _fake_run("cpu")
     first = run["servers"][0]
     first["greedy"] = ["a b c", "a b c d", "x y"]
     run["servers"].append({**first, "name": "ours_tp2", "label": "two ranks", "greedy": ["a b c", "a b z d", "x"]})
-    text = render_run(run, Path("."), Path("side_by_side_cpu.json"))
+    source = tmp_path / "side_by_side_cpu.json"
+    source.write_text(json.dumps(run))
+    text = render_run(run, tmp_path, source)
     assert "#### Greedy outputs (3 prompts, 32 tokens each)" in text
     assert "- two ranks: 1 of 3 identical to ours (INT4 paged latent)'s; the others first differ at word 2, 1" in text
 
