@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import pytest
 
 from server.bench.kernel_cases import decode_inputs
 from server.kernels.latent_cache import LatentCache
 from server.kernels.mla_decode import mla_decode_append
 
 
-def test_decode_step_does_not_copy_the_pool() -> None:
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_decode_step_does_not_copy_the_pool(backend: str) -> None:
     cache = LatentCache(4096, 64, 256, 64, 64, mx.float16)  # 262K tokens, 71 MB
     mx.eval(*cache.arrays())
     B = 4
@@ -21,7 +23,7 @@ def test_decode_step_does_not_copy_the_pool() -> None:
     for _ in range(2):
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        out = mla_decode_append(*args, cache, table, ctx, 0.1, backend="reference")
+        out = mla_decode_append(*args, cache, table, ctx, 0.1, backend=backend)
         mx.eval(out, *cache.arrays())
         assert mx.get_peak_memory() - base < cache.nbytes / 8
         assert mx.get_active_memory() - base < cache.nbytes / 100
