@@ -207,6 +207,9 @@ class _Carry:
 
 
 class _ShortcutFirst(Module):
+    # Carries state to the next call: its tokens must go in one call (see ModelRunner._mlp).
+    tokens_in_parts = False
+
     def __init__(self, mlp: Module, moe: Module, carry: _Carry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.dense = mlp
@@ -220,6 +223,8 @@ class _ShortcutFirst(Module):
 
 
 class _ShortcutSecond(Module):
+    tokens_in_parts = False  # as _ShortcutFirst
+
     def __init__(self, mlp: Module, carry: _Carry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.dense = mlp

@@ -75,6 +75,7 @@ def load_engine(
         block_size=args.block_size,
         latent_cache=args.latent_cache,
         moe_by_expert=args.moe_by_expert,
+        sharded=group is not None,
     )
     log.info(
         "latent cache: %d tokens (%d blocks of %d), %.1f MiB over %d layers (%d bytes/token/layer, %s)",

@@ -19,6 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..kernels.cpu_streams import run_parts
 from ..kernels.dense_cache import DenseLatentCache
 from ..kernels.latent_cache import LatentCache
 from ..kernels.mla_decode import mla_decode_append
@@ -165,16 +166,17 @@ def _prefill_attention(
     # GPUs keep the one fused SDPA call. Keys are laid out [H, nope + P, S] so the score matmul
     # is an untransposed GEMM, which the reference BLAS that MLX's Linux CPU wheel bundles runs
     # ~1.2-1.8x faster than q @ k^T over [S, d] rows; the copy is S x (nope + P) per head.
+    # The blocks are independent: `run_parts` spreads them over the CPU streams (one per core).
     keys = mx.contiguous(keys.swapaxes(-1, -2)).swapaxes(-1, -2)
-    outs = []
-    for a in range(0, n, _CPU_QUERY_BLOCK):
+
+    def block(a: int) -> Callable[[], mx.array]:
         b = min(n, a + _CPU_QUERY_BLOCK)
         k = chunk.start + b  # keys the block's last query sees
-        outs.append(
-            mx.fast.scaled_dot_product_attention(
-                queries[None, :, a:b], keys[None, :, :k], values[None, :, :k], scale=attn.scale, mask="causal"
-            )[0]
-        )
+        return lambda: mx.fast.scaled_dot_product_attention(
+            queries[None, :, a:b], keys[None, :, :k], values[None, :, :k], scale=attn.scale, mask="causal"
+        )[0]
+
+    outs = run_parts([block(a) for a in range(0, n, _CPU_QUERY_BLOCK)])
     return mx.concatenate(outs, axis=1).swapaxes(0, 1)  # [n, H, v]
 
 

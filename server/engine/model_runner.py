@@ -6,12 +6,14 @@ ours (`mla_attention`), over one `LatentCache` per layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from ..kernels.cpu_streams import num_cpu_streams, run_parts
 from ..kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .architectures import adapt_model
@@ -45,6 +47,9 @@ def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
 MOE_BY_EXPERT_MIN_ROWS = 3
 
 Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
+
+# Fewest tokens worth a CPU stream of their own in the MLP (see ModelRunner._mlp).
+MLP_PART_MIN_TOKENS = 32
 
 
 def _by_expert(mlp: Any, tokens: int, mode: str) -> bool:
@@ -138,11 +143,16 @@ class ModelRunner:
         block_size: int = 64,
         latent_cache: str = "int4",
         moe_by_expert: str = "auto",
+        sharded: bool = False,
     ) -> None:
+        """`sharded`: the model is split across tensor-parallel ranks, so its layers all-reduce."""
         model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
         args = model.args
         self.model = model
         self.moe_by_expert = moe_by_expert
+        # On the CPU the MLP runs its tokens in parts on several CPU streams (cores); not when the
+        # layers all-reduce: each rank must issue its collectives in one order.
+        self.mlp_parts = num_cpu_streams() if mx.default_device() == mx.cpu and not sharded else 1
         self.inner = model.model
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -211,13 +221,28 @@ class ModelRunner:
         for layer, cache in zip(self.inner.layers, self.caches, strict=False):
             a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, mark)
             h = h + a
-            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h), mark, self.moe_by_expert)
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), mark)
         h = self.inner.norm(h[last_rows])
         logits = self.model.lm_head(h) if hasattr(self.model, "lm_head") else self.inner.embed_tokens.as_linear(h)
         out: mx.array = logits.astype(mx.float32)
         if mark:
             mark("lm_head", out)
         return out
+
+    def _mlp(self, mlp: Any, x: mx.array, mark: Mark | None) -> mx.array:
+        """`_mlp` over [T, D]; on the CPU, in parts of at least MLP_PART_MIN_TOKENS tokens (each
+        token's MLP is its own), one per CPU stream (`cpu_streams`), unless the MLP says its tokens
+        must go in one call (`tokens_in_parts = False`)."""
+        T = x.shape[0]
+        n = min(self.mlp_parts, T // MLP_PART_MIN_TOKENS)
+        if n < 2 or not getattr(mlp, "tokens_in_parts", True):
+            return _mlp(mlp, x, mark, self.moe_by_expert)
+        bounds = [T * i // n for i in range(n + 1)]
+
+        def part(a: int, b: int) -> Callable[[], mx.array]:
+            return lambda: _mlp(mlp, x[a:b], mark, self.moe_by_expert)
+
+        return mx.concatenate(run_parts([part(a, b) for a, b in itertools.pairwise(bounds)]))
 
     def cache_arrays(self) -> list[mx.array]:
         return [a for c in self.caches for a in c.arrays()]
