@@ -36,7 +36,7 @@ import mlx.core as mx
 
 from .cpu_streams import num_cpu_streams, run_parts
 from .latent_cache import BITS, LatentCache
-from .reference import append_guarded, append_slots, in_pool
+from .reference import append_guarded, append_slots, attended
 
 # From this many heads on, the scores dequantize the codes once instead of once per head.
 DEQUANT_FROM_HEADS = 8
@@ -111,8 +111,7 @@ def _attend(
             parts.append(q[c] @ latent_t)
         scores = mx.concatenate(parts) if len(parts) > 1 else parts[0]
     scores = (scores + q_pe.astype(mx.float32) @ mx.contiguous(k_pe_t)) * scale
-    valid = mx.arange(T)[None, :] <= context_lens[:, None]  # cached tokens plus the new one
-    valid = valid & mx.repeat(in_pool(cache, block_table), bs, axis=1)
+    valid = attended(cache, block_table, context_lens)
     scores = mx.where(valid[:, None, :], scores, -mx.inf)
     p = mx.softmax(scores, axis=-1)
     out = mx.quantized_matmul(p, codes, scales, biases, transpose=False, group_size=gs, bits=BITS)

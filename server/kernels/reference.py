@@ -35,6 +35,14 @@ def append_slots(cache: LatentCache, block_table: mx.array, context_lens: mx.arr
     return mx.clip(blk, 0, cache.num_blocks - 1) * bs + context_lens % bs, ok
 
 
+def attended(cache: LatentCache, block_table: mx.array, context_lens: mx.array) -> mx.array:
+    """bool [B, max_blocks * block_size]: the tokens each sequence attends, its cached tokens plus
+    the new one, in blocks inside the pool."""
+    T = block_table.shape[1] * cache.block_size
+    valid = mx.arange(T)[None, :] <= context_lens[:, None]
+    return valid & mx.repeat(in_pool(cache, block_table), cache.block_size, axis=1)
+
+
 def append_guarded(cache: LatentCache, slots: mx.array, ok: mx.array, latent: mx.array, k_pe: mx.array) -> None:
     """`cache.write(slots, latent, k_pe)`, where each row whose `ok` is False repeats the first
     valid row's write (see the module docstring)."""
@@ -78,8 +86,7 @@ def mla_decode_append_reference(
     scores = q_latent.astype(mx.float32) @ latent.swapaxes(1, 2)
     scores = scores + q_pe.astype(mx.float32) @ k_pe.swapaxes(1, 2)
     scores = scores * scale
-    valid = mx.arange(T)[None, :] <= context_lens[:, None]  # cached tokens plus the new one
-    valid = valid & mx.repeat(in_pool(cache, block_table), bs, axis=1)
+    valid = attended(cache, block_table, context_lens)
     scores = mx.where(valid[:, None, :], scores, -mx.inf)
     p = mx.softmax(scores, axis=-1)
     out = p @ latent
