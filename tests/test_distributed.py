@@ -1,6 +1,7 @@
 """Tensor-parallel serving: two ranks over MLX's ring backend on loopback, launched by mlx.launch,
 serve the demo model through HTTP with the single-process server's greedy tokens, leak no block on
-either rank through cancellations and preemptions, and both stop on one SIGTERM to rank 0."""
+either rank through cancellations and preemptions, and both stop on one SIGTERM to rank 0; when a
+rank dies, rank 0 fails the live stream with a clear error and exits non-zero."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from support import free_port, sse_events
+from support import free_port, iter_sse, sse_events
 
-from server.bench.servers import ServerProcess, mlx_launch, python_module
+from server.bench.servers import ServerProcess, mlx_launch, python_module, session_pids
 
 ARGS = ["--cache-tokens", str(64 * 10), "--max-num-seqs", "4", "--log-level", "info"]
 EOS = 2  # the demo model's </s>
@@ -106,5 +107,35 @@ def test_two_ranks_serve_the_single_process_tokens_and_stop_together(tmp_path):
         log = tp.log_path.read_text()
         free = re.search(r"rank 1 stopped: (\d+) of (\d+) cache blocks free", log)
         assert free and free.group(1) == free.group(2), log[-2000:]  # rank 1 leaked nothing either
+    finally:
+        tp.stop()
+
+
+def test_a_dead_rank_fails_the_live_stream_and_rank_0_exits_non_zero(tmp_path):
+    port = free_port()
+    argv = mlx_launch(2) + python_module("server", *ARGS, "--rank-timeout", "5", "--port", str(port))
+    tp = start(argv, port, tmp_path / "tp.log")
+    try:
+        rank0 = int(re.search(r"Started server process \[(\d+)\]", tp.log_path.read_text()).group(1))
+        assert tp.proc is not None
+        followers = [p for p in session_pids(tp.proc.pid) if p not in (rank0, tp.proc.pid)]
+        body = {
+            "model": "mla-demo",
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 500,
+            "stream": True,
+            "logit_bias": {str(EOS): -100},
+        }
+        with httpx.stream("POST", f"{tp.base_url}/chat/completions", json=body, timeout=60) as reply:
+            events = iter_sse(reply.iter_lines())
+            assert next(events)["choices"]  # the stream has started on both ranks
+            for pid in followers:
+                os.kill(pid, signal.SIGKILL)
+            rest = list(events)
+        assert rest[-1] == "[DONE]"
+        errors = [e["error"]["message"] for e in rest if isinstance(e, dict) and "error" in e]
+        assert errors == ["a tensor-parallel rank failed; the server is stopping"]
+        tp.proc.wait(60)  # mlx.launch ends with its ranks (and exits 0 whatever they did)
+        assert "Node with rank 0 exited with code 1" in tp.log_path.read_text()
     finally:
         tp.stop()

@@ -39,6 +39,11 @@ from .types import (
 
 log = logging.getLogger(__name__)
 
+# Tensor parallel: how long shutdown waits for the engine thread's turn before it takes the turn
+# for stuck on a dead rank; under the SSE streams' grace period (api.serving.SHUTDOWN_GRACE_S, 5 s),
+# so that they still receive the error event.
+STUCK_TURN_S = 3.0
+
 
 class AsyncEngine:
     """An `EngineClient` (see types.py) over an `LLMEngine` running on its own thread."""
@@ -52,7 +57,9 @@ class AsyncEngine:
         self._channel = channel
         self._deadlines: dict[str, float] = {}  # request id -> when it times out (engine thread)
         self.failed = False  # a tensor-parallel rank failed
-        self._exchanging_since: float | None = None  # when the engine thread began waiting on the ranks
+        # Tensor parallel: when this turn's exchange began (None between turns): the exchange and
+        # the step's all-reduces wait on the other ranks.
+        self._turn_since: float | None = None
         ready: queue.SimpleQueue[LLMEngine | BaseException] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(make_engine, ready), name="engine", daemon=True)
         self._thread.start()
@@ -152,7 +159,12 @@ class AsyncEngine:
             return
         self._stopping.set()
         self._inbox.put(("wake", None))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30 if self._channel is None else STUCK_TURN_S)
+        if self._thread.is_alive() and self._turn_since is not None:
+            # Tensor parallel: the turn still waits on a collective, so a rank is gone (a healthy
+            # turn is one step). Fail the streams now, while they can still take an error event.
+            log.error("a tensor-parallel turn has not ended at shutdown: a rank is gone")
+            self._fail_ranks(self.engine)
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self, make_engine: Callable[[], LLMEngine], ready: queue.SimpleQueue[LLMEngine | BaseException]) -> None:
@@ -178,28 +190,35 @@ class AsyncEngine:
             # Sleep on the inbox when idle, and when the last step could run nothing.
             events = self._events(engine, local, block=not (engine.has_work and progressed))
             if self._channel is not None:
-                self._exchanging_since = time.monotonic()
+                self._turn_since = time.monotonic()
                 try:
                     events = self._channel.exchange(events)
                 except Exception:
                     log.exception("a tensor-parallel rank failed")
                     self._fail_ranks(engine)
                     return
-                self._exchanging_since = None
             if apply_events(engine, events, local):
                 break
             try:
                 progressed = engine.step()
+                self._turn_since = None
             except Exception as exc:  # a failed step must not take the server down
+                if self._channel is not None:
+                    # Tensor parallel: a collective lost its peer, or this rank's state now differs
+                    # from the others'; the set cannot go on in step.
+                    log.exception("engine step failed under tensor parallelism")
+                    self._fail_ranks(engine)
+                    return
                 log.exception("engine step failed; failing the requests in flight")
                 engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
         engine.fail_all(EngineShutdown("server is shutting down"))
 
     def _watch_ranks(self) -> None:
-        """A dead rank can leave the turn's exchange waiting forever (a peer's closed socket is not
-        always an error to the collective): past `rank_timeout`, stop the whole set."""
+        """A dead rank can leave a collective waiting forever, the turn's exchange or an all-reduce
+        inside the step (a peer's closed socket is not always an error to the collective): a turn
+        past `rank_timeout` stops the whole set."""
         while not self._stopping.is_set() and not self.failed:
-            since = self._exchanging_since
+            since = self._turn_since
             if since is not None and time.monotonic() - since > self.args.rank_timeout:
                 log.error("no answer from the other tensor-parallel ranks for %.0f s", self.args.rank_timeout)
                 self._fail_ranks(self.engine)
@@ -211,7 +230,8 @@ class AsyncEngine:
         launchd restarts the set."""
         self.failed = True
         engine.fail_all(EngineError("a tensor-parallel rank failed; the server is stopping"))
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not self._stopping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _events(self, engine: LLMEngine, local: dict[str, Sequence], block: bool) -> list[Event]:
         """The inbox's requests and aborts, the requests past their deadline, and the stop."""
