@@ -251,3 +251,20 @@ def test_install_then_uninstall_for_real_with_stub_commands(home, tmp_path):
     assert run("uninstall").returncode == 0
     assert not layout.plist.exists()
     assert calls.read_text().split() == ["launchctl", "bootout", f"gui/{os.getuid()}/local.mla-server"]
+
+
+def test_tensor_parallel_example_is_a_set_mlx_launch_reads_and_launchd_restarts():
+    """deploy/tensor-parallel/: the hostfile parses as mlx.launch parses it, and the agent runs
+    mlx.launch over it with our server after `--`, restarting on every exit (mlx.launch exits 0
+    even when a rank died)."""
+    from mlx._distributed_utils.common import Hostfile
+
+    here = Path(__file__).resolve().parent.parent / "deploy" / "tensor-parallel"
+    hosts = Hostfile.from_file(str(here / "hosts.json")).hosts
+    assert [h.ssh_hostname for h in hosts] == ["studio-1.local", "studio-2.local"] and all(h.ips for h in hosts)
+    with open(here / "local.mla-server-set.plist", "rb") as f:
+        agent = plistlib.load(f)
+    argv = agent["ProgramArguments"]
+    assert Path(argv[0]).name == "mlx.launch" and argv[argv.index("--hostfile") + 1].endswith("hosts.json")
+    assert argv[argv.index("--") + 2 : argv.index("--") + 4] == ["-m", "server"]
+    assert agent["KeepAlive"] is True and agent["RunAtLoad"] is True
