@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -132,6 +133,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # mlx.launch may die before its ranks, which sit in process groups of their own: end what
+        # is left of the session, so that no rank outlives a benchmark or a test.
+        for pid in session_pids(self.proc.pid):
+            if pid != self.proc.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self._stop_sampling.set()
         if self._sampler is not None:
             self._sampler.join()
