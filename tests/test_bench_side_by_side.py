@@ -184,14 +184,21 @@ def test_greedy_outputs_are_compared_with_the_first_servers(tmp_path):
     assert "- two ranks: 1 of 3 identical to ours (INT4 paged latent)'s; the others first differ at word 2, 1" in text
 
 
-def test_peak_rss_of_a_launched_set_sums_its_processes(tmp_path):
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'x = bytearray(200 << 20); import time; time.sleep(30)']); time.sleep(30)"
+def test_a_launched_set_counts_all_its_processes_and_leaves_none_behind(tmp_path):
+    # The child takes a process group of its own, as mlx.launch's ranks do: the group's SIGTERM
+    # does not reach it, so only the session sweep in stop() ends it.
+    child = "x = bytearray(200 << 20); import time; time.sleep(60)"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], process_group=0); time.sleep(60)"
     server = ServerProcess([sys.executable, "-c", code], "http://127.0.0.1:9/v1", tmp_path / "log")
     server.start()
+    assert server.proc is not None
     try:
         deadline = time.monotonic() + 20
         while len(session_pids(server.proc.pid)) < 2 or (server.peak_rss or 0) < 200 << 20:
             assert time.monotonic() < deadline, f"peak {server.peak_rss} over {session_pids(server.proc.pid)}"
             time.sleep(0.2)
+        children = [p for p in session_pids(server.proc.pid) if p != server.proc.pid]
     finally:
         server.stop(5)
+    time.sleep(0.5)
+    assert not [p for p in children if Path(f"/proc/{p}").exists() and " Z " not in Path(f"/proc/{p}/stat").read_text()]
