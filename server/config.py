@@ -45,7 +45,11 @@ class Settings:
     )
     host: str = _option("127.0.0.1", "address to listen on (0.0.0.0 serves the whole network)")
     port: int = _option(8080, "TCP port to listen on", lambda v: 0 <= v <= 65535, "must be in 0..65535")
-    max_num_seqs: int = _option(_ENGINE.max_num_seqs, "most sequences decoded together in one batch", **_POSITIVE)
+    max_num_seqs: int | None = _option(
+        _ENGINE.max_num_seqs,
+        "most sequences decoded together in one batch (unset: 64 on a GPU, 16 on the CPU)",
+        **_POSITIVE,
+    )
     max_model_len: int | None = _option(
         _ENGINE.max_model_len, "longest prompt + completion in tokens (unset: the model's own limit)", **_POSITIVE
     )

@@ -150,3 +150,15 @@ def test_prefills_that_outgrow_the_pool_preempt_instead_of_stalling():
     assert [o.finish_reason for o in outs] == ["length", "length"]
     assert engine.counters["preemptions"] > 0
     assert engine.blocks.num_free == 6
+
+
+def test_on_the_cpu_sixteen_sequences_run_at_once_unless_told_otherwise():
+    """The CPU's decode throughput grows little past 16 sequences (docs/serving.md): by default
+    the 17th request waits instead of stretching every stream's inter-token latency."""
+    engine = make_engine(num_blocks=64)  # through load_engine, max_num_seqs unset
+    assert engine.args.max_num_seqs == 16
+    for i in range(20):
+        submit(engine, f"r{i}", prompt(8, seed=i), max_tokens=4, ignore_eos=True)
+    engine.step()
+    assert len(engine.scheduler.running) == 16 and len(engine.scheduler.waiting) == 4
+    assert make_engine(num_blocks=64, max_num_seqs=20).args.max_num_seqs == 20

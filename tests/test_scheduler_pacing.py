@@ -94,5 +94,5 @@ def test_the_pacer_never_goes_below_one_block():
 def test_warmup_shapes_stay_few_and_within_the_limits():
     batches, chunks = warmup_shapes(EngineArgs(max_num_seqs=48, prefill_chunk_size=512), 4096)
     assert batches == [1, 2, 4, 8, 16, 32] and chunks == [16, 128, 512]
-    _, chunks = warmup_shapes(EngineArgs(prefill_chunk_size=300), 200)
+    _, chunks = warmup_shapes(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
     assert chunks == [16, 128, 198]

@@ -16,7 +16,10 @@ DEMO_MODEL_NAME = "mla-demo"
 class EngineArgs:
     model: str | None = None  # local directory or Hugging Face repo id; None: the demo model
     served_model_name: str | None = None  # what clients send and see; None: derived from `model`
-    max_num_seqs: int = 64  # most sequences running (decoding or prefilling) at once
+    # Most sequences running (decoding or prefilling) at once; None: 64 on a GPU, 16 on the CPU,
+    # whose decode throughput grows little past 16 (docs/serving.md), so more would only stretch
+    # every stream's inter-token latency. `factory.load_engine` resolves it.
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int = 2048  # most tokens (decode + prefill) in one step
     prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one step
     # Most prompt tokens (all prefills together) in a step that also decodes; None: no cap beyond
@@ -60,7 +63,15 @@ class EngineArgs:
         return self.served_model_name or self.model or DEMO_MODEL_NAME
 
     @property
+    def max_running(self) -> int:
+        """`max_num_seqs`, resolved (`factory.load_engine` does it; builders of engines by hand
+        name it)."""
+        if self.max_num_seqs is None:
+            raise ValueError("EngineArgs.max_num_seqs must be resolved before the engine uses it")
+        return self.max_num_seqs
+
+    @property
     def max_requests(self) -> int:
         """Requests the engine holds at once, running and waiting; more are refused."""
-        waiting = 4 * self.max_num_seqs if self.max_waiting_requests is None else self.max_waiting_requests
-        return self.max_num_seqs + waiting
+        waiting = 4 * self.max_running if self.max_waiting_requests is None else self.max_waiting_requests
+        return self.max_running + waiting

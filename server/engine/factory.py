@@ -33,6 +33,10 @@ from .types import EngineError, SamplingParams
 
 log = logging.getLogger(__name__)
 
+# `EngineArgs.max_num_seqs` when unset, by MLX device type. On the CPU (2 cores, demo model) 16
+# sequences decode at 216 tok/s and 64 at 275, while each stream waits 4x as long per token.
+DEFAULT_MAX_NUM_SEQS = {"gpu": 64, "cpu": 16}
+
 
 def load_engine(
     args: EngineArgs, loaded: tuple[Any, Any] | None = None, group: mx.distributed.Group | None = None
@@ -44,6 +48,8 @@ def load_engine(
     returned engine's `args` are resolved: `max_model_len` is the model's limit or less, and the
     cache holds at least one full-length sequence.
     """
+    if args.max_num_seqs is None:
+        args = replace(args, max_num_seqs=DEFAULT_MAX_NUM_SEQS[mx.default_device().type.name])
     if loaded is None:
         from .demo_model import ensure_demo_model
 
@@ -67,7 +73,7 @@ def load_engine(
         max_model_len=max_model_len,
         cache_tokens=num_blocks * args.block_size,
         # Every running sequence must be able to decode in the same step.
-        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_running),
     )
     runner = ModelRunner(
         model,
@@ -111,7 +117,7 @@ def load_engine(
 def warmup_shapes(args: EngineArgs, max_model_len: int) -> tuple[list[int], list[int]]:
     """(decode batch sizes, prefill chunk lengths) the warm-up runs: powers of two up to the
     engine's limits, so the shapes most steps take have their kernels compiled before serving."""
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= args.max_num_seqs]
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= args.max_running]
     longest = min(args.prefill_chunk_size, args.max_num_batched_tokens, max_model_len - 2)
     chunks = sorted({c for c in (16, 128, 512, 2048) if c <= longest} | {max(1, longest)})
     return batches, chunks
@@ -128,17 +134,21 @@ def warm_up(engine: LLMEngine) -> int:
         ids = [(7 + 31 * len(rid) + 17 * i) % vocab for i in range(n)]
         engine.add(Sequence(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), emit=lambda item: None))
 
-    for n in chunks:  # a first chunk of each length, then one decode
+    def run(what: str) -> None:
+        nonlocal steps
+        t0, n = time.perf_counter(), steps
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        # First uses compile kernels on MLX's GPU backends: this line says what a shape costs.
+        log.info("warm-up %s: %d steps in %.1f s", what, steps - n, time.perf_counter() - t0)
+
+    for n in chunks:  # a first chunk of each length, then one decode, beside the first batch
         submit(f"warm-prefill-{n}", n + 1, 2)
     for b in batches:  # every sequence decodes in the same steps
         for i in range(b):
             submit(f"warm-decode-{b}-{i}", 8, 4)
-        while engine.has_work:
-            engine.step()
-            steps += 1
-    while engine.has_work:
-        engine.step()
-        steps += 1
+        run(f"decode batch {b}" + (f" and prefill chunks {chunks}" if b == batches[0] else ""))
     return steps
 
 
@@ -170,9 +180,9 @@ def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int
 
     Refuses (EngineError) when the memory left cannot hold even a minimal pool: one block per
     running sequence plus one sequence of min(max_model_len, 4096) tokens."""
-    want = max(max_model_len, args.max_num_seqs * min(args.cache_tokens_per_seq, max_model_len))
+    want = max(max_model_len, args.max_running * min(args.cache_tokens_per_seq, max_model_len))
     free = _free_memory_bytes()
-    minimum = args.max_num_seqs * args.block_size + min(max_model_len, 4096)
+    minimum = args.max_running * args.block_size + min(max_model_len, 4096)
     if free < minimum * bytes_per_token:
         raise EngineError(
             f"not enough memory for the latent cache: the model leaves {free / 2**20:.0f} MiB of the "

@@ -117,7 +117,7 @@ class Scheduler:
                 if self._make_room(seq, n, plan):
                     plan.prefills.append((seq, n))
                     budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
             n = self.blocks.admit(seq, min(self.config.prefill_chunk_size, budget))
             if not n:
