@@ -52,3 +52,15 @@ def test_flags_reach_the_subcommand(capsys):
         main(["serve", "-c", "0"])
     assert e.value.code == 2
     assert "concurrency levels must be integers >= 1" in capsys.readouterr().err
+
+
+def test_kernel_bench_shapes_may_name_heads_and_latent_width():
+    import argparse
+
+    from server.bench.kernel import Shape, shape_list
+
+    assert shape_list("16x32768,16x8192x128x512") == [Shape(16, 32768), Shape(16, 8192, 128, 512)]
+    assert [s.label for s in shape_list("1x1024,16x32768x8x256")] == ["1x1024", "16x32768x8x256"]
+    for bad in ("16x", "16x8192x128", "0x1024"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shape_list(bad)

@@ -46,6 +46,13 @@ def test_default_tiles_fit_each_backend(R: int, H: int) -> None:
         assert (reason is None) == (backend == "cuda" or R == 256), reason
 
 
+def test_cuda_tiles_follow_the_latent_width() -> None:
+    """64-token tiles for R=256, 32 for R=512 (measured on the H100: docs/kernels.md)."""
+    assert choose_config("cuda", 16, 32, 256, 64, 129, 64).tt == 64
+    assert choose_config("cuda", 16, 128, 512, 64, 129, 64).tt == 32
+    assert choose_config("cuda", 16, 32, 256, 64, 129, 32).tt == 32  # a tile lies in one block
+
+
 def test_splits_follow_the_batch() -> None:
     long_single = choose_config("cuda", 1, 32, 256, 64, 513, 64)
     big_batch = choose_config("cuda", 16, 32, 256, 64, 513, 64)

@@ -8,11 +8,12 @@ The check (skipped with --no-check) prints, per shape: max abs and relative erro
 against the plain-MLX reference, whether the appended bytes equal the reference's (`mx.quantize`
 on this device), then a peak-memory check of the in-place append; it exits 1 on a failure.
 
-The timings (skipped with --no-timings) compare, at H=32, R=256, P=64 bf16 (Mistral Small 4's
-attention) and each BxS of --shapes: the fused kernel, the reference, mlx-lm's decode path (bf16
+The timings (skipped with --no-timings) compare, at P=64 bf16 and each B x S (x H x R; default
+32 x 256, Mistral Small 4's attention) of --shapes: the fused kernel, the reference, mlx-lm's decode path (bf16
 latent, SDPA) and the composed INT4 path (dequantize, matmul, softmax, matmul). Each time is the
-median over 5 runs of (N chained calls evaluated together) / N. GB/s counts the cache bytes each
-path must read. --md writes the table into that file's kernel section; --merge copies the
+median over 5 runs of (N chained calls evaluated together) / N; beside it, where torch's CUDA
+profiler is installed, the fused launches' own GPU time (CUPTI, without MLX's host work between
+launches). GB/s counts the cache bytes each path must read. --md writes the table into that file's kernel section; --merge copies the
 kernel section of another file into --md.
 """
 
@@ -58,8 +59,24 @@ CHECKS = [
     Case([4000, 17, 1000, 2047], 128, 512, mx.float16),
 ]
 
-H, R, P, DT, BS = 32, 256, 64, mx.bfloat16, 64  # the timed shape
-SHAPES = "1x1024,1x8192,1x32768,16x8192,16x32768"
+P, DT, BS = 64, mx.bfloat16, 64  # the timed shapes' rope width, dtype and block size
+
+
+class Shape(NamedTuple):
+    """A timed problem: B sequences of S tokens, H heads, latent width R (Mistral Small 4's
+    attention by default; 128 x 512 is DeepSeek-V3's, 16 and 8 heads a tensor-parallel shard's)."""
+
+    B: int
+    S: int
+    H: int = 32
+    R: int = 256
+
+    @property
+    def label(self) -> str:
+        return f"{self.B}x{self.S}" + ("" if (self.H, self.R) == (32, 256) else f"x{self.H}x{self.R}")
+
+
+SHAPES = "1x1024,1x8192,1x32768,16x8192,16x32768,64x8192,16x32768x16x256,16x32768x8x256,16x8192x128x512,1x32768x128x512"
 QUICK_SHAPES = "1x1024,1x32768,16x8192"
 REFERENCE_MAX_TOKENS = 16 * 8192  # the reference gathers the whole block table: not beyond
 HBM = {"cuda": 3.35e12}  # bytes/s, H100 SXM datasheet
@@ -146,9 +163,10 @@ def chain_time(step: Callable[[mx.array | None], mx.array], n: int = 50, runs: i
 
 
 def pool_problem(
-    B: int, S: int
+    shape: Shape,
 ) -> tuple[LatentCache, mx.array, mx.array, tuple[mx.array, mx.array, mx.array, mx.array]]:
     """(cache, block table, context_lens, decode inputs): B sequences of S - 1 cached tokens."""
+    B, S, H, R = shape
     max_blocks = S // BS + 1
     cache = random_pool(B * max_blocks, BS, R, P, DT)
     table = contiguous_tables(B, max_blocks)
@@ -158,23 +176,54 @@ def pool_problem(
     return cache, table, ctx, args
 
 
-def fused_time(backend: str, B: int, S: int, cfg: TileConfig | None = None) -> tuple[float, int, TileConfig]:
-    """(seconds, cache bytes read, tiles) of the fused kernel."""
+def fused_step(
+    backend: str, shape: Shape, cfg: TileConfig | None = None
+) -> tuple[Callable[[mx.array | None], mx.array], int, TileConfig]:
+    """(one chained decode step, cache bytes it must read, tiles) of the fused kernel."""
+    B, S, H, R = shape
     max_blocks = S // BS + 1
-    cache, table, ctx, (ql, qp, nl, nk) = pool_problem(B, S)
+    cache, table, ctx, (ql, qp, nl, nk) = pool_problem(shape)
 
     def step(prev: mx.array | None) -> mx.array:  # chained through cache.last_out, as decode steps are
         return mla_decode_append_fused(backend, ql, qp, nl, nk, cache, table, ctx, 0.05, cfg)
 
-    cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, BS)
-    return chain_time(step), S * B * cache.bytes_per_token, cfg
+    return step, S * B * cache.bytes_per_token, cfg or choose_config(backend, B, H, R, P, max_blocks, BS)
 
 
-def reference_time(B: int, S: int) -> float | None:
-    """Seconds of the plain-MLX reference (the fallback), or None past REFERENCE_MAX_TOKENS."""
-    if B * S > REFERENCE_MAX_TOKENS:
+def fused_time(backend: str, shape: Shape, cfg: TileConfig | None = None) -> tuple[float, int, TileConfig]:
+    """(seconds, cache bytes read, tiles) of the fused kernel."""
+    step, nbytes, cfg = fused_step(backend, shape, cfg)
+    return chain_time(step), nbytes, cfg
+
+
+def gpu_times(step: Callable[[mx.array | None], mx.array], n: int = 20) -> dict[str, float] | None:
+    """Seconds of GPU time per call of each kernel `step` launches, by kernel name: CUPTI's
+    activity records (what Nsight Systems reads) through torch.profiler, so MLX's host work
+    between launches is left out. None where torch or its CUDA profiler is missing."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
         return None
-    cache, table, ctx, args = pool_problem(B, S)
+    mx.eval(step(None))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = None
+        for _ in range(n):
+            out = step(out)
+        mx.eval(out)
+        mx.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = float(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0)
+        if us > 0:
+            times[e.key] = times.get(e.key, 0.0) + us * 1e-6 / n
+    return times or None
+
+
+def reference_time(shape: Shape) -> float | None:
+    """Seconds of the plain-MLX reference (the fallback), or None past REFERENCE_MAX_TOKENS."""
+    if shape.B * shape.S > REFERENCE_MAX_TOKENS:
+        return None
+    cache, table, ctx, args = pool_problem(shape)
 
     def step(prev: mx.array | None) -> mx.array:  # chained through the cache fields it writes
         return mla_decode_append(*args, cache, table, ctx, 0.05, backend="reference")
@@ -182,8 +231,9 @@ def reference_time(B: int, S: int) -> float | None:
     return chain_time(step)
 
 
-def mlx_lm_time(B: int, S: int) -> tuple[float, int]:
+def mlx_lm_time(shape: Shape) -> tuple[float, int]:
     """mlx-lm's decode: bf16 latent, SDPA with the rope scores as the additive mask."""
+    B, S, H, R = shape
     k = mx.random.normal((B, 1, S, R)).astype(DT)
     k_pe = mx.random.normal((B, 1, S, P)).astype(DT)
     q = mx.random.normal((B, H, 1, R)).astype(DT)
@@ -199,8 +249,9 @@ def mlx_lm_time(B: int, S: int) -> tuple[float, int]:
     return chain_time(step), B * S * (R + P) * 2
 
 
-def composed_time(B: int, S: int) -> tuple[float, int]:
+def composed_time(shape: Shape) -> tuple[float, int]:
     """INT4 without fusion: dequantize, matmul, softmax, matmul (contiguous per sequence)."""
+    B, S, H, R = shape
     lat = mx.random.normal((B, S, R)).astype(DT)
     wq, sc, bi = mx.quantize(lat, 64, 4)
     k_pe = mx.random.normal((B, S, P)).astype(DT)
@@ -220,14 +271,14 @@ def composed_time(B: int, S: int) -> tuple[float, int]:
     return chain_time(step), B * S * per_token
 
 
-def sweep(backend: str, B: int, S: int, t: float, cfg: TileConfig) -> tuple[float, TileConfig]:
+def sweep(backend: str, shape: Shape, t: float, cfg: TileConfig) -> tuple[float, TileConfig]:
     """Time tile variants at the default split, then splits around the best; keep the fastest."""
-    max_blocks = S // BS + 1
+    max_blocks = shape.S // BS + 1
 
     def trial(c: TileConfig) -> None:
         nonlocal t, cfg
-        tc, _, _ = fused_time(backend, B, S, c)
-        print(f"   sweep B={B} S={S} {c}: {tc * 1e3:.4f} ms", flush=True)
+        tc, _, _ = fused_time(backend, shape, c)
+        print(f"   sweep {shape.label} {c}: {tc * 1e3:.4f} ms", flush=True)
         if tc < t:
             t, cfg = tc, c
 
@@ -246,47 +297,54 @@ def sweep(backend: str, B: int, S: int, t: float, cfg: TileConfig) -> tuple[floa
 
 
 class Row(NamedTuple):
-    B: int
-    S: int
+    shape: Shape
     fused: float
     nbytes: int
     cfg: TileConfig
     reference: float | None
     mlx_lm: float
     composed: float
+    gpu: float | None = None  # the fused launches' GPU time alone (CUPTI), when measurable
 
 
-def timings(backend: str, shapes: list[tuple[int, int]], do_sweep: bool) -> list[Row]:
+def timings(backend: str, shapes: list[Shape], do_sweep: bool) -> list[Row]:
     rows = []
-    print("B S fused_ms tiles reference_ms mlx_lm_ms composed_ms")
-    for B, S in shapes:
-        t, nbytes, cfg = fused_time(backend, B, S)
+    print("shape fused_ms tiles reference_ms mlx_lm_ms composed_ms")
+    for shape in shapes:
+        t, nbytes, cfg = fused_time(backend, shape)
         if do_sweep:
-            t, cfg = sweep(backend, B, S, t, cfg)
-        row = Row(B, S, t, nbytes, cfg, reference_time(B, S), mlx_lm_time(B, S)[0], composed_time(B, S)[0])
+            t, cfg = sweep(backend, shape, t, cfg)
+        kernels = gpu_times(fused_step(backend, shape, cfg)[0])
+        if kernels:
+            print("   GPU time per call:", ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in sorted(kernels.items())))
+        gpu = sum(v for k, v in kernels.items() if "mla_decode" in k) if kernels else None
+        row = Row(shape, t, nbytes, cfg, reference_time(shape), mlx_lm_time(shape)[0], composed_time(shape)[0], gpu)
         rows.append(row)
         ref = "-" if row.reference is None else f"{row.reference * 1e3:.4f}"
-        print(B, S, f"{t * 1e3:.4f}", cfg, ref, f"{row.mlx_lm * 1e3:.4f}", f"{row.composed * 1e3:.4f}", flush=True)
+        print(
+            shape.label, f"{t * 1e3:.4f}", cfg, ref, f"{row.mlx_lm * 1e3:.4f}", f"{row.composed * 1e3:.4f}", flush=True
+        )
     return rows
 
 
 def table(backend: str, rows: list[Row]) -> list[str]:
     peak = HBM.get(backend)
 
-    def pct(nbytes: int, t: float) -> str:
-        return f"{100 * nbytes / t / peak:.0f}%" if peak else "n/a"
+    def pct(nbytes: int, t: float | None) -> str:
+        return f"{100 * nbytes / t / peak:.0f}%" if peak and t else "n/a"
 
     lines = [
-        "| B | S | fused INT4 (ms) | GB/s | % HBM | tiles (hg,tt,nw,pps,nstage) | mlx-lm bf16 (ms) "
-        "| speed-up | composed INT4 (ms) | reference (ms) |",
-        "|" + "---|" * 10,
+        "| B | S | H | R | fused INT4 (ms) | GB/s | % HBM | GPU kernels (ms) | % HBM (GPU) | tiles (hg,tt,nw,pps,nstage) "
+        "| mlx-lm bf16 (ms) | speed-up | composed INT4 (ms) | reference (ms) |",
+        "|" + "---|" * 14,
     ]
     for r in rows:
         ref = "-" if r.reference is None else f"{r.reference * 1e3:.4f}"
+        gpu = "-" if r.gpu is None else f"{r.gpu * 1e3:.4f}"
         lines.append(
-            f"| {r.B} | {r.S} | {r.fused * 1e3:.4f} | {r.nbytes / r.fused / 1e9:.0f} | {pct(r.nbytes, r.fused)} | "
-            f"{r.cfg.hg},{r.cfg.tt},{r.cfg.nw},{r.cfg.pps},{r.cfg.nstage} | {r.mlx_lm * 1e3:.4f} | {r.mlx_lm / r.fused:.1f}x | "
-            f"{r.composed * 1e3:.4f} | {ref} |"
+            f"| {r.shape.B} | {r.shape.S} | {r.shape.H} | {r.shape.R} | {r.fused * 1e3:.4f} | {r.nbytes / r.fused / 1e9:.0f} | {pct(r.nbytes, r.fused)} | "
+            f"{gpu} | {pct(r.nbytes, r.gpu)} | {r.cfg.hg},{r.cfg.tt},{r.cfg.nw},{r.cfg.pps},{r.cfg.nstage} | "
+            f"{r.mlx_lm * 1e3:.4f} | {r.mlx_lm / r.fused:.1f}x | {r.composed * 1e3:.4f} | {ref} |"
         )
     return lines
 
@@ -298,9 +356,11 @@ def section(backend: str, lines: list[str], command: str) -> str:
             "## Fused INT4 MLA decode kernel",
             "",
             f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {device}, `{command}`. "
-            f"H={H}, R={R}, P={P}, bfloat16, block size {BS}; per layer and decode step. "
+            f"P={P}, bfloat16, block size {BS}; per layer and decode step. "
             "GB/s = cache bytes read / time; % HBM of 3.35 TB/s. Times are MLX end to end: N calls "
-            "evaluated together, ours chained call to call through the cache as in a decode loop. "
+            "evaluated together, ours chained call to call through the cache as in a decode loop; "
+            "GPU kernels: the fused launches' own GPU time per call (CUPTI through torch.profiler), "
+            "without MLX's host work between launches. "
             "With --sweep, each row shows the fastest tiles found (defaults: server/kernels/tiles.py). "
             f"The reference (the fallback) is timed up to B x S = {REFERENCE_MAX_TOKENS}.",
             "",
@@ -327,13 +387,17 @@ def write_section(path: Path, text: str) -> None:
 # ---- command line ------------------------------------------------------------------------
 
 
-def shape_list(text: str) -> list[tuple[int, int]]:
+def shape_list(text: str) -> list[Shape]:
+    """ "BxS[xHxR],...": H and R default to Mistral Small 4's 32 and 256."""
     try:
-        shapes = [(int(b), int(s)) for b, s in (item.split("x") for item in text.split(","))]
+        values = [[int(v) for v in item.split("x")] for item in text.split(",")]
+        if any(len(v) not in (2, 4) for v in values):
+            raise ValueError(text)
+        shapes = [Shape(*v) for v in values]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected BxS[,BxS...], got {text!r}") from None
-    if not shapes or min(min(bs) for bs in shapes) < 1:
-        raise argparse.ArgumentTypeError("B and S must be >= 1")
+        raise argparse.ArgumentTypeError(f"expected BxS[xHxR][,...], got {text!r}") from None
+    if not shapes or min(min(shape) for shape in shapes) < 1:
+        raise argparse.ArgumentTypeError("B, S, H and R must be >= 1")
     return shapes
 
 
@@ -406,7 +470,7 @@ def report_line(backend: str, ok: bool, checked: list[Checked], rows: list[Row])
     worst = (
         f"worst max_abs={max(c.max_abs for c in checked):.2e} rel={max(c.rel for c in checked):.2e}" if checked else ""
     )
-    times = " ".join(f"{r.B}x{r.S}={r.fused * 1e6:.0f}us" for r in rows)
+    times = " ".join(f"{r.shape.label}={r.fused * 1e6:.0f}us" for r in rows)
     parts = [
         f"mla-kernel-report: {device_name(backend)}",
         f"mlx {getattr(mx, '__version__', '?')}",

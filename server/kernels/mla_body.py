@@ -331,9 +331,16 @@ PARTIAL = r"""
 #endif
 """
 
-# One threadgroup per (sequence, head): merges the splits that hold tokens.
+# One threadgroup per (sequence, head): merges the splits that hold tokens. Each warp finds the
+# max and the denominator over all splits itself (lanes over splits), then sums every NW-th
+# split's partial output with lanes over columns (coalesced loads, NW independent streams of
+# them); the warps' sums meet in threadgroup memory. One thread walking every split in turn, as
+# before, spent 39 us at B=1 S=32K on the H100 waiting on its loads.
 COMBINE = r"""
   constexpr int NT = NW * 32;
+  constexpr int RP = R / 32;  // columns per lane: LANE, LANE + 32, ...
+  SMEM_ARRAY(smem, NW * R * 4);
+  SHARED_PTR(float) sAcc = (SHARED_PTR(float))smem;  // [NW][R] each warp's sum over its splits
   const int b = BY / H;
   const int h = BY % H;
   const int nsplit = dims[1];
@@ -341,19 +348,27 @@ COMBINE = r"""
   const int n_split = min((min(context_lens[b] + 1, dims[0] * BS) + span - 1) / span, nsplit);
   const size_t base = (size_t(b) * nsplit) * H + h;
   float m = -1e30f;
-  for (int s = 0; s < n_split; s++) m = f_max(m, ml_part[(base + size_t(s) * H) * 2]);
+  for (int s = LANE; s < n_split; s += 32) m = f_max(m, ml_part[(base + size_t(s) * H) * 2]);
+  m = warp_max(m);
   float den = 0.0f;
-  for (int s = 0; s < n_split; s++) {
+  for (int s = LANE; s < n_split; s += 32) {
     const size_t at = (base + size_t(s) * H) * 2;
     den += ml_part[at + 1] * f_exp2(ml_part[at] - m);
   }
+  den = warp_sum(den);
   const float inv = den > 0.0f ? 1.0f / den : 0.0f;  // no token weighed: zeros
+  float acc[RP];
+  for (int i = 0; i < RP; i++) acc[i] = 0.0f;
+  for (int s = WARP; s < n_split; s += NW) {
+    const size_t at = base + size_t(s) * H;
+    const float w = f_exp2(ml_part[at * 2] - m);
+    for (int i = 0; i < RP; i++) acc[i] += o_part[at * R + LANE + 32 * i] * w;
+  }
+  for (int i = 0; i < RP; i++) sAcc[WARP * R + LANE + 32 * i] = acc[i];
+  BARRIER();
   for (int r = TID; r < R; r += NT) {
-    float acc = 0.0f;
-    for (int s = 0; s < n_split; s++) {
-      const size_t at = base + size_t(s) * H;
-      acc += o_part[at * R + r] * f_exp2(ml_part[at * 2] - m);
-    }
-    out[(b * H + h) * R + r] = T(acc * inv);
+    float sum = 0.0f;
+    for (int w = 0; w < NW; w++) sum += sAcc[w * R + r];
+    out[(b * H + h) * R + r] = T(sum * inv);
   }
 """

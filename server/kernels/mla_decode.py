@@ -77,7 +77,7 @@ from .cpu_decode import mla_decode_append_cpu
 from .dialects import DIALECTS
 from .latent_cache import LatentCache
 from .reference import mla_decode_append_reference
-from .tiles import COMBINE_WARPS, TileConfig, choose_config, unsupported_reason
+from .tiles import COMBINE_WARPS, TileConfig, choose_config, combine_smem_bytes, unsupported_reason
 
 BACKENDS = ("reference", "cpu", "metal", "cuda")
 FUSED = ("metal", "cuda")  # the fused kernels; "reference" and "cpu" are plain MLX
@@ -323,7 +323,15 @@ def mla_decode_append_fused(
             "NW": COMBINE_WARPS,
         }
         out = _run(
-            backend, COMBINE, 0, combine_buffers, combine_consts, (nt_c, B * H, 1), nt_c, {"out": (B, H, R)}, dt
+            backend,
+            COMBINE,
+            combine_smem_bytes(R),
+            combine_buffers,
+            combine_consts,
+            (nt_c, B * H, 1),
+            nt_c,
+            {"out": (B, H, R)},
+            dt,
         )["out"]
     cache.packed, cache.scales, cache.biases, cache.k_pe = mx.depends(fields, [out])
     cache.last_out = out
