@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+from server.engine.architectures import adapt_model
 from server.engine.demo_model import ensure_demo_model
 from server.engine.loader import load_model
 
@@ -12,15 +13,15 @@ from server.engine.loader import load_model
 def test_experts_go_one_at_a_time_from_three_rows_each_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_by_expert` under "auto": measured on the H100, 2 rows per expert ran faster through
     gather_qmm and 4 one expert at a time (docs/serving.md)."""
-    from server.engine import model_runner
+    from server.engine import experts as moe
 
-    model, _ = load_model(str(ensure_demo_model()))
+    model = adapt_model(load_model(str(ensure_demo_model()))[0])
     mlp = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "switch_mlp"))
-    experts, k = mlp.switch_mlp.up_proj.weight.shape[0], mlp.num_experts_per_tok
-    monkeypatch.setattr(mlp.switch_mlp.up_proj, "scales", mx.zeros((1,)), raising=False)  # as if quantized
-    monkeypatch.setattr(model_runner.mx.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(model_runner.mx, "default_device", lambda: mx.gpu)
+    experts, k = mlp.switch_mlp.down_proj.weight.shape[0], mlp.num_experts_per_tok
+    monkeypatch.setitem(mlp.switch_mlp.down_proj, "scales", mx.zeros((1,)))  # as if quantized
+    monkeypatch.setattr(moe.mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(moe.mx, "default_device", lambda: mx.gpu)
     rows_3 = -(-3 * experts // k)  # fewest tokens giving 3 rows per expert
-    assert model_runner._by_expert(mlp, rows_3, "auto")
-    assert not model_runner._by_expert(mlp, rows_3 - 1, "auto")
-    assert model_runner._by_expert(mlp, 1, "on") and not model_runner._by_expert(mlp, 10**6, "off")
+    assert moe.by_expert(mlp, rows_3, "auto")
+    assert not moe.by_expert(mlp, rows_3 - 1, "auto")
+    assert moe.by_expert(mlp, 1, "on") and not moe.by_expert(mlp, 10**6, "off")

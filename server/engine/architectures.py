@@ -42,6 +42,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.nn.layers.base import Module
 
+from .experts import fuse_experts
 from .types import EngineError
 
 _ADAPTED = "_mla_family"  # set on the model the engine runs, once adapted
@@ -360,5 +361,6 @@ def adapt_model(model: Any) -> Any:
         return model
     arch = check_supported(model)
     engine_model = arch.adapt(model)
+    fuse_experts(engine_model)  # after any sharding: experts.py says why that order holds
     setattr(engine_model, _ADAPTED, arch.family)
     return engine_model

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from ..kernels.cpu_streams import num_cpu_streams, run_parts
 from ..kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .architectures import adapt_model
+from .experts import by_expert, run_by_expert
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
 from .scheduler import StepPlan
 from .sequence import Sequence
@@ -39,74 +39,17 @@ def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
     return len(model.model.layers) * per_layer
 
 
-# With EngineArgs.moe_by_expert "auto", a batch runs its routed experts one expert at a time on
-# CUDA when it gives the experts at least this many rows each on average (tokens x top-k / experts).
-# Measured on the H100 (8-layer Mistral-Small-4 shape: 128 experts, top 4; docs/serving.md): one at
-# a time costs a near-constant ~25 ms a step (one launch per expert), gather_qmm grows by ~0.4 ms a
-# token; 64 tokens (2 rows each) ran faster through gather_qmm, 128 (4 each) one at a time.
-MOE_BY_EXPERT_MIN_ROWS = 3
-
 Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
 
 # Fewest tokens worth a CPU stream of their own in the MLP (see ModelRunner._mlp).
 MLP_PART_MIN_TOKENS = 32
 
 
-def _by_expert(mlp: Any, tokens: int, mode: str) -> bool:
-    """Whether this MoE runs its routed experts one at a time; mode: "auto", "on" or "off"."""
-    if not hasattr(mlp, "switch_mlp") or not hasattr(mlp.switch_mlp.up_proj, "scales"):
-        return False
-    if mode == "on":
-        return True
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    experts = mlp.switch_mlp.up_proj.weight.shape[0]
-    return mode == "auto" and on_cuda and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
-
-
-def _experts_by_expert(switch: Any, x: mx.array, inds: mx.array) -> mx.array:
-    """SwitchGLU(x, inds) -> [T, k, D], computed one expert at a time: the (token, slot) pairs
-    sorted by expert on the host, one quantized matmul per expert over its contiguous rows.
-
-    For a prefill batch this reads each expert's weights once per layer, where MLX's CUDA
-    `gather_qmm` runs row by row. It waits for the router (one host sync per layer), so it is
-    used for large batches only."""
-    T, k = inds.shape
-    flat = np.asarray(inds.reshape(-1))
-    order = np.argsort(flat, kind="stable")
-    experts, starts = np.unique(flat[order], return_index=True)
-    ends = np.append(starts[1:], len(order))
-    xs = x[mx.array(order // k, mx.int32)]  # [T*k, D], rows grouped by expert
-    up, gate, down = switch.up_proj, switch.gate_proj, switch.down_proj
-
-    def qmm(lin: Any, a: mx.array, e: int) -> mx.array:
-        biases = lin.biases[e] if "biases" in lin else None
-        out: mx.array = mx.quantized_matmul(
-            a,
-            lin.weight[e],
-            lin.scales[e],
-            biases,
-            transpose=True,
-            group_size=lin.group_size,
-            bits=lin.bits,
-            mode=lin.mode,
-        )
-        return out
-
-    outs = []
-    for e, a, b in zip(experts.tolist(), starts.tolist(), ends.tolist(), strict=True):
-        rows = xs[a:b]
-        outs.append(qmm(down, switch.activation(qmm(up, rows, e), qmm(gate, rows, e)), e))
-    ys = mx.concatenate(outs, axis=0)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return ys[mx.array(inverse, mx.int32)].reshape(T, k, -1)
-
-
 def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str) -> mx.array:
     """The layer's MLP over [T, D]; with `mark`, the MoE's router, routed experts and shared
     experts are split apart (as mlx-lm computes them) so a profiler can time each."""
-    by_expert = _by_expert(mlp, x.shape[0], moe_by_expert)
-    if (mark is None and not by_expert) or not hasattr(mlp, "switch_mlp"):
+    one_at_a_time = by_expert(mlp, x.shape[0], moe_by_expert)
+    if (mark is None and not one_at_a_time) or not hasattr(mlp, "switch_mlp"):
         y: mx.array = mlp(x[None])[0]
         if mark:
             mark("dense_mlp", y)
@@ -122,7 +65,7 @@ def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str) -> mx.arr
         inds, scores = mlp.gate(x)
     if mark:
         mark("router", inds)
-    y = _experts_by_expert(mlp.switch_mlp, x, inds) if by_expert else mlp.switch_mlp(x, inds)
+    y = run_by_expert(mlp.switch_mlp, x, inds) if one_at_a_time else mlp.switch_mlp(x, inds)
     y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
     if mark:
         mark("experts", y)
