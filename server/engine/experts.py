@@ -11,7 +11,8 @@ multiplies the tokens with each (`gather_qmm`), then with `down_proj`. Two chang
   output dimension.
 - `run_by_expert`: the (token, slot) pairs sorted by expert on the host and one quantized matrix
   product per expert over its contiguous rows, for large batches on CUDA, where MLX's
-  `gather_qmm` runs row by row; `by_expert` decides.
+  `gather_qmm` runs row by row; `by_expert` picks the candidates by size, and
+  `pays_one_at_a_time` decides from the experts the router chose.
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ from mlx_lm.models.switch_layers import SwitchGLU
 _gather_sort: Callable[[mx.array, mx.array], tuple[mx.array, mx.array, mx.array]] = switch_layers._gather_sort
 _scatter_unsort: Callable[[mx.array, mx.array, tuple[int, ...]], mx.array] = switch_layers._scatter_unsort
 
-# With EngineArgs.moe_by_expert "auto", a batch runs its routed experts one expert at a time on
-# CUDA when it gives the experts at least this many rows each on average (tokens x top-k / experts).
+# With EngineArgs.moe_by_expert "auto", a batch on CUDA is a candidate for one expert at a time when
+# it gives the experts at least this many rows each on average (tokens x top-k / experts).
 # Measured on the H100 (8-layer Mistral-Small-4 shape: 128 experts, top 4; docs/serving.md): one at
 # a time costs a near-constant ~25 ms a step (one launch per expert), gather_qmm grows by ~0.4 ms a
 # token; 64 tokens (2 rows each) ran faster through gather_qmm, 128 (4 each) one at a time.
 MOE_BY_EXPERT_MIN_ROWS = 3
+# A candidate then runs one expert at a time only if its rows are at least this many times the
+# experts the router chose: that path pays a launch per active expert, gather_qmm a share per row.
+# One Mistral-Small-4-sized layer on the H100, tokens spread over all 128 experts (docs/serving.md):
+# ~0.12 ms per active expert against ~0.01 ms per row, so they break even near 12 rows an expert.
+# The synthetic model's router concentrates a batch on a few dozen experts and passes easily; a
+# trained router spreads it, and a 100-400-token chunk then runs faster gathered.
+MIN_ROWS_PER_ACTIVE_EXPERT = 12
 
 _STACKED = ("weight", "scales", "biases", "bias")  # the arrays a (Quantized)SwitchLinear may hold
 
@@ -110,6 +118,12 @@ def by_expert(mlp: Any, tokens: int, mode: str) -> bool:
     return mode == "auto" and on_cuda and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
 
 
+def pays_one_at_a_time(inds: np.ndarray, mode: str) -> bool:
+    """For a candidate batch (`by_expert`), once the router's choice `inds` is on the host: whether
+    its rows are enough for the experts it uses ("on" always runs one at a time)."""
+    return mode == "on" or inds.size >= MIN_ROWS_PER_ACTIVE_EXPERT * len(np.unique(inds))
+
+
 def _expert_matmul(lin: Any, a: mx.array, e: int) -> mx.array:
     """Rows `a` through expert `e` of a QuantizedSwitchLinear."""
     biases = lin.get("biases")
@@ -126,15 +140,15 @@ def _expert_matmul(lin: Any, a: mx.array, e: int) -> mx.array:
     return out + lin["bias"][e] if lin.get("bias") is not None else out
 
 
-def run_by_expert(switch: FusedSwitchGLU, x: mx.array, inds: mx.array) -> mx.array:
+def run_by_expert(switch: FusedSwitchGLU, x: mx.array, inds: np.ndarray) -> mx.array:
     """switch(x, inds) -> [T, k, D], computed one expert at a time: the (token, slot) pairs
     sorted by expert on the host, one quantized matmul per expert over its contiguous rows.
 
-    For a prefill batch this reads each expert's weights once per layer, where MLX's CUDA
-    `gather_qmm` runs row by row. It waits for the router (one host sync per layer), so it is
-    used for large batches only."""
+    `inds` [T, k] is the router's choice on the host (one sync per layer: large batches only). For
+    a prefill batch this reads each expert's weights once per layer, where MLX's CUDA `gather_qmm`
+    runs row by row."""
     T, k = inds.shape
-    flat = np.asarray(inds.reshape(-1))
+    flat = inds.reshape(-1)
     order = np.argsort(flat, kind="stable")
     experts, starts = np.unique(flat[order], return_index=True)
     ends = np.append(starts[1:], len(order))

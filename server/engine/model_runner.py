@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..kernels.cpu_streams import num_cpu_streams, run_parts
 from ..kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from .architectures import adapt_model
-from .experts import by_expert, run_by_expert
+from .experts import by_expert, pays_one_at_a_time, run_by_expert
 from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
 from .scheduler import StepPlan
 from .sequence import Sequence
@@ -65,7 +66,11 @@ def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str) -> mx.arr
         inds, scores = mlp.gate(x)
     if mark:
         mark("router", inds)
-    y = run_by_expert(mlp.switch_mlp, x, inds) if one_at_a_time else mlp.switch_mlp(x, inds)
+    chosen = np.asarray(inds) if one_at_a_time else None  # waits for the router
+    if chosen is not None and pays_one_at_a_time(chosen, moe_by_expert):
+        y = run_by_expert(mlp.switch_mlp, x, chosen)
+    else:
+        y = mlp.switch_mlp(x, inds)
     y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
     if mark:
         mark("experts", y)
