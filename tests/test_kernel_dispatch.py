@@ -41,9 +41,10 @@ def test_default_tiles_fit_each_backend(R: int, H: int) -> None:
     for backend in ("cuda", "metal"):
         cfg = choose_config(backend, 4, H, R, 64, 100, 64)
         reason = unsupported_reason(backend, cache, cfg)
-        # Metal's 32 KB of threadgroup memory holds R=256 tiles but not R=512 ones (those fall
-        # back to the reference); CUDA takes every shape.
-        assert (reason is None) == (backend == "cuda" or R == 256), reason
+        # Metal's 32 KB of threadgroup memory holds R=512 tiles only with one stage and the
+        # queries read from device memory; CUDA keeps them in shared memory.
+        assert reason is None, reason
+        assert cfg.q_shared == (backend == "cuda" or R == 256)
 
 
 def test_cuda_tiles_follow_the_latent_width() -> None:
@@ -69,6 +70,8 @@ def test_unsupported_shapes_are_named() -> None:
     odd = LatentCache(2, 64, 256, 64, 64, mx.float16)
     assert "warps" in reason(odd, TileConfig(32, 64, 3, 4))
     assert "tiles" in reason(LatentCache(2, 48, 256, 64, 64, mx.float16), TileConfig(32, 64, 8, 4))
+    assert "device memory" in reason(odd, TileConfig(16, 16, 4, 4, 1, q_shared=False))  # Metal's form
+    assert "stage" in reason(odd, TileConfig(32, 64, 8, 4, 0))
 
 
 def test_fused_launch_keeps_the_in_place_invariants(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -551,3 +551,39 @@ def test_the_bounds_check_catches_planted_bugs() -> None:
     for h, s in planted:
         assert (h, s) != (header, source)
         assert bounds_guard_violations(h, s)
+
+
+def metal_r512_shape() -> tuple[TileConfig, dict[str, int]]:
+    """The tiles Metal takes for DeepSeek-V3's attention (R=512, H=128), and its template values."""
+    from server.kernels.tiles import choose_config
+
+    cfg = choose_config("metal", 4, 128, 512, 64, 100, 64)
+    shape = dict(H=128, HG=cfg.hg, R=512, P=64, GS=64, BS=64, TT=cfg.tt, NW=cfg.nw, NSTAGE=cfg.nstage)
+    return cfg, shape
+
+
+def test_metal_takes_r512_within_32kb_by_reading_queries_from_device_memory() -> None:
+    cfg, _ = metal_r512_shape()
+    assert (cfg.hg, cfg.tt, cfg.nstage, cfg.q_shared) == (16, 16, 1, False)
+    assert cfg.smem_bytes(512, 64, 64) <= 32 * 1024 < TileConfig(16, 16, 4, 1, 1).smem_bytes(512, 64, 64)
+    header, _ = METAL.render(SPLIT.body, SPLIT.specialized(cfg.defines()).defines)
+    assert "#define MLA_Q_FROM_DEVICE 1" in header and "load_a_q" in header
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("launch", [DIRECT, SPLIT], ids=lambda launch: launch.name)
+def test_metal_r512_source_type_checks_as_cpp(tmp_path: Path, launch: Launch) -> None:
+    cfg, shape = metal_r512_shape()
+    tiled = launch.specialized(cfg.defines())
+    r = shim_check(tmp_path, tiled, shape, METAL.render(tiled.body, tiled.defines))
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@needs_clang
+@pytest.mark.parametrize("dtype", ["half", "bfloat"])
+@pytest.mark.parametrize("launch", [DIRECT, SPLIT], ids=lambda launch: launch.name)
+def test_metal_r512_source_passes_opencl_address_space_checks(tmp_path: Path, launch: Launch, dtype: str) -> None:
+    cfg, shape = metal_r512_shape()
+    tiled = launch.specialized(cfg.defines())
+    header, source = METAL.render(tiled.body, tiled.defines)
+    assert metal_errors(tmp_path, tiled, dtype, shape, header, source) == []

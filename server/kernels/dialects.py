@@ -21,7 +21,9 @@ The body (`mla_body.py`) uses only the names a dialect's prelude and prologue de
   `load_a(a, p, ld, LANE)` reads A[16x16] row-major from shared memory; `load_b_nmajor(b, p, ld,
   LANE)` reads B[16x8] with B(k, n) = p[n * ld + k], `load_b_kmajor` with B(k, n) = p[k * ld + n];
   `mma_t<T>(c, a, b)` does C[16x8] += A B in float; element i < 4 of `c.v` sits at row
-  `c_row(LANE, i)`, column `c_col(LANE, i)` of the tile.
+  `c_row(LANE, i)`, column `c_col(LANE, i)` of the tile;
+- Metal only: `load_a_q(a, q_latent_b, q_pe_b, row0, H, R, P, k0, LANE)`, the queries' A fragment
+  straight from device memory, for the body's MLA_Q_FROM_DEVICE form (R=512 within 32 KB).
 
 CUDA implements the multiply with `mma.sync.aligned.m16n8k16` and the loads with `ldmatrix`, in
 inline PTX (MLX's runtime compiler cannot include wmma); Metal with four 8x8
@@ -233,6 +235,27 @@ inline void load_a(thread AFrag& a, const threadgroup T* p, int ld, int lane) {
     for (int kb = 0; kb < 2; kb++) {
       const threadgroup T* q = p + (m + 8 * rb) * ld + n + 8 * kb;
       a.e[2 * rb + kb] = float2(float(q[0]), float(q[1]));
+    }
+  }
+}
+// load_a's fragment of the queries, read from device memory: heads row0.. of `ql` [H, R] and `qp`
+// [H, P] (one sequence's), columns k0..k0+15 of [q_latent | q_pe] with q_latent's columns in the
+// order the latent tile holds them (permuted within each group of 8); heads past H are zeros.
+template <typename T>
+inline void load_a_q(thread AFrag& a, const device T* ql, const device T* qp, int row0, int H, int R, int P,
+                     int k0, int lane) {
+  const int m = frag_m(lane), n = frag_n(lane);
+  for (int rb = 0; rb < 2; rb++) {
+    const int h = row0 + m + 8 * rb;
+    for (int kb = 0; kb < 2; kb++) {
+      float v[2] = {0.0f, 0.0f};
+      for (int j = 0; j < 2; j++) {
+        const int k = k0 + n + 8 * kb + j;
+        if (h < H) {
+          v[j] = k < R ? float(ql[h * R + (k & ~7) + ((k & 7) >> 1) + 4 * (k & 1)]) : float(qp[h * P + k - R]);
+        }
+      }
+      a.e[2 * rb + kb] = float2(v[0], v[1]);
     }
   }
 }

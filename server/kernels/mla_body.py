@@ -18,7 +18,9 @@ declared in `mla_decode.py`. The template constants: T the cache dtype, H heads,
 group (multiple of 16), R and P the latent and rope widths, GS the quant group, BS tokens per
 cache block, TT tokens per tile (divides BS, multiple of 16), NW warps, NSTAGE ring stages,
 SMEM_BYTES threadgroup memory. Runtime sizes come in `dims` = [table width, splits, blocks per
-split, blocks in the pool], so a new batch size or context length compiles nothing.
+split, blocks in the pool], so a new batch size or context length compiles nothing. A tile
+configuration may add MLA_Q_FROM_DEVICE (queries read from device memory at each score step:
+Metal's only way to fit R=512 into 32 KB; `tiles.TileConfig.q_shared`).
 """
 
 PARTIAL = r"""
@@ -50,8 +52,12 @@ PARTIAL = r"""
   constexpr float NEG = -1e30f;  // a masked score; anything below NEG / 2 weighs exactly 0
 
   SMEM_ARRAY(smem, SMEM_BYTES);
+#if MLA_Q_FROM_DEVICE
+  SHARED_PTR(T) sK = (SHARED_PTR(T))smem;       // [TT][LDK]  dequantized latent of the tile
+#else
   SHARED_PTR(T) sQ = (SHARED_PTR(T))smem;       // [HG][LDQ]  queries, heads as rows
   SHARED_PTR(T) sK = sQ + HG * LDQ;             // [TT][LDK]  dequantized latent of the tile
+#endif
   SHARED_PTR(T) sP = sK + TT * LDK;             // [HG][LDP]  probabilities
   SHARED_PTR(T) sNew = sP + HG * LDP;           // [K]        the new token, as cached
   SHARED_PTR(uint8_t) sStage = (SHARED_PTR(uint8_t))(sNew + K);  // [NSTAGE][STAGE_BYTES] raw tiles
@@ -82,6 +88,9 @@ PARTIAL = r"""
 
   // Latent columns sit in shared memory permuted within each group of 8 (element e at 2 (e % 4)
   // + e / 4), the order dequant8 produces; queries are loaded, and outputs written, to match.
+  // With MLA_Q_FROM_DEVICE (Metal, R=512) the score steps read them from device memory instead,
+  // in the same order (load_a_q).
+#if !MLA_Q_FROM_DEVICE
   for (int i = TID; i < HG * K; i += NT) {
     const int h = i / K, k = i % K;
     T v = T(0.0f);
@@ -91,6 +100,7 @@ PARTIAL = r"""
     }
     sQ[h * LDQ + k] = v;
   }
+#endif
   for (int h = TID; h < HG; h += NT) {
     sM[h] = NEG;
     sL[h] = 0.0f;
@@ -221,7 +231,11 @@ PARTIAL = r"""
     }
     for (int kk = 0; kk < R; kk += 16) {
       AFrag a;  // one load of the queries serves all of this warp's token tiles
+#if MLA_Q_FROM_DEVICE
+      load_a_q(a, q_latent + b * H * R, q_pe + b * H * P, h0 + mt_s * 16, H, R, P, kk, LANE);
+#else
       load_a(a, sQ + mt_s * 16 * LDQ + kk, LDQ, LANE);
+#endif
       for (int s = 0; s < SN; s++) {
         const int nt = WARP / MT + s * WPM;
         if (nt < TT / 8) {
@@ -233,7 +247,11 @@ PARTIAL = r"""
     }
     for (int kk = 0; kk < P; kk += 16) {
       AFrag a;
+#if MLA_Q_FROM_DEVICE
+      load_a_q(a, q_latent + b * H * R, q_pe + b * H * P, h0 + mt_s * 16, H, R, P, R + kk, LANE);
+#else
       load_a(a, sQ + mt_s * 16 * LDQ + R + kk, LDQ, LANE);
+#endif
       for (int s = 0; s < SN; s++) {
         const int nt = WARP / MT + s * WPM;
         if (nt < TT / 8) {

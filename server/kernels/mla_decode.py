@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Protocol, cast
 
@@ -98,6 +98,10 @@ class Launch:
     template: tuple[str, ...]  # template constants, in order; "T" is the cache dtype
     body: str  # the kernel text, from mla_body.py
     defines: tuple[tuple[str, int], ...] = ()  # #defines put before the dialect's prelude
+
+    def specialized(self, defines: tuple[tuple[str, int], ...]) -> Launch:
+        """This launch with more #defines (a tile configuration's); itself when there are none."""
+        return replace(self, defines=self.defines + defines) if defines else self
 
     @property
     def kernel_name(self) -> str:
@@ -263,7 +267,7 @@ def mla_decode_append_fused(
     B, H, R = q_latent.shape
     P = cache.P
     max_blocks = block_table.shape[1]
-    cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, cache.block_size)
+    cfg = cfg or choose_config(backend, B, H, R, P, max_blocks, cache.block_size, group_size=cache.group_size)
     reason = unsupported_reason(backend, cache, cfg)
     if reason:
         raise NotImplementedError(f"{backend} MLA decode kernel: {reason}")
@@ -300,11 +304,12 @@ def mla_decode_append_fused(
     nt = 32 * cfg.nw
     grid = (nsplit * nt, B * math.ceil(H / cfg.hg), 1)
     if nsplit == 1:
-        out = _run(backend, DIRECT, smem, buffers, consts, grid, nt, {"out": (B, H, R)}, dt)["out"]
+        direct = DIRECT.specialized(cfg.defines())
+        out = _run(backend, direct, smem, buffers, consts, grid, nt, {"out": (B, H, R)}, dt)["out"]
     else:
         parts = _run(
             backend,
-            SPLIT,
+            SPLIT.specialized(cfg.defines()),
             smem,
             buffers,
             consts,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import cast
 
 import mlx.core as mx
@@ -32,7 +32,7 @@ from .mla_decode import (
     mla_decode_append_fused,
     set_default_backend,
 )
-from .tiles import TileConfig, choose_config
+from .tiles import choose_config
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def check_fused_decode(
         got_cache, _, _ = _problem(R, P, H, dtype, group_size, block_size, lens)
         ref = mla_decode_append(*args, ref_cache, table, ctx, scale, backend="reference")
         # Small splits, so that the split and combine launches run as well as the direct one.
-        cfg = choose_config(candidate, len(lens), H, R, P, table.shape[1], block_size)
-        split_cfg = TileConfig(cfg.hg, cfg.tt, cfg.nw, 2, cfg.nstage)
+        cfg = choose_config(candidate, len(lens), H, R, P, table.shape[1], block_size, group_size=group_size)
+        split_cfg = replace(cfg, pps=2)
         got = mla_decode_append(*args, got_cache, table, ctx, scale, backend=candidate)
         again, _, _ = _problem(R, P, H, dtype, group_size, block_size, lens)
         got_split = mla_decode_append_fused(candidate, *args, again, table, ctx, scale, split_cfg)

@@ -30,14 +30,22 @@ class TileConfig:
     nw: int  # warps per threadgroup
     pps: int  # cache blocks per split (a runtime value: changing it compiles nothing)
     nstage: int = 2  # raw tiles in the shared-memory ring: loads run nstage - 1 tiles ahead
+    # Queries held in threadgroup memory; False: every score step reads them from device memory
+    # (Metal only, where R=512 does not fit 32 KB otherwise).
+    q_shared: bool = True
 
     def smem_bytes(self, R: int, P: int, group_size: int) -> int:
         """Threadgroup memory, as mla_body.PARTIAL lays it out (halves are 2 bytes)."""
         K = R + P
-        halves = self.hg * (K + 8) + self.tt * (R + 8) + self.hg * (self.tt + 8) + K
+        queries = self.hg * (K + 8) if self.q_shared else 0
+        halves = queries + self.tt * (R + 8) + self.hg * (self.tt + 8) + K
         stage = self.tt * R // 2 + 4 * self.tt * (R // group_size) + 2 * self.tt * (P + 8)
         floats = self.hg * (self.tt + 8) + 3 * self.hg + R
         return 2 * halves + self.nstage * stage + 4 * floats
+
+    def defines(self) -> tuple[tuple[str, int], ...]:
+        """The #defines these tiles add to the partial launches' text."""
+        return (("MLA_Q_FROM_DEVICE", int(not self.q_shared)),)
 
 
 def combine_smem_bytes(R: int) -> int:
@@ -69,9 +77,13 @@ def choose_config(
     nw: int | None = None,
     pps: int | None = None,
     nstage: int | None = None,
+    group_size: int = 64,
 ) -> TileConfig:
     """`max_blocks` is the block table's real width (no rounding): the splits divide it so that
-    about TARGET_GROUPS threadgroups have tokens, in one wave."""
+    about TARGET_GROUPS threadgroups have tokens, in one wave. On Metal, tiles that would pass its
+    32 KB of threadgroup memory drop to one stage (Metal's copies are synchronous: a second stage
+    prefetches nothing there), then take the queries from device memory (R=512: 54.8 KB -> 47.9
+    -> 29.2 KB at 16 heads and 16 tokens)."""
     d_hg, d_tt, d_ns = default_tiles(backend, H, R, block_size)
     hg, tt, nstage = hg or d_hg, tt or d_tt, nstage or d_ns
     groups = B * math.ceil(H / hg)
@@ -84,7 +96,13 @@ def choose_config(
     # within the run's noise of it.
     if nw is None:
         nw = 4 if backend == "metal" else 8
-    return TileConfig(hg, tt, nw, pps, nstage)
+    cfg = TileConfig(hg, tt, nw, pps, nstage)
+    if backend == "metal":
+        for smaller in (TileConfig(hg, tt, nw, pps, 1), TileConfig(hg, tt, nw, pps, 1, q_shared=False)):
+            if cfg.smem_bytes(R, P, group_size) <= SMEM_LIMIT[backend]:
+                break
+            cfg = smaller
+    return cfg
 
 
 def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str | None:
@@ -98,8 +116,10 @@ def unsupported_reason(backend: str, cache: LatentCache, cfg: TileConfig) -> str
         return f"tiles {cfg} with block_size={cache.block_size}"
     if (R // 8) % cfg.nw or cfg.nw % (cfg.hg // 16):
         return f"{cfg.nw} warps cannot split R/8={R // 8} column tiles and {cfg.hg // 16} head tiles"
-    if cfg.nstage < 2:
-        return f"nstage={cfg.nstage} (the ring needs 2 stages)"
+    if cfg.nstage < 1:
+        return f"nstage={cfg.nstage} (the ring needs a stage)"
+    if not cfg.q_shared and backend != "metal":
+        return "queries from device memory (only the Metal dialect has load_a_q)"
     smem = cfg.smem_bytes(R, P, cache.group_size)
     if smem > SMEM_LIMIT[backend]:
         return f"{smem} bytes of threadgroup memory > {SMEM_LIMIT[backend]}"
