@@ -568,6 +568,7 @@ def test_metal_takes_r512_within_32kb_by_reading_queries_from_device_memory() ->
     assert cfg.smem_bytes(512, 64, 64) <= 32 * 1024 < TileConfig(16, 16, 4, 1, 1).smem_bytes(512, 64, 64)
     header, _ = METAL.render(SPLIT.body, SPLIT.specialized(cfg.defines()).defines)
     assert "#define MLA_Q_FROM_DEVICE 1" in header and "load_a_q" in header
+    assert SPLIT.specialized(TileConfig(32, 64, 8, 4).defines()) is SPLIT  # usual tiles: the same text
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
