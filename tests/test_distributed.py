@@ -139,3 +139,13 @@ def test_a_dead_rank_fails_the_live_stream_and_rank_0_exits_non_zero(tmp_path):
         assert "Node with rank 0 exited with code 1" in tp.log_path.read_text()
     finally:
         tp.stop()
+
+
+def test_the_launcher_ports_lie_below_the_ephemeral_range_where_no_connection_takes_them():
+    argv = mlx_launch(2)
+    ring = int(argv[argv.index("--starting-port") + 1])
+    nccl = int(argv[argv.index("--nccl-port") + 1])
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 49152
+    assert nccl == ring + 2  # rank 0, rank 1, then NCCL's rendezvous: one checked block
+    assert 1024 < ring and nccl < first_ephemeral

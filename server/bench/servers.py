@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +23,33 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_port_block(count: int) -> int:
+    """First of `count` consecutive local ports that are free now, chosen below the kernel's
+    ephemeral range: ports from `free_port` lie inside it, where Linux hands the neighbours of a
+    bound port to outgoing connections (the likely cause of a ring rank's `Couldn't bind socket
+    (error: 98)` in CI: rank 1 binds the port after rank 0's), while none is given a port below it."""
+    low = 10000
+    ephemeral_start = _ephemeral_range()[0]
+    for _ in range(200):
+        first = random.randrange(low, ephemeral_start - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {ephemeral_start}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        first, last = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(first), int(last)
+    except OSError:
+        return 49152, 65535  # IANA's dynamic range, which macOS uses
 
 
 def rss_bytes(pid: int) -> tuple[int | None, int | None]:
@@ -171,8 +199,9 @@ def mlx_launch(ranks: int) -> list[str]:
     """argv prefix starting `ranks` processes of a command through MLX's launcher on this machine.
 
     The backend is mlx.launch's own choice (nccl where CUDA is available, else ring); the ports
-    are free ones, so that a run leaves none behind for the next."""
+    are free ones outside the ephemeral range (the ring binds one per rank from the starting port)."""
     launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable)) or shutil.which("mlx.launch")
     if launcher is None:
         raise RuntimeError("mlx.launch is not installed beside this Python")
-    return [launcher, "-n", str(ranks), "--starting-port", str(free_port()), "--nccl-port", str(free_port()), "--"]
+    first = free_port_block(ranks + 1)  # the ring's ports, then NCCL's rendezvous
+    return [launcher, "-n", str(ranks), "--starting-port", str(first), "--nccl-port", str(first + ranks), "--"]
