@@ -117,6 +117,12 @@ class Settings:
         lambda v: v in ("auto", "reference", "cpu", "metal", "cuda"),
         "must be one of auto, reference, cpu, metal, cuda",
     )
+    async_scheduling: str = _option(
+        _ENGINE.async_scheduling,
+        "launch each engine step before reading back the previous one's tokens (host and device work overlap): on or off",
+        lambda v: v in ("on", "off"),
+        "must be one of on, off",
+    )
     moe_by_expert: str = _option(
         _ENGINE.moe_by_expert,
         "run routed experts one expert at a time: auto (CUDA, batches giving each expert 3+ rows on average), on or off",

@@ -50,7 +50,7 @@ class ScriptedRunner:
         picks = []
         for s in seqs:
             script = self.script.get(s.request_id, [])
-            i = len(s.output_ids)
+            i = len(s.output_ids) + s.num_pending  # the draws the engine has not read back count
             picks.append(script[i] if i < len(script) else 100)
         return mx.where(mx.arange(vocab)[None] == mx.array(picks)[:, None], 10.0, 0.0)
 

@@ -21,14 +21,12 @@ def compute(bm: BlockManager, seq: Sequence, limit: int = 1000) -> None:
     """Admit `seq` and compute its whole prompt, registering every full block."""
     n = bm.admit(seq, limit)
     assert n, "the pool is short"
-    old = seq.num_computed
     seq.num_computed += n
-    bm.commit(seq, old)
+    bm.commit(seq)
     while seq.num_remaining:
         assert bm.grow(seq, seq.num_remaining)
-        old = seq.num_computed
         seq.num_computed = len(seq)
-        bm.commit(seq, old)
+        bm.commit(seq)
 
 
 def blocks(*firsts: int) -> list[int]:
@@ -106,15 +104,13 @@ def test_a_readmitted_preempted_request_keeps_its_first_cached_count():
     seq = seq_of(blocks(100, 200) + [5, 6], "r")
     n = bm.admit(seq, 1000)
     assert seq.num_cached_prompt == BS and n == len(seq) - BS
-    old = seq.num_computed
     seq.num_computed += n
-    bm.commit(seq, old)
+    bm.commit(seq)
     for t in (7, 8, 9):  # three outputs, the last not yet computed
         seq.append(t)
         assert bm.grow(seq, 1)
-        old = seq.num_computed
         seq.num_computed += 1
-        bm.commit(seq, old)
+        bm.commit(seq)
     # Preempted: blocks released (its full ones stay cached), recomputed later.
     bm.release(seq)
     assert bm.admit(seq, 1000)

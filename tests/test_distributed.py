@@ -148,4 +148,4 @@ def test_the_launcher_ports_lie_below_the_ephemeral_range_where_no_connection_ta
     ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
     first_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 49152
     assert nccl == ring + 2  # rank 0, rank 1, then NCCL's rendezvous: one checked block
-    assert 1024 < ring and nccl < first_ephemeral
+    assert ring > 1024 and nccl < first_ephemeral

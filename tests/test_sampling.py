@@ -71,7 +71,7 @@ def test_seeded_request_is_independent_of_its_batch():
             states = neighbours[:position] + [me] + neighbours[position:]
             tokens = _draw(batch, states)
             for s, tok in zip(states, tokens, strict=True):
-                s.record(tok)
+                s.record(mx.array([tok]), 0)
             out.append(tokens[position])
         return out
 
@@ -96,7 +96,7 @@ def test_unseeded_requests_differ():
     seq_a, seq_b = [], []
     for _ in range(10):
         ta, tb = _draw(logits, [a, b])
-        a.record(ta), b.record(tb)
+        a.record(mx.array([ta]), 0), b.record(mx.array([tb]), 0)
         seq_a.append(ta), seq_b.append(tb)
     assert seq_a != seq_b
 
@@ -164,7 +164,7 @@ def test_repetition_penalty_covers_prompt_and_output():
     # Token 0 is in the prompt: 2.0 / 1.5 < 1.8.
     s = _state(prompt=[0, 5], temperature=0.0, repetition_penalty=1.5)
     assert _draw(logits, [s]) == [1]
-    s.record(1)  # now 1.8 / 1.5 < 1.7
+    s.record(mx.array([1]), 0)  # now 1.8 / 1.5 < 1.7
     assert _draw(logits, [s]) == [2]
     # A negative logit is multiplied by the penalty (-1.0 -> -3.0), not divided.
     neg = np.full((1, V), -2.0, dtype=np.float32)
@@ -181,7 +181,7 @@ def test_presence_and_frequency_penalties_count_output_only():
     def pick(records: int, prompt=(), **kw) -> int:
         s = _state(prompt=prompt, temperature=0.0, **kw)
         for _ in range(records):
-            s.record(0)
+            s.record(mx.array([0]), 0)
         return _draw(logits, [s])[0]
 
     assert pick(1, presence_penalty=0.3) == 1
@@ -197,7 +197,7 @@ def test_penalties_apply_only_to_their_rows():
     logits[:, :2] = [1.0, 0.8]
     a = _state(temperature=0.0, presence_penalty=0.5)
     b = _state(temperature=0.0)
-    a.record(0), b.record(0)
+    a.record(mx.array([0]), 0), b.record(mx.array([0]), 0)
     assert _draw(logits, [a, b]) == [1, 0]
 
 
@@ -239,6 +239,6 @@ def test_a_request_draws_fresh_noise_every_step():
         drawn = []
         for _ in range(16):
             (token,) = _draw(logits, [state])
-            state.record(token)
+            state.record(mx.array([token]), 0)
             drawn.append(token)
         assert len(set(drawn)) > 8, drawn

@@ -184,3 +184,16 @@ def test_a_step_spends_its_whole_budget_when_there_is_work():
     sim.add(long)
     plan = sim.step()
     assert len(plan.decodes) == 2 and plan.prefills == [(long, 14)] and plan.num_tokens == 16
+
+
+def test_a_preempted_sequence_waits_for_its_pending_draw_before_it_is_admitted_again():
+    # Its next prefill would read the draw's id, which only the engine's read-back supplies.
+    sim = Sim(EngineArgs(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk_size=64), num_blocks=8)
+    seq = make_seq("p", list(range(10, 30)), max_tokens=8)
+    seq.num_pending = 1  # as a sequence preempted while a launched step drew for it
+    sim.add(seq)
+    assert sim.scheduler.schedule().empty and seq.status is Status.WAITING
+    seq.num_pending = 0
+    seq.append(99)  # read back
+    plan = sim.scheduler.schedule()
+    assert plan.prefills == [(seq, 21)]

@@ -28,6 +28,10 @@ class EngineArgs:
     # While sequences decode, prefill only as many tokens as keep a step near this many
     # milliseconds (from measured step times; at least one block's worth); None: off.
     target_step_ms: float | None = None
+    # Launch each step before reading back the previous one's draws, so the host's work overlaps
+    # the device's (LLMEngine.step): "on", or "off" (one step at a time; always, under tensor
+    # parallelism, where every rank must take each turn's events at the same point of its steps).
+    async_scheduling: str = "on"
     max_model_len: int | None = None  # prompt + completion; None: the model's own limit
     cache_tokens: int | None = None  # latent cache capacity; None: sized by the fraction below
     cache_memory_fraction: float = 0.5  # share of free device memory for the cache

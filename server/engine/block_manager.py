@@ -74,6 +74,7 @@ class BlockManager:
         for bid in hits:
             self._take(bid)
         seq.block_table = list(hits)
+        seq.num_committed_blocks = len(hits)
         seq.num_computed = hit_tokens
         if not seq.output_ids:  # a recomputed (preempted) sequence keeps its first count
             seq.num_cached_prompt = hit_tokens
@@ -96,11 +97,13 @@ class BlockManager:
             seq.block_table.append(bid)
         return True
 
-    def commit(self, seq: Sequence, old_computed: int) -> None:
-        """Register the blocks that became full when `seq` advanced from `old_computed` tokens."""
+    def commit(self, seq: Sequence) -> None:
+        """Register the blocks of `seq` that are full of computed tokens whose ids are known (a
+        launched step's draws are not, until the engine reads them back), from the first one not
+        registered yet."""
         bs = self.block_size
-        first, last = old_computed // bs, seq.num_computed // bs
-        if first == last:
+        first, last = seq.num_committed_blocks, min(seq.num_computed, len(seq.token_ids)) // bs
+        if first >= last:
             return
         tokens = seq.token_ids
         h = self.blocks[seq.block_table[first - 1]].hash if first else None
@@ -111,9 +114,12 @@ class BlockManager:
             if block.hash is None:
                 block.hash, block.token_ids = h, chunk
                 self.cached.setdefault(h, block.id)
+        seq.num_committed_blocks = last
 
     def release(self, seq: Sequence) -> None:
-        """Return a sequence's blocks; the last blocks go to the back of the LRU order last."""
+        """Return a sequence's blocks, its full ones registered first (some may have filled with
+        draws read back since its last step); the last blocks go to the back of the LRU order last."""
+        self.commit(seq)
         for bid in reversed(seq.block_table):
             block = self.blocks[bid]
             block.ref_count -= 1
@@ -124,7 +130,7 @@ class BlockManager:
                 else:
                     self.free[bid] = None
         seq.block_table = []
-        seq.num_computed = 0
+        seq.num_computed = seq.num_committed_blocks = 0
 
     def _take(self, bid: int) -> None:
         block = self.blocks[bid]

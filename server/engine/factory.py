@@ -74,6 +74,7 @@ def load_engine(
         cache_tokens=num_blocks * args.block_size,
         # Every running sequence must be able to decode in the same step.
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_running),
+        async_scheduling="off" if group is not None else args.async_scheduling,
     )
     runner = ModelRunner(
         model,

@@ -5,6 +5,7 @@ Everything here runs on the engine thread; `emit` callbacks hand deltas to other
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -15,7 +16,7 @@ from .constraints import Constraints
 from .detokenizer import TokenStream
 from .sampling import SampleResult, SamplerState, sample
 from .scheduler import Scheduler, StepPlan
-from .sequence import Sequence
+from .sequence import Sequence, Status
 from .token_bytes import TokenBytes
 from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
 
@@ -30,6 +31,15 @@ class Runner(Protocol):
     def run(self, plan: StepPlan) -> mx.array: ...
 
     def cache_arrays(self) -> list[mx.array]: ...
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device: its plan, the sequences it draws for (in row order), the draws."""
+
+    plan: StepPlan
+    sampled: list[Sequence]
+    result: SampleResult | None
 
 
 class LLMEngine:
@@ -57,6 +67,7 @@ class LLMEngine:
             "generated_tokens": 0,
             "preemptions": 0,
         }
+        self._in_flight: _Launched | None = None  # launched, draws not read back (see step)
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -83,21 +94,45 @@ class LLMEngine:
         return seq
 
     def fail_all(self, error: EngineError) -> None:
+        self._in_flight = None  # whatever it drew goes to nobody
         for seq in list(self.by_id.values()):
             self.abort(seq.request_id)
             seq.emit(error)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Run one step; False when there was nothing it could run."""
+        """Run one step; False when there was nothing it could run.
+
+        With `async_scheduling` a step is launched (scheduled, its graph built and queued on the
+        device) before the previous step's draws are read back, so the host's work for one step
+        (scheduling, graph building, streaming the last tokens) overlaps the device's work on the
+        other. The launched step takes the pending draws as its decode inputs on the device; a
+        sequence that turns out to have ended with them has one token computed in vain, which is
+        dropped. Not after a step that drew for a constrained output: its next mask needs the draw.
+        """
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and any(s.sampler and s.sampler.constraint for s in previous.sampled):
+            self._read_back(previous)
+            previous = None
+        launched = self._launch()
+        if previous is not None:
+            self._read_back(previous)
+        if launched is not None and self.args.async_scheduling == "off":
+            self._read_back(launched)
+        else:
+            self._in_flight = launched
+        return launched is not None or previous is not None
+
+    def _launch(self) -> _Launched | None:
+        """Schedule a step, build its graph and queue it on the device."""
         plan = self.scheduler.schedule()
         self.counters["preemptions"] += len(plan.preempted)
         if plan.empty:
-            return False
+            return None
         sampled = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
         for seq, _ in plan.prefills:
             if seq.num_computed == seq.num_cached_prompt and not seq.output_ids:
@@ -117,12 +152,28 @@ class LLMEngine:
             outputs = [result.tokens]
             if any(s.params.logprobs for s in sampled):  # the log-softmax costs a pass over V
                 outputs += [a for a in (result.logprobs, result.top_ids, result.top_logprobs) if a is not None]
-        mx.eval(*outputs, *self.runner.cache_arrays())
+            for row, seq in enumerate(sampled):
+                assert seq.sampler is not None  # set by add()
+                seq.sampler.record(result.tokens, row)
+                seq.num_pending += 1
+                seq.pending = (result.tokens, row)
         self.scheduler.advance(plan)
+        # Blocks this step fills are shareable at once: a step that reads one is queued after it.
+        for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
+            self.blocks.commit(seq)
+        if result is None:
+            # Nothing to read back, so nothing would wait for it: evaluate now, or a long prompt's
+            # chunks would all be queued at once, each holding its buffers.
+            mx.eval(*self.runner.cache_arrays())
+        else:
+            mx.async_eval(*outputs, *self.runner.cache_arrays())  # type: ignore[no-untyped-call]
+        return _Launched(plan, sampled, result)
+
+    def _read_back(self, step: _Launched) -> None:
+        """Wait for a launched step's draws; stream them and end what they end."""
+        if step.result is not None:
+            self._append(step.sampled, step.result)
         self.counters["steps"] += 1
-        if result is not None:
-            self._append(sampled, result)
-        return True
 
     def _append(self, seqs: list[Sequence], result: SampleResult) -> None:
         tokens: list[int] = result.tokens.tolist()  # type: ignore[assignment]
@@ -132,11 +183,15 @@ class LLMEngine:
         top_lps: list[list[float]] = []
         if wants_logprobs and result.top_ids is not None and result.top_logprobs is not None:
             top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()  # type: ignore[assignment]
-        self.counters["generated_tokens"] += len(tokens)
         for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.num_pending -= 1
+            if not seq.num_pending:
+                seq.pending = None
+            if seq.status is Status.FINISHED:  # ended with an earlier draw, aborted or failed
+                continue
             assert seq.sampler is not None and seq.output is not None  # set by add()
+            self.counters["generated_tokens"] += 1
             seq.append(tok)
-            seq.sampler.record(tok)
             constraint = seq.sampler.constraint
             if constraint is not None:
                 constraint.consume(tok)

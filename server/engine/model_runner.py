@@ -134,8 +134,12 @@ class ModelRunner:
     def prepare(self, plan: StepPlan) -> tuple[mx.array, AttentionBatch, mx.array]:
         """The step's inputs: token ids [T], the attention batch, and the rows that sample."""
         tokens, positions, last_rows = [], [], []
+        drawn_rows, drawn = [], None  # decode inputs still on the device (`Sequence.pending`)
         for seq in plan.decodes:
-            tokens.append(seq.token_ids[-1])
+            if seq.pending is not None:
+                drawn, row = seq.pending  # one launched step's draws: a single array
+                drawn_rows.append(row)
+            tokens.append(seq.token_ids[-1] if seq.pending is None else 0)
             positions.append(seq.num_computed)
             last_rows.append(len(tokens) - 1)
         chunks = []
@@ -158,7 +162,11 @@ class ModelRunner:
         )
         if self.llama4:
             batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
-        return mx.array(tokens, mx.int32), batch, mx.array(last_rows, mx.int32)
+        ids = mx.array(tokens, mx.int32)
+        if drawn is not None:
+            waiting = [i for i, seq in enumerate(plan.decodes) if seq.pending is not None]
+            ids[mx.array(waiting, mx.int32)] = drawn[mx.array(drawn_rows, mx.int32)]
+        return ids, batch, mx.array(last_rows, mx.int32)
 
     def forward(
         self, tokens: mx.array, batch: AttentionBatch, last_rows: mx.array, mark: Mark | None = None

@@ -56,7 +56,7 @@ class SampleResult:
 class SamplerState:
     """Sampling state of one sequence: its parameters, step counter and token counts.
 
-    Created when the request is admitted; `record` is called with every token it emits.
+    Created when the request is admitted; `record` is called with every token drawn for it.
     """
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int):
@@ -91,11 +91,12 @@ class SamplerState:
         self.has_min_p = sampled and params.min_p > 0.0
         self.has_sort = sampled and (0 < params.top_k < vocab_size or params.top_p < 1.0)
 
-    def record(self, token_id: int) -> None:
-        """Account for a token this sequence emitted (advances its RNG stream)."""
+    def record(self, draws: mx.array, row: int) -> None:
+        """Account for this sequence's draw, row `row` of a step's draws (advances its RNG
+        stream). Lazy: the next step samples with it counted before anyone reads its value."""
         self.step += 1
         if self._counts is not None:
-            self._counts = self._counts.at[token_id].add(1.0)
+            self._counts = self._counts.at[draws[row]].add(1.0)
 
     def step_key(self) -> tuple[int, int]:
         """Threefry key (two uint32) of the current step: splitmix64's `step`-th output."""

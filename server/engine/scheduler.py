@@ -105,7 +105,12 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
-            if seq.status is Status.RUNNING and not seq.is_prefilling and self._make_room(seq, 1, plan):
+            if (
+                seq.status is Status.RUNNING
+                and not seq.is_prefilling
+                and not seq.drawn_all
+                and self._make_room(seq, 1, plan)
+            ):
                 plan.decodes.append(seq)
                 budget -= 1
         budget = min(budget, self.prefill_budget(len(plan.decodes)))
@@ -119,6 +124,8 @@ class Scheduler:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a draw still on the device: its ids come first
+                break
             n = self.blocks.admit(seq, min(self.config.prefill_chunk_size, budget))
             if not n:
                 break
@@ -141,11 +148,12 @@ class Scheduler:
         return budget
 
     def advance(self, plan: StepPlan) -> None:
-        """Count the tokens the step computed and register the blocks they filled."""
-        for seq, n in [(s, 1) for s in plan.decodes] + plan.prefills:
-            old = seq.num_computed
+        """Count the tokens of a launched step as computed: the next plan starts after them. (The
+        blocks they fill are registered once their ids are known: `BlockManager.commit`.)"""
+        for seq in plan.decodes:
+            seq.num_computed += 1
+        for seq, n in plan.prefills:
             seq.num_computed += n
-            self.blocks.commit(seq, old)
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.FINISHED:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
 from .types import SamplingParams, StreamDelta
 
 if TYPE_CHECKING:
@@ -36,6 +38,13 @@ class Sequence:
     num_computed: int = 0
     num_cached_prompt: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Leading blocks of `block_table` registered as cached prefix blocks (BlockManager.commit).
+    num_committed_blocks: int = 0
+    # Tokens drawn by a launched step that the engine has not read back yet (LLMEngine.step):
+    # `len(seq)` counts them, `token_ids` does not. The newest one, which the next decode takes as
+    # its input, is row `[1]` of the device array `[0]`.
+    num_pending: int = 0
+    pending: tuple[mx.array, int] | None = None
     sampler: SamplerState | None = None
     output: TokenStream | None = None  # when the output ends, and the text each token releases
 
@@ -47,7 +56,7 @@ class Sequence:
         self.token_ids.append(token_id)
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_remaining(self) -> int:
@@ -57,3 +66,9 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         return self.num_remaining > 1
+
+    @property
+    def drawn_all(self) -> bool:
+        """Every output token it may have is drawn (some maybe still pending): it ends on reading
+        them back, so no step runs it further."""
+        return self.params.max_tokens is not None and len(self.output_ids) + self.num_pending >= self.params.max_tokens
