@@ -119,7 +119,7 @@ class Settings:
     )
     async_scheduling: str = _option(
         _ENGINE.async_scheduling,
-        "launch each engine step before reading back the previous one's tokens (host and device work overlap): on or off",
+        "build each engine step while the device still runs the previous one (host and device work overlap): on or off",
         lambda v: v in ("on", "off"),
         "must be one of on, off",
     )

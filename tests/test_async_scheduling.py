@@ -1,5 +1,5 @@
-"""Async scheduling (LLMEngine.step): each step is launched before the previous one's draws are
-read back, and that changes no output. Every test compares the engine with it on and off, or
+"""Async scheduling (LLMEngine.step): each step is built before the previous one's draws are read
+back, and that changes no output. Every test compares the engine with it on and off, or
 checks what the overlap must not do: run a finished sequence on, leak a block, or mask a
 constrained output with a grammar that has not seen the last token."""
 
@@ -11,7 +11,7 @@ import jsonschema
 from engine_harness import ScriptedRunner, make_engine, prompt, run_until_idle, submit
 
 from server.engine.sequence import Sequence
-from server.engine.types import OutputConstraint, SamplingParams
+from server.engine.types import EngineError, OutputConstraint, SamplingParams
 
 EOS = 2  # the demo model's </s>
 
@@ -62,7 +62,7 @@ def test_the_same_tokens_when_a_small_pool_preempts():
     assert on == off
 
 
-def test_launches_run_ahead_of_read_backs():
+def test_steps_are_built_ahead_of_read_backs():
     order: list[str] = []
 
     class Recording(ScriptedRunner):
@@ -72,7 +72,7 @@ def test_launches_run_ahead_of_read_backs():
 
     for mode, expected in (
         ("off", ["run", "emit"] * 3),
-        ("on", ["run", "run", "emit", "run", "emit", "emit"]),  # the draw of step k streams after launch k+1
+        ("on", ["run", "run", "emit", "run", "emit", "emit"]),  # step k's draw streams once step k+1 is built
     ):
         order.clear()
         engine = make_engine(runner=Recording(), async_scheduling=mode)
@@ -148,3 +148,17 @@ def test_constrained_outputs_are_the_same_and_valid_with_async_scheduling():
         for r in runs:
             jsonschema.validate(json.loads(r.text), schema)
     assert texts["on"] == texts["off"]
+
+
+def test_after_a_failed_step_no_prefix_registered_when_it_was_built_is_reused():
+    engine = make_engine(runner=ScriptedRunner(), async_scheduling="on")
+    ids = prompt(130)
+    failed = submit(engine, "a", ids, max_tokens=4, ignore_eos=True)
+    engine.step()  # queued: its two full blocks are registered before the device has run it
+    assert engine.blocks.cached
+    engine.fail_all(EngineError("internal engine error: RuntimeError"))  # as AsyncEngine on a failed step
+    assert failed.errors and not engine.blocks.cached
+    again = submit(engine, "b", ids, max_tokens=1)
+    run_until_idle(engine)
+    assert again.deltas[-1].cached_tokens == 0
+    assert engine.blocks.num_free == len(engine.blocks.blocks)

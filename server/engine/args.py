@@ -28,7 +28,7 @@ class EngineArgs:
     # While sequences decode, prefill only as many tokens as keep a step near this many
     # milliseconds (from measured step times; at least one block's worth); None: off.
     target_step_ms: float | None = None
-    # Launch each step before reading back the previous one's draws, so the host's work overlaps
+    # Build each step while the device still runs the previous one, so the host's work overlaps
     # the device's (LLMEngine.step): "on", or "off" (one step at a time; always, under tensor
     # parallelism, where every rank must take each turn's events at the same point of its steps).
     async_scheduling: str = "on"

@@ -99,7 +99,7 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that are full of computed tokens whose ids are known (a
-        launched step's draws are not, until the engine reads them back), from the first one not
+        built step's draws are not, until the engine reads them back), from the first one not
         registered yet."""
         bs = self.block_size
         first, last = seq.num_committed_blocks, min(seq.num_computed, len(seq.token_ids)) // bs
@@ -131,6 +131,13 @@ class BlockManager:
                     self.free[bid] = None
         seq.block_table = []
         seq.num_computed = seq.num_committed_blocks = 0
+
+    def forget_prefixes(self) -> None:
+        """Unregister every cached block: after a failed step, blocks registered when it was
+        built may never have been written."""
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
+        self.cached.clear()
 
     def _take(self, bid: int) -> None:
         block = self.blocks[bid]

@@ -34,12 +34,13 @@ class Runner(Protocol):
 
 
 @dataclass
-class _Launched:
-    """A step queued on the device: its plan, the sequences it draws for (in row order), the draws."""
+class _Step:
+    """A built step: its plan, the sequences it draws for (in row order), the draws."""
 
     plan: StepPlan
     sampled: list[Sequence]
     result: SampleResult | None
+    outputs: list[mx.array]  # what the step must evaluate besides the cache: the draws (and logprobs)
 
 
 class LLMEngine:
@@ -67,7 +68,7 @@ class LLMEngine:
             "generated_tokens": 0,
             "preemptions": 0,
         }
-        self._in_flight: _Launched | None = None  # launched, draws not read back (see step)
+        self._in_flight: _Step | None = None  # queued, draws not read back (see step)
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -98,6 +99,7 @@ class LLMEngine:
         for seq in list(self.by_id.values()):
             self.abort(seq.request_id)
             seq.emit(error)
+        self.blocks.forget_prefixes()  # a failed step's blocks were registered when it was built
 
     @property
     def has_work(self) -> bool:
@@ -107,28 +109,37 @@ class LLMEngine:
     def step(self) -> bool:
         """Run one step; False when there was nothing it could run.
 
-        With `async_scheduling` a step is launched (scheduled, its graph built and queued on the
-        device) before the previous step's draws are read back, so the host's work for one step
-        (scheduling, graph building, streaming the last tokens) overlaps the device's work on the
-        other. The launched step takes the pending draws as its decode inputs on the device; a
-        sequence that turns out to have ended with them has one token computed in vain, which is
-        dropped. Not after a step that drew for a constrained output: its next mask needs the draw.
+        With `async_scheduling` the next step's graph is built (scheduled, run through the model,
+        sampled: lazily) while the device still computes the previous step, which it takes its
+        decode inputs from on the device; then the previous step's draws are read back and
+        streamed, and only then is the new step queued. So the host builds a step while the device
+        computes the last one, and every draw streams as soon as its step ends (queuing first would
+        hold it back: MLX's `async_eval` returns only once most of a large graph has run, on the
+        CPU nearly all of it). A sequence that turns out to have ended with a draw has one token
+        computed in vain, which is dropped. Not after a step that drew for a constrained output:
+        its next mask needs the draw.
         """
         previous, self._in_flight = self._in_flight, None
         if previous is not None and any(s.sampler and s.sampler.constraint for s in previous.sampled):
             self._read_back(previous)
             previous = None
-        launched = self._launch()
+        built = self._build()
         if previous is not None:
             self._read_back(previous)
-        if launched is not None and self.args.async_scheduling == "off":
-            self._read_back(launched)
-        else:
-            self._in_flight = launched
-        return launched is not None or previous is not None
+        if built is not None:
+            if built.result is None or self.args.async_scheduling == "off":
+                # Also a step that draws nothing (a prompt's middle chunk): nothing would wait
+                # for it, and a long prompt's chunks would all be queued at once, each holding
+                # its buffers.
+                mx.eval(*built.outputs, *self.runner.cache_arrays())
+                self._read_back(built)
+            else:
+                mx.async_eval(*built.outputs, *self.runner.cache_arrays())  # type: ignore[no-untyped-call]
+                self._in_flight = built
+        return built is not None or previous is not None
 
-    def _launch(self) -> _Launched | None:
-        """Schedule a step, build its graph and queue it on the device."""
+    def _build(self) -> _Step | None:
+        """Schedule a step and build its graph (lazy: nothing runs yet)."""
         plan = self.scheduler.schedule()
         self.counters["preemptions"] += len(plan.preempted)
         if plan.empty:
@@ -161,16 +172,10 @@ class LLMEngine:
         # Blocks this step fills are shareable at once: a step that reads one is queued after it.
         for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
             self.blocks.commit(seq)
-        if result is None:
-            # Nothing to read back, so nothing would wait for it: evaluate now, or a long prompt's
-            # chunks would all be queued at once, each holding its buffers.
-            mx.eval(*self.runner.cache_arrays())
-        else:
-            mx.async_eval(*outputs, *self.runner.cache_arrays())  # type: ignore[no-untyped-call]
-        return _Launched(plan, sampled, result)
+        return _Step(plan, sampled, result, outputs)
 
-    def _read_back(self, step: _Launched) -> None:
-        """Wait for a launched step's draws; stream them and end what they end."""
+    def _read_back(self, step: _Step) -> None:
+        """Wait for a step's draws; stream them and end what they end."""
         if step.result is not None:
             self._append(step.sampled, step.result)
         self.counters["steps"] += 1

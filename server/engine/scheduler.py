@@ -148,7 +148,7 @@ class Scheduler:
         return budget
 
     def advance(self, plan: StepPlan) -> None:
-        """Count the tokens of a launched step as computed: the next plan starts after them. (The
+        """Count the tokens of a built step as computed: the next plan starts after them. (The
         blocks they fill are registered once their ids are known: `BlockManager.commit`.)"""
         for seq in plan.decodes:
             seq.num_computed += 1

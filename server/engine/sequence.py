@@ -40,7 +40,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Leading blocks of `block_table` registered as cached prefix blocks (BlockManager.commit).
     num_committed_blocks: int = 0
-    # Tokens drawn by a launched step that the engine has not read back yet (LLMEngine.step):
+    # Tokens drawn by a step the engine has built but not read back yet (LLMEngine.step):
     # `len(seq)` counts them, `token_ids` does not. The newest one, which the next decode takes as
     # its input, is row `[1]` of the device array `[0]`.
     num_pending: int = 0
