@@ -114,10 +114,10 @@ class LLMEngine:
         decode inputs from on the device; then the previous step's draws are read back and
         streamed, and only then is the new step queued. So the host builds a step while the device
         computes the last one, and every draw streams as soon as its step ends (queuing first would
-        hold it back: MLX's `async_eval` returns only once most of a large graph has run, on the
-        CPU nearly all of it). A sequence that turns out to have ended with a draw has one token
-        computed in vain, which is dropped. Not after a step that drew for a constrained output:
-        its next mask needs the draw.
+        hold it back wherever `async_eval` returns late: on MLX's CPU backend it returned only after
+        nearly all of the step had run). A sequence that turns out to have ended with a draw has
+        one token computed in vain, which is dropped. Not after a step that drew for a constrained
+        output: its next mask needs the draw.
         """
         previous, self._in_flight = self._in_flight, None
         if previous is not None and any(s.sampler and s.sampler.constraint for s in previous.sampled):
