@@ -6,6 +6,7 @@ constrained output with a grammar that has not seen the last token."""
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 from engine_harness import ScriptedRunner, make_engine, prompt, run_until_idle, submit
@@ -162,3 +163,21 @@ def test_after_a_failed_step_no_prefix_registered_when_it_was_built_is_reused():
     run_until_idle(engine)
     assert again.deltas[-1].cached_tokens == 0
     assert engine.blocks.num_free == len(engine.blocks.blocks)
+
+
+def test_the_step_time_target_still_paces_prefills_with_async_scheduling():
+    prefilled = []  # prompt tokens of each step that also decodes
+
+    class Slow(ScriptedRunner):  # every step takes at least 20 ms, four times the target
+        def run(self, plan):
+            time.sleep(0.02)
+            if plan.decodes:
+                prefilled.append(sum(n for _, n in plan.prefills))
+            return super().run(plan)
+
+    engine = make_engine(runner=Slow(), async_scheduling="on", target_step_ms=5.0, max_prefill_tokens_per_step=512)
+    submit(engine, "d", prompt(8), max_tokens=40, ignore_eos=True)
+    engine.step()
+    submit(engine, "p", prompt(2000, seed=1), max_tokens=1)
+    run_until_idle(engine)
+    assert prefilled[1] == 512 and 64 in prefilled  # halved step by step down to one block

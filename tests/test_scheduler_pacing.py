@@ -29,6 +29,7 @@ def step(s: Scheduler, plan_seconds: float = 0.0, clock: Clock | None = None) ->
         q.append(7)
     if clock is not None:
         clock.now += plan_seconds
+    s.step_done(plan)
     return plan.decodes, [(q.request_id, n) for q, n in plan.prefills]
 
 

@@ -178,6 +178,7 @@ class LLMEngine:
         """Wait for a step's draws; stream them and end what they end."""
         if step.result is not None:
             self._append(step.sampled, step.result)
+        self.scheduler.step_done(step.plan)
         self.counters["steps"] += 1
 
     def _append(self, seqs: list[Sequence], result: SampleResult) -> None:

@@ -9,8 +9,8 @@ waiting prompt crawling forward together.
 
 The prefill budget of a step that also decodes is the smallest of what the token budget leaves,
 `max_prefill_tokens_per_step`, and, with `target_step_ms`, the prompt tokens that fit in that
-time next to the decodes, from measured step times (`StepCost`); a step with nothing to decode
-prefills as much as the token budget allows. See docs/serving.md.
+time next to the decodes, from measured step times (`PrefillPacer`, fed by `step_done`); a step
+with nothing to decode prefills as much as the token budget allows. See docs/serving.md.
 
 When a running sequence cannot grow, the newest running one is preempted: its blocks go back
 (its full blocks stay cached) and it is recomputed later.
@@ -86,7 +86,7 @@ class Scheduler:
             else None
         )
         self._clock = clock
-        self._last: tuple[float, int, int] | None = None  # (start, decodes, prefill tokens) of the last plan
+        self._last_done: float | None = None  # when the last step's draws came back, while running
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -96,12 +96,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        now = self._clock()
-        # The time since the last plan is that step's whole cost (model, sampling, streaming), as
-        # long as the engine stepped straight on: it does while anything is running.
-        if self._last is not None and self.running and self.pacer is not None:
-            start, decodes, prefill = self._last
-            self.pacer.observe(now - start, decodes, prefill)
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
@@ -134,8 +128,17 @@ class Scheduler:
             self.running.append(seq)
             plan.prefills.append((seq, n))
             budget -= n
-        self._last = (now, len(plan.decodes), sum(n for _, n in plan.prefills)) if not plan.empty else None
         return plan
+
+    def step_done(self, plan: StepPlan) -> None:
+        """`plan`'s draws are back. The time since the previous step's came back is this step's
+        whole cost (model, sampling, streaming) as long as the engine stepped straight on, which it
+        does while anything runs; with async scheduling the device ran this step in that time while
+        the host built the next, so the time still belongs to this plan."""
+        now = self._clock()
+        if self.pacer is not None and self._last_done is not None:
+            self.pacer.observe(now - self._last_done, len(plan.decodes), sum(n for _, n in plan.prefills))
+        self._last_done = now if self.running else None
 
     def prefill_budget(self, decodes: int) -> int:
         """Prompt tokens this step may prefill next to `decodes` decodes (before the token budget)."""
