@@ -137,7 +137,7 @@ class ModelRunner:
         drawn_rows, drawn = [], None  # decode inputs still on the device (`Sequence.pending`)
         for seq in plan.decodes:
             if seq.pending is not None:
-                drawn, row = seq.pending  # one launched step's draws: a single array
+                drawn, row = seq.pending  # the previous step's draws: one array for all
                 drawn_rows.append(row)
             tokens.append(seq.token_ids[-1] if seq.pending is None else 0)
             positions.append(seq.num_computed)
@@ -164,8 +164,8 @@ class ModelRunner:
             batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
         ids = mx.array(tokens, mx.int32)
         if drawn is not None:
-            waiting = [i for i, seq in enumerate(plan.decodes) if seq.pending is not None]
-            ids[mx.array(waiting, mx.int32)] = drawn[mx.array(drawn_rows, mx.int32)]
+            on_device = [i for i, seq in enumerate(plan.decodes) if seq.pending is not None]
+            ids[mx.array(on_device, mx.int32)] = drawn[mx.array(drawn_rows, mx.int32)]
         return ids, batch, mx.array(last_rows, mx.int32)
 
     def forward(
