@@ -64,3 +64,16 @@ def test_kernel_bench_shapes_may_name_heads_and_latent_width():
     for bad in ("16x", "16x8192x128", "0x1024"):
         with pytest.raises(argparse.ArgumentTypeError):
             shape_list(bad)
+
+
+def test_the_engine_bench_prefills_every_measured_prompt_in_full():
+    # Its time to first token must be a prefill, never a prefix-cache hit on an earlier run.
+    from engine_harness import demo_model
+
+    from server.bench.engine import concurrency_row, make_engine
+
+    loaded = demo_model()
+    engine = make_engine(loaded, num_blocks=64)
+    rows = [concurrency_row(engine, 2, 200, 2, loaded[0].args.vocab_size, run) for run in range(3)]
+    assert engine.counters["cached_prompt_tokens"] == 0
+    assert all(r["tokens"] == 4 and r["itl_p50_ms"] > 0 for r in rows)

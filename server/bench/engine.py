@@ -11,8 +11,10 @@ Each concurrency level submits that many requests at once (prompt of --prompt-le
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from server.bench.report import DOCS, command_line, device_name, provenance, update_section, utc_now
@@ -40,11 +42,12 @@ def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool =
     return load_engine(args, loaded=loaded)
 
 
-def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, first: dict[str, float]) -> None:
-    t0 = time.perf_counter()
+def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, times: dict[str, list[float]]) -> None:
+    """Add a greedy request; `times[rid]` gets its submission time, then each delta's arrival."""
+    times[rid] = [time.perf_counter()]
 
     def emit(delta: StreamDelta | Exception) -> None:
-        first.setdefault(rid, time.perf_counter() - t0)
+        times[rid].append(time.perf_counter())
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     engine.add(Sequence(rid, ids, params, emit=emit))
@@ -59,16 +62,22 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     return [16 + (seed * 7919 + i * 104729) % (vocab - 32) for i in range(n)]
 
 
-def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int) -> dict[str, float]:
-    first: dict[str, float] = {}
+def concurrency_row(
+    engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int, run: int
+) -> dict[str, float]:
+    """`c` requests at once; prompts differ between runs (`run`), so none is a prefix-cache hit."""
+    times: dict[str, list[float]] = {}
     before = engine.counters["generated_tokens"]
     t0 = time.perf_counter()
     for i in range(c):
-        submit(engine, f"c{c}-{i}", prompt_ids(prompt_len, 1000 * c + i, vocab), output_len, first)
+        submit(
+            engine, f"c{c}-{run}-{i}", prompt_ids(prompt_len, 100_000 * run + 1000 * c + i, vocab), output_len, times
+        )
     run_all(engine)
     wall = time.perf_counter() - t0
     tokens = engine.counters["generated_tokens"] - before
-    ttft = sorted(first.values())
+    ttft = sorted(t[1] - t[0] for t in times.values())
+    gaps = [b - a for t in times.values() for a, b in itertools.pairwise(t[1:])]
     return {
         "concurrency": c,
         "tokens": tokens,
@@ -76,6 +85,7 @@ def concurrency_row(engine: LLMEngine, c: int, prompt_len: int, output_len: int,
         "tok_s": tokens / wall,
         "ttft_p50_ms": 1e3 * statistics.median(ttft),
         "ttft_max_ms": 1e3 * ttft[-1],
+        "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
     }
 
 
@@ -84,13 +94,13 @@ def second_turn_ttft(
 ) -> float:
     engine = make_engine(loaded, num_blocks, prefix_caching, prefill_chunk_size=chunk, max_num_batched_tokens=chunk)
     first_turn = prompt_ids(history, 7, vocab)
-    done: dict[str, float] = {}
-    submit(engine, "turn1", first_turn, 1, done)
+    times: dict[str, list[float]] = {}
+    submit(engine, "turn1", first_turn, 1, times)
     run_all(engine)
     second = first_turn + prompt_ids(new, 8, vocab)
-    submit(engine, "turn2", second, 1, done)
+    submit(engine, "turn2", second, 1, times)
     run_all(engine)
-    return 1e3 * done["turn2"]
+    return 1e3 * (times["turn2"][1] - times["turn2"][0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk size")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (section: engine)")
     ap.add_argument("--section", default="engine")
+    ap.add_argument(
+        "--compare-async",
+        action="store_true",
+        help="instead: each concurrency with async scheduling off and on, alternating in this process",
+    )
+    ap.add_argument("--reps", type=int, default=3, help="runs per mode with --compare-async")
     args = ap.parse_args(argv)
 
     started = utc_now()
@@ -112,32 +128,59 @@ def main(argv: list[str] | None = None) -> int:
     vocab = loaded[0].args.vocab_size
     levels = [int(c) for c in args.concurrency.split(",")]
     per_seq_blocks = -(-(args.prompt_len + args.output_len) // BLOCK_SIZE)
-    engine = make_engine(
-        loaded,
-        num_blocks=max(levels) * per_seq_blocks + 8,
-        max_num_seqs=max(levels),
-        prefill_chunk_size=args.chunk,
-        max_num_batched_tokens=max(args.chunk, max(levels)) * 2,
-    )
-    # Every measurement is taken twice and the second kept: the first pays for kernels that the
-    # GPU runtime compiles on first use of each shape (minutes on MLX's CUDA backend).
-    for c in levels:
-        concurrency_row(engine, c, args.prompt_len, 8, vocab)
-    rows = [concurrency_row(engine, c, args.prompt_len, args.output_len, vocab) for c in levels]
 
+    def engine_for(mode: str) -> LLMEngine:
+        return make_engine(
+            loaded,
+            num_blocks=max(levels) * per_seq_blocks + 8,
+            max_num_seqs=max(levels),
+            prefill_chunk_size=args.chunk,
+            max_num_batched_tokens=max(args.chunk, max(levels)) * 2,
+            async_scheduling=mode,
+        )
+
+    def measured(engine: LLMEngine, c: int, run: int) -> dict[str, float]:
+        return concurrency_row(engine, c, args.prompt_len, args.output_len, vocab, run)
+
+    if args.compare_async:
+        engines = {mode: engine_for(mode) for mode in ("off", "on")}
+        for engine in engines.values():  # first uses compile kernels on MLX's GPU backends
+            for c in levels:
+                concurrency_row(engine, c, args.prompt_len, 8, vocab, run=0)
+        text = compare_async(engines, levels, measured, args.reps)
+    else:
+        engine = engine_for(EngineArgs().async_scheduling)
+        # Every measurement is taken twice and the second kept: the first pays for kernels that the
+        # GPU runtime compiles on first use of each shape (minutes on MLX's CUDA backend).
+        for c in levels:
+            concurrency_row(engine, c, args.prompt_len, 8, vocab, run=0)
+        text = engine_tables(args, loaded, [measured(engine, c, run=1) for c in levels])
+    device = device_name()
+    text = "\n".join(
+        [
+            f"### Engine: {args.model or 'demo model'} on {device}",
+            "",
+            provenance(started, device, command_line("engine", argv)) + ".",
+            "",
+            text,
+        ]
+    )
+    print(text)
+    if args.write:
+        update_section(DOCS, args.section, text)
+    return 0
+
+
+def engine_tables(args: argparse.Namespace, loaded: tuple[Any, Any], rows: list[dict[str, float]]) -> str:
+    """The concurrency table and the prefix-reuse table."""
+    vocab = loaded[0].args.vocab_size
     history_blocks = -(-(args.history + 256) // BLOCK_SIZE) + 4
     turns: dict[bool, float] = {}
     for flag in (False, True, False, True):
         turns[flag] = second_turn_ttft(loaded, args.history, 64, history_blocks, flag, vocab, args.chunk)
-
-    device = device_name()
     lines = [
-        f"### Engine: {args.model or 'demo model'} on {device}",
-        "",
-        provenance(started, device, command_line("engine", argv)) + ".",
-        "",
-        f"Prompt {args.prompt_len} tokens, {args.output_len} output tokens each, greedy, all requests submitted at once; "
-        "each row is the second of two identical runs (the first compiles kernels).",
+        f"Prompt {args.prompt_len} tokens (distinct in every run), {args.output_len} output tokens each, greedy, "
+        "all requests submitted at once; each row is the second of two runs (the first compiles kernels).",
         "",
         "| concurrency | output tok/s | TTFT p50 (ms) | TTFT max (ms) | wall (s) |",
         "|---:|---:|---:|---:|---:|",
@@ -154,8 +197,37 @@ def main(argv: list[str] | None = None) -> int:
         f"| on | {turns[True]:.1f} |",
         f"| speed-up | {turns[False] / turns[True]:.1f}x |",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        update_section(DOCS, args.section, text)
-    return 0
+    return "\n".join(lines)
+
+
+def compare_async(
+    engines: dict[str, LLMEngine],
+    levels: list[int],
+    measured: Callable[[LLMEngine, int, int], dict[str, float]],
+    reps: int,
+) -> str:
+    """Each level with async scheduling off and on in turn (the order flips every repetition), in
+    this process on the same model: medians of `reps` runs each."""
+    lines = [
+        f"Async scheduling off and on, alternating; median of {reps} runs each (distinct prompts every run).",
+        "",
+        "| concurrency | output tok/s off | on | on / off | ITL p50 off (ms) | on (ms) | TTFT p50 off (ms) | on (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    run = 1
+    for c in levels:
+        runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+        for rep in range(reps):
+            for mode in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                runs[mode].append(measured(engines[mode], c, run))
+                run += 1
+        med = {
+            m: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "itl_p50_ms", "ttft_p50_ms")}
+            for m, rs in runs.items()
+        }
+        off, on = med["off"], med["on"]
+        lines.append(
+            f"| {c} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.3f} | {off['itl_p50_ms']:.2f} "
+            f"| {on['itl_p50_ms']:.2f} | {off['ttft_p50_ms']:.1f} | {on['ttft_p50_ms']:.1f} |"
+        )
+    return "\n".join(lines)
