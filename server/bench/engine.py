@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from server.bench.report import DOCS, command_line, device_name, provenance, update_section, utc_now
+from server.bench.report import DOCS, headed, update_section, utc_now
 from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
 from server.engine.factory import load_engine
@@ -155,16 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             concurrency_row(engine, c, args.prompt_len, 8, vocab, run=0)
         text = engine_tables(args, loaded, [measured(engine, c, run=1) for c in levels])
-    device = device_name()
-    text = "\n".join(
-        [
-            f"### Engine: {args.model or 'demo model'} on {device}",
-            "",
-            provenance(started, device, command_line("engine", argv)) + ".",
-            "",
-            text,
-        ]
-    )
+    text = headed(f"Engine: {args.model or 'demo model'}", started, "engine", argv, text)
     print(text)
     if args.write:
         update_section(DOCS, args.section, text)

@@ -33,7 +33,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from server.bench.report import command_line, device_name, provenance, update_section, utc_now
+from server.bench.report import device_name, headed, update_section, utc_now
 from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
 from server.engine.factory import load_engine
@@ -190,22 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         loaded,
     )
     results = profile(engine, scenarios, args.reps)
-    device = device_name()
-    text = "\n".join(
-        [
-            f"### Step profile: {args.model or 'demo model'} on {device}",
-            "",
-            provenance(started, device, command_line("profile", argv)) + ".",
-            "",
-            "Milliseconds per step (median of the timed runs); each part evaluated on its own, summed over layers,",
-            "with its share of the parts' sum. `step` is the whole step in one graph, as the engine runs it.",
-            "",
-            table(results),
-        ]
+    text = headed(
+        f"Step profile: {args.model or 'demo model'}",
+        started,
+        "profile",
+        argv,
+        "Milliseconds per step (median of the timed runs); each part evaluated on its own, summed over layers,",
+        "with its share of the parts' sum. `step` is the whole step in one graph, as the engine runs it.",
+        "",
+        table(results),
     )
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "date": started, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"device": device_name(), "date": started, "results": results}, indent=1))
     if args.md:
         update_section(args.md, args.section, text)
     return 0

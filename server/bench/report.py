@@ -85,6 +85,13 @@ def provenance(date: str, device: str, command: str) -> str:
     return f"{date}, {device}. Command: `{command}`"
 
 
+def headed(title: str, started: str, subcommand: str, argv: list[str] | None, *body: str) -> str:
+    """A generated section: `### {title} on {this device}`, its provenance line, then `body`."""
+    device = device_name()
+    lines = [f"### {title} on {device}", "", provenance(started, device, command_line(subcommand, argv)) + ".", ""]
+    return "\n".join([*lines, *body])
+
+
 # ---- docs/benchmarks.md --------------------------------------------------------------------
 
 
