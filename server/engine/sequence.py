@@ -41,8 +41,8 @@ class Sequence:
     # Leading blocks of `block_table` registered as cached prefix blocks (BlockManager.commit).
     num_committed_blocks: int = 0
     # Tokens drawn by a step the engine has built but not read back yet (LLMEngine.step):
-    # `len(seq)` counts them, `token_ids` does not. The newest one, which the next decode takes as
-    # its input, is row `[1]` of the device array `[0]`.
+    # `len(seq)` counts them, `token_ids` does not. `pending` is (draws, row): the newest one, the
+    # next decode's input, is `draws[row]`, still on the device.
     num_pending: int = 0
     pending: tuple[mx.array, int] | None = None
     sampler: SamplerState | None = None
