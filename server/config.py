@@ -73,6 +73,12 @@ class Settings:
         lambda v: v in ("auto", "on", "off"),
         "must be one of auto, on, off",
     )
+    warmup_workers: int | None = _option(
+        _ENGINE.warmup_workers,
+        "processes that compile the warm-up's kernels in parallel (unset: on CUDA by cores and memory, else 0)",
+        lambda v: v >= 0,
+        "must be >= 0",
+    )
     latent_cache: str = _option(
         _ENGINE.latent_cache,
         "the latent cache: int4 (MLX 4-bit, 272 bytes/token/layer for Mistral Small 4) or bf16 (unquantized, 640)",

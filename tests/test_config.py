@@ -39,6 +39,7 @@ SAMPLES = {
     "async_scheduling": ('"off"', "off", "off"),
     "cache_tokens_per_seq": ("4096", "4096", 4096),
     "warmup": ('"on"', "on", "on"),
+    "warmup_workers": ("3", "3", 3),
     "latent_cache": ('"bf16"', "bf16", "bf16"),
     "max_prefill_tokens_per_step": ("256", "256", 256),
     "target_step_ms": ("30.0", "30.0", 30.0),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from server.engine.args import EngineArgs
 from server.engine.block_manager import BlockManager
-from server.engine.factory import warmup_shapes
 from server.engine.scheduler import PrefillPacer, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
+from server.engine.warmup import warmup_units
 
 
 def seq(rid: str, n: int, max_tokens: int = 4) -> Sequence:
@@ -92,8 +92,8 @@ def test_the_pacer_never_goes_below_one_block():
     assert p.limit == 64
 
 
-def test_warmup_shapes_stay_few_and_within_the_limits():
-    batches, chunks = warmup_shapes(EngineArgs(max_num_seqs=48, prefill_chunk_size=512), 4096)
-    assert batches == [1, 2, 4, 8, 16, 32] and chunks == [16, 128, 512]
-    _, chunks = warmup_shapes(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
-    assert chunks == [16, 128, 198]
+def test_warmup_units_stay_few_and_within_the_limits():
+    units = warmup_units(EngineArgs(max_num_seqs=48, prefill_chunk_size=512), 4096)
+    assert units == [f"prefill:{n}" for n in (16, 128, 512)] + [f"decode:{b}" for b in (1, 2, 4, 8, 16, 32)]
+    units = warmup_units(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
+    assert [u for u in units if u.startswith("prefill")] == ["prefill:16", "prefill:128", "prefill:198"]

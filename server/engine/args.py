@@ -42,6 +42,9 @@ class EngineArgs:
     # returned (MLX's GPU backends compile kernels on first use of each shape): "on", "off", or
     # "auto" (on a GPU only).
     warmup: str = "auto"
+    # Processes that compile the warm-up's kernels in parallel before the engine's own warm-up
+    # (warmup.py); None: on CUDA as many as cores and memory allow (at most 8), elsewhere 0.
+    warmup_workers: int | None = None
     # Which decode attention runs: "auto" (the fused kernel on Metal or CUDA, checked against the
     # reference when the engine loads; "cpu" on the CPU), "reference", "cpu" (plain MLX over the
     # packed INT4 codes), "metal" or "cuda" (kept even if the check fails).

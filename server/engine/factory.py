@@ -15,12 +15,13 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
 from ..kernels.mla_decode import set_default_backend
-from ..kernels.selfcheck import check_fused_decode
+from ..kernels.selfcheck import Verdict, check_fused_decode
 from .architectures import adapt_model
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
@@ -28,8 +29,8 @@ from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .loader import load_model
 from .model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token
-from .sequence import Sequence
-from .types import EngineError, SamplingParams
+from .types import EngineError
+from .warmup import Precompile, warm_up, warmup_units
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ DEFAULT_MAX_NUM_SEQS = {"gpu": 64, "cpu": 16}
 def load_engine(
     args: EngineArgs, loaded: tuple[Any, Any] | None = None, group: mx.distributed.Group | None = None
 ) -> LLMEngine:
-    """An engine for `args.model` (None: the embedded demo model).
+    """An engine for `args.model` (None: the embedded demo model), checked and warmed up.
 
     `loaded` is an already loaded (model, tokenizer) pair to reuse instead (tests load the demo
     model once). With `group`, the model is sharded across its ranks (distributed.py). The
@@ -50,10 +51,33 @@ def load_engine(
     """
     if args.max_num_seqs is None:
         args = replace(args, max_num_seqs=DEFAULT_MAX_NUM_SEQS[mx.default_device().type.name])
+    warm = args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu)
+    name = None
     if loaded is None:
         from .demo_model import ensure_demo_model
 
-        loaded = load_model(args.model or str(ensure_demo_model()))
+        name = args.model or str(ensure_demo_model())
+        if not Path(name).expanduser().exists():
+            loaded = load_model(name)  # a hub id: downloaded before compile workers read it
+    # Compile workers (warmup.py) run while this process reads the weights.
+    with Precompile.start(args, name if warm and group is None else None) as precompile:
+        engine = build_engine(args, loaded or load_model(str(name)), group)
+        precompile.join()
+    # The fused decode kernel against the reference on this model's shapes; on a failure the
+    # process decodes through the reference, and /health says so.
+    decode = check_decode(engine)
+    if warm:
+        t0 = time.perf_counter()
+        steps = warm_up(engine, warmup_units(engine.args, engine.max_model_len))
+        log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
+        engine = LLMEngine(engine.runner, engine.tokenizer, engine.args)  # fresh counters, scheduler, prefix cache
+    engine.decode = decode.as_dict()
+    return engine
+
+
+def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distributed.Group | None = None) -> LLMEngine:
+    """The engine for a loaded (model, tokenizer), its cache sized and its options resolved;
+    neither checked nor warmed up (`load_engine` does both). `args.max_num_seqs` is resolved."""
     model, tokenizer = loaded
     if group is not None:
         shard_model(model, group)
@@ -94,63 +118,22 @@ def load_engine(
         per_token // layers,
         args.latent_cache.upper(),
     )
-    # The fused decode kernel against the reference on this model's shapes; on a failure the
-    # process decodes through the reference, and /health says so.
     set_default_backend(None if args.decode_backend == "auto" else args.decode_backend)
-    decode = check_fused_decode(
-        R=model.args.kv_lora_rank,
-        P=model.args.qk_rope_head_dim,
-        H=model.model.layers[0].self_attn.num_heads,
+    return LLMEngine(runner, tokenizer, resolved)
+
+
+def check_decode(engine: LLMEngine) -> Verdict:
+    """The start-up self-check (kernels/selfcheck.py) on this engine's shapes."""
+    runner = engine.runner
+    assert isinstance(runner, ModelRunner)
+    return check_fused_decode(
+        R=runner.model.args.kv_lora_rank,
+        P=runner.model.args.qk_rope_head_dim,
+        H=runner.inner.layers[0].self_attn.num_heads,
         dtype=runner.dtype,
         group_size=LATENT_GROUP_SIZE,
-        block_size=args.block_size,
+        block_size=engine.args.block_size,
     )
-    engine = LLMEngine(runner, tokenizer, resolved)
-    if args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu):
-        t0 = time.perf_counter()
-        steps = warm_up(engine)
-        log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
-        engine = LLMEngine(runner, tokenizer, resolved)  # fresh counters, scheduler and prefix cache
-    engine.decode = decode.as_dict()
-    return engine
-
-
-def warmup_shapes(args: EngineArgs, max_model_len: int) -> tuple[list[int], list[int]]:
-    """(decode batch sizes, prefill chunk lengths) the warm-up runs: powers of two up to the
-    engine's limits, so the shapes most steps take have their kernels compiled before serving."""
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= args.max_running]
-    longest = min(args.prefill_chunk_size, args.max_num_batched_tokens, max_model_len - 2)
-    chunks = sorted({c for c in (16, 128, 512, 2048) if c <= longest} | {max(1, longest)})
-    return batches, chunks
-
-
-def warm_up(engine: LLMEngine) -> int:
-    """Run each warm-up shape through the engine's own step; the steps it took."""
-    args = engine.args
-    batches, chunks = warmup_shapes(args, engine.max_model_len)
-    vocab = engine.runner.vocab_size
-    steps = 0
-
-    def submit(rid: str, n: int, max_tokens: int) -> None:
-        ids = [(7 + 31 * len(rid) + 17 * i) % vocab for i in range(n)]
-        engine.add(Sequence(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), emit=lambda item: None))
-
-    def run(what: str) -> None:
-        nonlocal steps
-        t0, n = time.perf_counter(), steps
-        while engine.has_work:
-            engine.step()
-            steps += 1
-        # First uses compile kernels on MLX's GPU backends: this line says what a shape costs.
-        log.info("warm-up %s: %d steps in %.1f s", what, steps - n, time.perf_counter() - t0)
-
-    for n in chunks:  # a first chunk of each length, then one decode, beside the first batch
-        submit(f"warm-prefill-{n}", n + 1, 2)
-    for b in batches:  # every sequence decodes in the same steps
-        for i in range(b):
-            submit(f"warm-decode-{b}-{i}", 8, 4)
-        run(f"decode batch {b}" + (f" and prefill chunks {chunks}" if b == batches[0] else ""))
-    return steps
 
 
 def start_engine(args: EngineArgs, group: mx.distributed.Group | None = None) -> AsyncEngine:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .architectures import UnsupportedArchitecture, check_supported, no_quantized_multilinear
 from .types import EngineError
 
 
-def load_model(model: str) -> tuple[Any, Any]:
+def load_model(model: str, one_layer_per_kind: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) through mlx-lm's loader; clear errors for what a user can fix, an
     architecture the engine does not serve included (architectures.py). The model is still
-    mlx-lm's (so it can be sharded); the engine adapts it (`adapt_model`) when it builds its runner."""
+    mlx-lm's (so it can be sharded); the engine adapts it (`adapt_model`) when it builds its runner.
+
+    `one_layer_per_kind`: keep only the first layer of each kind (same parameter names, shapes and
+    types) and read only those weights: a model that runs the same kernels as the whole one, in a
+    fraction of its memory (warmup.py's compile workers)."""
     from mlx_lm.utils import load
 
     local = Path(model).expanduser()
@@ -29,9 +34,25 @@ def load_model(model: str) -> tuple[Any, Any]:
         check_supported(model_obj)
     except UnsupportedArchitecture as exc:
         raise UnsupportedArchitecture(f"model {model!r}: {exc}") from None
+    if one_layer_per_kind:
+        _keep_one_layer_per_kind(model_obj)
     _unquantize_absorbed_on_cuda(model_obj)
     mx.eval(model_obj.parameters())
     return model_obj, tokenizer
+
+
+def _keep_one_layer_per_kind(model: Any) -> None:
+    """Drop each layer whose parameters an earlier layer has in the same names, shapes and types.
+    The weights are still lazy here, so a dropped layer's are never read."""
+    seen: set[tuple[tuple[str, tuple[int, ...], str], ...]] = set()
+    kept = []
+    for layer in model.model.layers:
+        params = cast(list[tuple[str, mx.array]], tree_flatten(layer.parameters()))
+        kind = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in params)
+        if kind not in seen:
+            seen.add(kind)
+            kept.append(layer)
+    model.model.layers = kept
 
 
 def _unquantize_absorbed_on_cuda(model: Any) -> None:

@@ -1,0 +1,113 @@
+"""Warm-up before ready (server/engine/warmup.py): the compile workers and their kernel caches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.engine import warmup
+from server.engine.args import EngineArgs
+from server.engine.demo_model import ensure_demo_model
+from server.engine.factory import build_engine, load_engine
+from server.engine.loader import load_model
+from server.engine.sequence import Sequence
+from server.engine.types import SamplingParams
+
+
+def greedy(engine, prompt: list[int], n: int = 6) -> list[int]:
+    seq = Sequence("g", prompt, SamplingParams(max_tokens=n, temperature=0.0), emit=lambda item: None)
+    engine.add(seq)
+    while engine.has_work:
+        engine.step()
+    return seq.output_ids
+
+
+def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
+    model, tok = load_model(str(ensure_demo_model()), one_layer_per_kind=True)
+    # The demo model: one dense layer, then three MoE layers of one kind.
+    assert len(model.model.layers) == 2
+    assert not hasattr(model.model.layers[0].mlp, "gate") and hasattr(model.model.layers[1].mlp, "gate")
+    engine = build_engine(EngineArgs(max_num_seqs=4, cache_tokens=64 * 8, warmup="off"), (model, tok))
+    assert warmup.warm_up(engine, ["prefill:16", "decode:2"]) > 0
+
+
+def test_compile_workers_run_every_unit_and_the_engine_still_serves(caplog):
+    caplog.set_level(logging.INFO, logger="server.engine.warmup")
+    args = EngineArgs(max_num_seqs=2, cache_tokens=64 * 16, prefill_chunk_size=128, warmup="on", warmup_workers=2)
+    engine = load_engine(args)
+    done = [r.getMessage() for r in caplog.records if "compile worker done" in r.getMessage()]
+    assert len(done) == 2
+    ran = " ".join(done)
+    for unit in ["check", "prefill:16", "prefill:128", "decode:1", "decode:2"]:
+        assert f"{unit} " in ran
+    plain = load_engine(EngineArgs(max_num_seqs=2, cache_tokens=64 * 16, prefill_chunk_size=128, warmup="off"))
+    prompt = [5, 9, 13, 200, 17]
+    assert greedy(engine, prompt) == greedy(plain, prompt)
+
+
+def test_workers_are_only_the_default_on_cuda():
+    assert warmup.compile_workers(EngineArgs(warmup_workers=3), Path(".")) == 3
+    assert warmup.compile_workers(EngineArgs(), Path(".")) == 0  # this machine: MLX on the CPU
+
+
+def test_merge_adds_what_is_missing_kernel_file_last_and_keeps_what_is_there(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "sub").mkdir(parents=True)
+    dst.mkdir()
+    for name in ["a.ptx", "a.txt", "a.cu", "sub/b.ptx", "sub/b.txt", "c.ptx"]:
+        (src / name).write_text("new " + name)
+    (dst / "c.ptx").write_text("old")
+    renamed: list[str] = []
+    real = os.replace
+
+    def record(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+        renamed.append(Path(b).name)
+        real(a, b)
+
+    monkeypatch.setattr(warmup.os, "replace", record)
+    assert warmup._merge(src, dst) == 5
+    assert (dst / "c.ptx").read_text() == "old"
+    assert (dst / "sub" / "b.ptx").read_text() == "new sub/b.ptx"
+    assert renamed.index("a.ptx") > max(renamed.index("a.txt"), renamed.index("a.cu"))
+    assert renamed.index("b.ptx") > renamed.index("b.txt")
+    assert not [f for f in dst.rglob("*.part")]
+
+
+def test_a_worker_starts_from_the_shared_cache(tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "x").mkdir(parents=True)
+    (shared / "x" / "k.ptx").write_text("kernel")
+    warmup._link_tree(shared, tmp_path / "w")
+    assert (tmp_path / "w" / "x" / "k.ptx").read_text() == "kernel"
+    warmup._link_tree(tmp_path / "empty", tmp_path / "w2")
+    assert (tmp_path / "w2").is_dir()
+
+
+def test_a_failed_worker_is_logged_and_its_files_are_not_merged(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "shared"))
+    (tmp_path / "shared").mkdir()
+    cache = tmp_path / "w"
+    cache.mkdir()
+    (cache / "half.ptx").write_text("trunc")
+    output = (tmp_path / "log").open("w+b")
+    proc = subprocess.Popen([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], stdout=output)
+    caplog.set_level(logging.INFO, logger="server.engine.warmup")
+    with warmup.Precompile([warmup._Worker(proc, cache, ["decode:1"], output)], None) as pre:
+        pre.join()
+    assert any("ended with 3" in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "shared" / "half.ptx").exists()
+
+
+def test_leaving_early_stops_the_workers(tmp_path):
+    output = (tmp_path / "log").open("w+b")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=output)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(RuntimeError), warmup.Precompile([warmup._Worker(proc, tmp_path, ["check"], output)], scratch):
+        raise RuntimeError("the model failed to load")
+    assert proc.poll() is not None and not scratch.exists()
