@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from server.engine import warmup
+from server.engine.architectures import adapt_model
 from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
 from server.engine.factory import build_engine, load_engine
@@ -36,23 +40,43 @@ def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
     assert warmup.warm_up(engine, ["prefill:16", "decode:2"]) > 0
 
 
-def test_compile_workers_run_every_unit_and_the_engine_still_serves(caplog):
+def test_compile_workers_run_every_unit_and_the_engine_still_serves(caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))  # empty: a fresh machine
     caplog.set_level(logging.INFO, logger="server.engine.warmup")
     args = EngineArgs(max_num_seqs=2, cache_tokens=64 * 16, prefill_chunk_size=128, warmup="on", warmup_workers=2)
     engine = load_engine(args)
-    done = [r.getMessage() for r in caplog.records if "compile worker done" in r.getMessage()]
-    assert len(done) == 2
-    ran = " ".join(done)
-    for unit in ["check", "prefill:16", "prefill:128", "decode:1", "decode:2"]:
-        assert f"{unit} " in ran
+    done = " ".join(r.getMessage() for r in caplog.records if "compile worker done" in r.getMessage())
+    for unit in warmup.precompile_units():
+        assert f"{unit} " in done
     plain = load_engine(EngineArgs(max_num_seqs=2, cache_tokens=64 * 16, prefill_chunk_size=128, warmup="off"))
     prompt = [5, 9, 13, 200, 17]
     assert greedy(engine, prompt) == greedy(plain, prompt)
 
 
+def test_no_workers_on_a_warm_kernel_cache_or_without_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path))
+    (tmp_path / "gather_bfloat16_int32_1.ptx").write_text("compiled before")
+    with warmup.Precompile.start(EngineArgs(warmup_workers=2), str(ensure_demo_model())) as pre:
+        assert pre.workers == []
+    with warmup.Precompile.start(EngineArgs(warmup_workers=2), None) as pre:
+        assert pre.workers == []
+
+
 def test_workers_are_only_the_default_on_cuda():
     assert warmup.compile_workers(EngineArgs(warmup_workers=3), Path(".")) == 3
     assert warmup.compile_workers(EngineArgs(), Path(".")) == 0  # this machine: MLX on the CPU
+
+
+def test_matmul_units_cover_every_quantized_matrix_once_per_family():
+    model, _ = load_model(str(ensure_demo_model()), one_layer_per_kind=True)
+    linear = (nn.Linear, SwitchLinear)
+    nn.quantize(model, 64, 4, class_predicate=lambda _, m: isinstance(m, linear) and m.weight.shape[-1] % 64 == 0)
+    model = adapt_model(model)  # experts stacked as the engine runs them
+    matrices = warmup.quantized_matrices(model)
+    assert matrices and all(w.ndim == 2 for w, *_ in matrices)
+    n128 = warmup.run_matmuls(model, 16, "n128", mx.float32)
+    other = warmup.run_matmuls(model, 16, "other", mx.float32)
+    assert n128 > 0 and other > 0 and n128 + other == len(matrices)
 
 
 def test_merge_adds_what_is_missing_kernel_file_last_and_keeps_what_is_there(tmp_path, monkeypatch):
@@ -76,16 +100,6 @@ def test_merge_adds_what_is_missing_kernel_file_last_and_keeps_what_is_there(tmp
     assert renamed.index("a.ptx") > max(renamed.index("a.txt"), renamed.index("a.cu"))
     assert renamed.index("b.ptx") > renamed.index("b.txt")
     assert not [f for f in dst.rglob("*.part")]
-
-
-def test_a_worker_starts_from_the_shared_cache(tmp_path):
-    shared = tmp_path / "shared"
-    (shared / "x").mkdir(parents=True)
-    (shared / "x" / "k.ptx").write_text("kernel")
-    warmup._link_tree(shared, tmp_path / "w")
-    assert (tmp_path / "w" / "x" / "k.ptx").read_text() == "kernel"
-    warmup._link_tree(tmp_path / "empty", tmp_path / "w2")
-    assert (tmp_path / "w2").is_dir()
 
 
 def test_a_failed_worker_is_logged_and_its_files_are_not_merged(tmp_path, caplog, monkeypatch):

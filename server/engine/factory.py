@@ -28,7 +28,7 @@ from .async_engine import AsyncEngine, run_follower
 from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .loader import load_model
-from .model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token
+from .model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token, cache_dtype
 from .types import EngineError
 from .warmup import Precompile, warm_up, warmup_units
 
@@ -65,7 +65,8 @@ def load_engine(
         precompile.join()
     # The fused decode kernel against the reference on this model's shapes; on a failure the
     # process decodes through the reference, and /health says so.
-    decode = check_decode(engine)
+    assert isinstance(engine.runner, ModelRunner)
+    decode = check_decode(engine.runner.model, engine.args.block_size)
     if warm:
         t0 = time.perf_counter()
         steps = warm_up(engine, warmup_units(engine.args, engine.max_model_len))
@@ -122,17 +123,15 @@ def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distribute
     return LLMEngine(runner, tokenizer, resolved)
 
 
-def check_decode(engine: LLMEngine) -> Verdict:
-    """The start-up self-check (kernels/selfcheck.py) on this engine's shapes."""
-    runner = engine.runner
-    assert isinstance(runner, ModelRunner)
+def check_decode(model: Any, block_size: int) -> Verdict:
+    """The start-up self-check (kernels/selfcheck.py) on this adapted model's shapes."""
     return check_fused_decode(
-        R=runner.model.args.kv_lora_rank,
-        P=runner.model.args.qk_rope_head_dim,
-        H=runner.inner.layers[0].self_attn.num_heads,
-        dtype=runner.dtype,
+        R=model.args.kv_lora_rank,
+        P=model.args.qk_rope_head_dim,
+        H=model.model.layers[0].self_attn.num_heads,
+        dtype=cache_dtype(model),
         group_size=LATENT_GROUP_SIZE,
-        block_size=engine.args.block_size,
+        block_size=block_size,
     )
 
 
@@ -180,7 +179,7 @@ def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int
 
 def _free_memory_bytes() -> int:
     info = mx.device_info()
-    total = info.get("max_recommended_working_set_size") or info.get("memory_size")
+    total = info.get("max_recommended_working_set_size") or info.get("total_memory") or info.get("memory_size")
     if isinstance(total, int) and total:
         return max(0, total - mx.get_active_memory())
     try:

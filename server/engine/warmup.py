@@ -1,5 +1,6 @@
 """Warm-up before ready: every step shape the engine will use runs once before /health says
-ready, so MLX compiles its kernels first; on CUDA, worker processes compile them in parallel.
+ready, so MLX compiles its kernels first; on CUDA, worker processes compile the costliest of
+them in parallel beforehand.
 
     units = warmup_units(args, max_model_len)    # ["prefill:16", ..., "decode:1", "decode:2", ...]
     steps = warm_up(engine, units)               # through engine.step, in this process
@@ -7,16 +8,22 @@ ready, so MLX compiles its kernels first; on CUDA, worker processes compile them
         ...
         pre.join()                               # wait; their kernels join this process's cache
 
-Why workers: MLX's CUDA backend compiles each kernel with NVRTC on its first use, one after
-another on one host core: a fresh H100 machine needed 255-279 s before ready (docs/serving.md).
-MLX keeps compiled kernels on disk (MLX_PTX_CACHE_DIR, default $TMPDIR/mlx/<version>/ptx) for
-every later process, so workers that each run a share of the units (the start-up self-check
-among them) compile in parallel, and this process's own warm-up then only loads their kernels.
-Each worker loads the model with one layer of each kind (the same shapes, so the same kernels,
-in a fraction of the memory) and compiles into a directory of its own, seeded with links to the
-shared one (a warm cache stays warm): MLX writes a cache file in place, so a process reading a
-file that another is still writing could load a truncated kernel. A finished worker's new files
-are moved into the shared directory by renames, its mangled-name list before its kernel file.
+Why workers, and which: MLX's CUDA backend compiles each kernel module with NVRTC on its first
+use, one after another on one host core, and keeps it on disk (MLX_PTX_CACHE_DIR, default
+$TMPDIR/mlx/<version>/ptx) for every later process. A fresh H200 machine compiled 20 modules
+for the 8-layer Mistral-Small-4-shaped model in about 300 s (docs/serving.md); six of them, the
+quantized matrix products (one per row tile, 16, 32 or 64 rows, and per kernel family, which MLX
+picks by whether the output width is a multiple of 128), took 20-40 s each, the self-check's
+gathers and scatters 28 s together. Running whole warm-up units in parallel gained little (each
+unit compiles most modules again), so each worker runs one targeted unit: the self-check, or the
+model's quantized matrices of one family at one row tile. Those names mirror MLX's kernel choice
+only to split the work: a wrong guess costs time, never correctness, since this process's own
+warm-up then compiles whatever is missing. Workers start only when the kernel cache is empty (a
+warm machine has nothing to gain), load the model with one layer of each kind (the same shapes,
+in a fraction of the memory), and compile into directories of their own: MLX writes a cache
+file in place, so a process reading a file that another is still writing could load a truncated
+kernel. A finished worker's files are moved into the shared directory by renames, each module's
+kernel file last.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx.core import __version__ as MLX_VERSION  # type: ignore[attr-defined]
@@ -47,7 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECK = "check"  # the unit that runs the start-up self-check of the fused decode kernel
-MAX_WORKERS = 8  # on the H100 machine the units' compile times are uneven: more would idle
+MATMUL_ROW_TILES = (16, 32, 64)  # the row tiles of MLX's CUDA quantized matrix products (0.32)
+UNIT_DONE = "unit done:"  # how a worker reports a unit, with its seconds
 WORKER_OVERHEAD = 2 << 30  # bytes a worker holds beside its layers: context, embeddings, buffers
 WORKER_TIMEOUT_S = 900.0
 
@@ -93,19 +101,26 @@ def kernel_cache_dir() -> Path:
     return Path(os.environ.get("MLX_PTX_CACHE_DIR") or Path(tempfile.gettempdir()) / "mlx" / MLX_VERSION / "ptx")
 
 
+def precompile_units() -> list[str]:
+    """The compile workers' units: the start-up self-check, then the quantized matrix products of
+    each kernel family ("n128": output width a multiple of 128; "other") at each row tile."""
+    return [CHECK] + [f"matmul:{rows}:{family}" for rows in MATMUL_ROW_TILES for family in ("n128", "other")]
+
+
 def compile_workers(args: EngineArgs, model_dir: Path) -> int:
     """How many compile workers to start: `args.warmup_workers`, else on CUDA as many as the host's
     cores and the device's memory allow (the model, then per worker twice a layer's weights plus
-    `WORKER_OVERHEAD`), at most `MAX_WORKERS`; elsewhere none (Metal compiles in seconds)."""
+    `WORKER_OVERHEAD`), at most one per unit; elsewhere none (Metal compiles in seconds)."""
     if args.warmup_workers is not None:
         return args.warmup_workers
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
         return 0
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     layers = max(1, int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 1)))
-    memory = int(mx.device_info().get("memory_size", 0))
+    info = mx.device_info()
+    memory = int(info.get("total_memory") or info.get("memory_size") or 0)  # CUDA names it total_memory
     by_memory = int((0.9 * memory - 1.2 * weights) // (2 * weights / layers + WORKER_OVERHEAD))
-    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 1, by_memory))
+    return max(0, min(len(precompile_units()), (os.cpu_count() or 1) - 1, by_memory))
 
 
 @dataclass
@@ -127,38 +142,23 @@ class Precompile:
     @classmethod
     def start(cls, args: EngineArgs, model: str | None) -> Precompile:
         """Start the workers for `model` (a local directory or a downloaded repo id; None: none)."""
-        if model is None:
+        shared = kernel_cache_dir()
+        if model is None or (shared.is_dir() and any(shared.iterdir())):
             return cls([], None)
-        model_dir = _model_dir(model)
-        count = compile_workers(args, model_dir)
-        config = json.loads((model_dir / "config.json").read_text())
-        limit = args.max_model_len or int(config.get("max_position_embeddings", 2**20))
-        units = [CHECK, *warmup_units(args, limit)]
-        count = min(count, len(units))
+        count = compile_workers(args, _model_dir(model))
         if count <= 0:
             return cls([], None)
-        shared = kernel_cache_dir()
         shared.mkdir(parents=True, exist_ok=True)
         os.environ["MLX_PTX_CACHE_DIR"] = str(shared)  # this process reads where the merge writes
         scratch = Path(tempfile.mkdtemp(prefix="mla-precompile-"))
-        longest = max(int(u.split(":")[1]) for u in units if u.startswith("prefill:"))
-        blocks = args.max_running + -(-(longest + 3) // args.block_size) + 2
-        worker_args = replace(
-            args,
-            model=model,
-            cache_tokens=blocks * args.block_size,
-            max_model_len=min(limit, blocks * args.block_size),
-            warmup="off",
-            warmup_workers=0,
-        )
+        units = precompile_units()
         workers = []
         for i in range(count):
             cache = scratch / f"cache{i}"
-            _link_tree(shared, cache)
-            share = units[i::count]  # round robin: the costly units (check, prefills, small batches) spread
+            share = units[i::count]
             output = (scratch / f"worker{i}.log").open("w+b")
             proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, json.dumps(asdict(worker_args)), ",".join(share)],
+                [sys.executable, "-m", __name__, json.dumps(asdict(replace(args, model=model))), ",".join(share)],
                 env={**os.environ, "MLX_PTX_CACHE_DIR": str(cache)},
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -180,12 +180,14 @@ class Precompile:
                 w.proc.kill()
                 code = w.proc.wait()
             w.output.seek(0)
-            tail = w.output.read().decode(errors="replace").strip().splitlines()[-8:]
+            lines = w.output.read().decode(errors="replace").strip().splitlines()
             if code != 0:  # this process's own warm-up compiles what the worker did not
-                log.warning("warm-up: compile worker for %s ended with %s:\n%s", w.units, code, "\n".join(tail))
+                log.warning("warm-up: compile worker for %s ended with %s:\n%s", w.units, code, "\n".join(lines[-8:]))
                 continue
             added += _merge(w.cache, kernel_cache_dir())
-            log.info("warm-up: compile worker done: %s", "; ".join(tail))
+            log.info(
+                "warm-up: compile worker done: %s", "; ".join(line for line in lines if line.startswith(UNIT_DONE))
+            )
         log.info(
             "warm-up: compile workers joined after %.1f s more; %d new kernel files", time.perf_counter() - t0, added
         )
@@ -212,19 +214,6 @@ def _model_dir(model: str) -> Path:
     return Path(hf_repo_to_path(model))  # type: ignore[no-untyped-call]
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """`dst` holds every file of `src`, as hard links where the file system allows."""
-    for f in src.rglob("*"):
-        if f.is_file():
-            to = dst / f.relative_to(src)
-            to.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, to)
-            except OSError:
-                shutil.copy2(f, to)
-    dst.mkdir(parents=True, exist_ok=True)
-
-
 def _merge(src: Path, dst: Path) -> int:
     """Move the files of `src` that `dst` lacks into it, each by a rename (a reader sees a whole
     file or none); a kernel file (.ptx) after the rest of its module, since MLX reads the module
@@ -242,22 +231,52 @@ def _merge(src: Path, dst: Path) -> int:
     return moved
 
 
+def quantized_matrices(model: Any) -> list[tuple[mx.array, mx.array, mx.array | None, int, int, str]]:
+    """(weight, scales, biases, group size, bits, mode) of each quantized matrix of `model`; of a
+    stack of experts' matrices, the first expert's."""
+    found = []
+    for _, module in model.named_modules():
+        if "scales" not in module or not hasattr(module, "bits"):
+            continue
+        w, scales, biases = module["weight"], module["scales"], module.get("biases")
+        if w.ndim == 3:
+            w, scales, biases = w[0], scales[0], None if biases is None else biases[0]
+        found.append((w, scales, biases, module.group_size, module.bits, getattr(module, "mode", "affine")))
+    return found
+
+
+def run_matmuls(model: Any, rows: int, family: str, dtype: mx.Dtype) -> int:
+    """Multiply `rows` rows by each of the model's quantized matrices of `family`; how many."""
+    done = 0
+    for w, scales, biases, group_size, bits, mode in quantized_matrices(model):
+        n, k = w.shape[0], w.shape[1] * 32 // bits
+        if ("n128" if n % 128 == 0 else "other") != family:
+            continue
+        x = mx.zeros((rows, k), dtype)
+        mx.eval(mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode))
+        done += 1
+    return done
+
+
 def _worker(argv: list[str]) -> None:
     """A compile worker: `python -m server.engine.warmup ARGS_JSON UNIT,UNIT,...`."""
-    from .factory import build_engine, check_decode  # the factory imports this module
+    from .architectures import adapt_model
+    from .factory import check_decode  # the factory imports this module
     from .loader import load_model
+    from .model_runner import cache_dtype
 
     logging.basicConfig(level=logging.WARNING)
     args = EngineArgs(**json.loads(argv[0]))
     assert args.model is not None
-    engine = build_engine(args, load_model(args.model, one_layer_per_kind=True))
+    model = adapt_model(load_model(args.model, one_layer_per_kind=True)[0])
     for unit in argv[1].split(","):
         t0 = time.perf_counter()
         if unit == CHECK:
-            check_decode(engine)
+            check_decode(model, args.block_size)
         else:
-            warm_up(engine, [unit])
-        print(f"{unit} {time.perf_counter() - t0:.1f} s", flush=True)
+            _, rows, family = unit.split(":")
+            run_matmuls(model, int(rows), family, cache_dtype(model))
+        print(f"{UNIT_DONE} {unit} {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
