@@ -85,8 +85,10 @@ class Settings:
         lambda v: v in ("int4", "bf16"),
         "must be one of int4, bf16",
     )
-    prefill_chunk_size: int = _option(
-        _ENGINE.prefill_chunk_size, "prompt tokens prefilled per sequence per engine step", **_POSITIVE
+    prefill_chunk_size: int | None = _option(
+        _ENGINE.prefill_chunk_size,
+        "prompt tokens prefilled per sequence per engine step (unset: 2048 on CUDA, 512 on Metal and the CPU)",
+        **_POSITIVE,
     )
     max_prefill_tokens_per_step: int | None = _option(
         _ENGINE.max_prefill_tokens_per_step,

@@ -10,7 +10,7 @@ from mlx_lm import load
 
 from server.engine.args import EngineArgs
 from server.engine.demo_model import ensure_demo_model
-from server.engine.factory import DEFAULT_MAX_NUM_SEQS, load_engine
+from server.engine.factory import load_engine, with_device_defaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams, StreamDelta
@@ -30,8 +30,8 @@ def make_engine(num_blocks: int = 64, runner=None, model=None, **args) -> LLMEng
         return load_engine(engine_args, loaded)
     runner.num_blocks = num_blocks
     max_model_len = min(engine_args.max_model_len or num_blocks * 64, num_blocks * 64)
-    max_num_seqs = engine_args.max_num_seqs or DEFAULT_MAX_NUM_SEQS["cpu"]  # as load_engine on this CPU
-    return LLMEngine(runner, loaded[1], replace(engine_args, max_model_len=max_model_len, max_num_seqs=max_num_seqs))
+    resolved = replace(with_device_defaults(engine_args), max_model_len=max_model_len)  # as load_engine
+    return LLMEngine(runner, loaded[1], resolved)
 
 
 class ScriptedRunner:

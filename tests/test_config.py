@@ -84,7 +84,7 @@ def test_precedence_file_then_env_then_cli(tmp_path):
     assert (settings.port, sources["port"]) == (9003, "cli")
     assert (settings.host, sources["host"]) == ("10.0.0.1", "env")
     assert (settings.max_num_seqs, sources["max_num_seqs"]) == (8, "file")
-    assert (settings.prefill_chunk_size, sources["prefill_chunk_size"]) == (512, "default")
+    assert (settings.prefill_chunk_size, sources["prefill_chunk_size"]) == (None, "default")
     assert sources["config"] == "cli"
 
 

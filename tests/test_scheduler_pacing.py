@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from server.engine.args import EngineArgs
 from server.engine.block_manager import BlockManager
+from server.engine.factory import with_device_defaults
 from server.engine.scheduler import PrefillPacer, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
@@ -97,3 +100,14 @@ def test_warmup_units_stay_few_and_within_the_limits():
     assert units == [f"prefill:{n}" for n in (16, 128, 512)] + [f"decode:{b}" for b in (1, 2, 4, 8, 16, 32)]
     units = warmup_units(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
     assert [u for u in units if u.startswith("prefill")] == ["prefill:16", "prefill:128", "prefill:198"]
+
+
+def test_device_defaults_resolve_only_what_is_unset():
+    args = with_device_defaults(EngineArgs())
+    assert (args.max_num_seqs, args.prefill_chunk_size) == (16, 512)  # this machine: MLX on the CPU
+    kept = with_device_defaults(EngineArgs(max_num_seqs=3, prefill_chunk_size=100))
+    assert (kept.max_num_seqs, kept.prefill_chunk_size) == (3, 100)
+    s = Scheduler(EngineArgs(max_num_seqs=2), BlockManager(8, 4))  # a chunk size nobody resolved
+    s.add(seq("a", 2))
+    with pytest.raises(ValueError, match="resolved"):
+        s.schedule()

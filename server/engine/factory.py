@@ -37,6 +37,19 @@ log = logging.getLogger(__name__)
 # `EngineArgs.max_num_seqs` when unset, by MLX device type. On the CPU (2 cores, demo model) 16
 # sequences decode at 254 tok/s and 64 at 275, while each stream waits 4x as long per token.
 DEFAULT_MAX_NUM_SEQS = {"gpu": 64, "cpu": 16}
+# `EngineArgs.prefill_chunk_size` when unset, by backend (args.py says why; docs/serving.md).
+DEFAULT_PREFILL_CHUNK_SIZE = {"cuda": 2048, "metal": 512, "cpu": 512}
+
+
+def with_device_defaults(args: EngineArgs) -> EngineArgs:
+    """`args` with the options left unset for the device resolved: `max_num_seqs`, `prefill_chunk_size`."""
+    kind = mx.default_device().type.name
+    backend = "cpu" if kind == "cpu" else "metal" if mx.metal.is_available() else "cuda"
+    return replace(
+        args,
+        max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS[kind],
+        prefill_chunk_size=args.prefill_chunk_size or DEFAULT_PREFILL_CHUNK_SIZE[backend],
+    )
 
 
 def load_engine(
@@ -49,8 +62,6 @@ def load_engine(
     returned engine's `args` are resolved: `max_model_len` is the model's limit or less, and the
     cache holds at least one full-length sequence.
     """
-    if args.max_num_seqs is None:
-        args = replace(args, max_num_seqs=DEFAULT_MAX_NUM_SEQS[mx.default_device().type.name])
     warm = args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu)
     name = None
     if loaded is None:
@@ -78,7 +89,8 @@ def load_engine(
 
 def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distributed.Group | None = None) -> LLMEngine:
     """The engine for a loaded (model, tokenizer), its cache sized and its options resolved;
-    neither checked nor warmed up (`load_engine` does both). `args.max_num_seqs` is resolved."""
+    neither checked nor warmed up (`load_engine` does both)."""
+    args = with_device_defaults(args)
     model, tokenizer = loaded
     if group is not None:
         shard_model(model, group)

@@ -112,7 +112,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.status is Status.RUNNING and seq.is_prefilling:
-                n = min(seq.num_remaining, self.config.prefill_chunk_size, budget)
+                n = min(seq.num_remaining, self.config.prefill_chunk, budget)
                 if self._make_room(seq, n, plan):
                     plan.prefills.append((seq, n))
                     budget -= n
@@ -120,7 +120,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a draw still on the device: its ids come first
                 break
-            n = self.blocks.admit(seq, min(self.config.prefill_chunk_size, budget))
+            n = self.blocks.admit(seq, min(self.config.prefill_chunk, budget))
             if not n:
                 break
             self.waiting.popleft()

@@ -64,7 +64,7 @@ def warmup_units(args: EngineArgs, max_model_len: int) -> list[str]:
     """The warm-up's units: a prefill of each chunk length in {16, 128, 512, 2048} up to the
     engine's limits, then a decode at each batch size 1, 2, 4, ... up to `max_num_seqs`: the shapes
     most steps take, few enough to run at every start."""
-    longest = min(args.prefill_chunk_size, args.max_num_batched_tokens, max_model_len - 2)
+    longest = min(args.prefill_chunk, args.max_num_batched_tokens, max_model_len - 2)
     chunks = sorted({c for c in (16, 128, 512, 2048) if c <= longest} | {max(1, longest)})
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= args.max_running]
     return [f"prefill:{n}" for n in chunks] + [f"decode:{b}" for b in batches]
