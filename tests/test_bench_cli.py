@@ -66,6 +66,13 @@ def test_kernel_bench_shapes_may_name_heads_and_latent_width():
             shape_list(bad)
 
 
+def test_the_kernel_bench_says_what_a_machine_without_a_fused_kernel_has(capsys):
+    # On this CPU the engine decodes through plain MLX; the GPU self-test has nothing to run.
+    assert main(["kernel"]) == 0
+    assert "no fused kernel on this machine" in capsys.readouterr().out
+    assert main(["kernel", "--md", "/nonexistent/benchmarks.md"]) == 1  # a table was asked for
+
+
 def test_the_engine_bench_prefills_every_measured_prompt_in_full():
     # Its time to first token must be a prefill, never a prefix-cache hit on an earlier run.
     from engine_harness import demo_model
