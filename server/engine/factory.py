@@ -77,7 +77,7 @@ def load_engine(
     # The fused decode kernel against the reference on this model's shapes; on a failure the
     # process decodes through the reference, and /health says so.
     assert isinstance(engine.runner, ModelRunner)
-    decode = check_decode(engine.runner.model, engine.args.block_size)
+    decode = check_decode(engine.runner.model, engine.args)
     if warm:
         t0 = time.perf_counter()
         steps = warm_up(engine, warmup_units(engine.args, engine.max_model_len))
@@ -131,19 +131,20 @@ def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distribute
         per_token // layers,
         args.latent_cache.upper(),
     )
-    set_default_backend(None if args.decode_backend == "auto" else args.decode_backend)
     return LLMEngine(runner, tokenizer, resolved)
 
 
-def check_decode(model: Any, block_size: int) -> Verdict:
-    """The start-up self-check (kernels/selfcheck.py) on this adapted model's shapes."""
+def check_decode(model: Any, args: EngineArgs) -> Verdict:
+    """Make `args.decode_backend` the process's decode backend, then run the start-up self-check
+    (kernels/selfcheck.py) on this adapted model's shapes (a failure may switch to the reference)."""
+    set_default_backend(None if args.decode_backend == "auto" else args.decode_backend)
     return check_fused_decode(
         R=model.args.kv_lora_rank,
         P=model.args.qk_rope_head_dim,
         H=model.model.layers[0].self_attn.num_heads,
         dtype=cache_dtype(model),
         group_size=LATENT_GROUP_SIZE,
-        block_size=block_size,
+        block_size=args.block_size,
     )
 
 

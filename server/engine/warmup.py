@@ -10,11 +10,11 @@ them in parallel beforehand.
 
 Why workers, and which: MLX's CUDA backend compiles each kernel module with NVRTC on its first
 use, one after another on one host core, and keeps it on disk (MLX_PTX_CACHE_DIR, default
-$TMPDIR/mlx/<version>/ptx) for every later process. A fresh H200 machine compiled 20 modules
-for the 8-layer Mistral-Small-4-shaped model in about 300 s (docs/serving.md); six of them, the
-quantized matrix products (one per row tile, 16, 32 or 64 rows, and per kernel family, which MLX
-picks by whether the output width is a multiple of 128), took 20-40 s each, the self-check's
-gathers and scatters 28 s together. Running whole warm-up units in parallel gained little (each
+$TMPDIR/mlx/<version>/ptx) for every later process. A fresh H200 machine spent about 220 s of
+a 250 s start compiling 20 modules for the 8-layer Mistral-Small-4-shaped model (docs/serving.md);
+six of them, the quantized matrix products (one per row tile, 16, 32 or 64 rows, and per kernel
+family, which MLX picks by whether the output width is a multiple of 128), took 18-37 s each, the
+self-check's gathers and scatters about 26 s together. Running whole warm-up units in parallel gained little (each
 unit compiles most modules again), so each worker runs one targeted unit: the self-check, or the
 model's quantized matrices of one family at one row tile. Those names mirror MLX's kernel choice
 only to split the work: a wrong guess costs time, never correctness, since this process's own
@@ -110,7 +110,8 @@ def precompile_units() -> list[str]:
 def compile_workers(args: EngineArgs, model_dir: Path) -> int:
     """How many compile workers to start: `args.warmup_workers`, else on CUDA as many as the host's
     cores and the device's memory allow (the model, then per worker twice a layer's weights plus
-    `WORKER_OVERHEAD`), at most one per unit; elsewhere none (Metal compiles in seconds)."""
+    `WORKER_OVERHEAD`), at most one per unit; elsewhere none (MLX's Metal kernels ship mostly
+    precompiled in its library; on the CPU there is no warm-up by default)."""
     if args.warmup_workers is not None:
         return args.warmup_workers
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
@@ -272,7 +273,7 @@ def _worker(argv: list[str]) -> None:
     for unit in argv[1].split(","):
         t0 = time.perf_counter()
         if unit == CHECK:
-            check_decode(model, args.block_size)
+            check_decode(model, args)
         else:
             _, rows, family = unit.split(":")
             run_matmuls(model, int(rows), family, cache_dtype(model))
