@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -125,3 +127,36 @@ def test_leaving_early_stops_the_workers(tmp_path):
     with pytest.raises(RuntimeError), warmup.Precompile([warmup._Worker(proc, tmp_path, ["check"], output)], scratch):
         raise RuntimeError("the model failed to load")
     assert proc.poll() is not None and not scratch.exists()
+
+
+def test_a_worker_ends_when_the_server_that_started_it_is_killed(tmp_path):
+    # The middle process stands in for the server: it starts a "worker" that watches it, then dies.
+    pidfile = tmp_path / "worker.pid"
+    worker = (
+        "import os, time; from server.engine.warmup import exit_with_parent; exit_with_parent(); "
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    server = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", server])
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the worker outlived its server"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return True

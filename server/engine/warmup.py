@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -259,8 +260,22 @@ def run_matmuls(model: Any, rows: int, family: str, dtype: mx.Dtype) -> int:
     return done
 
 
+def exit_with_parent() -> None:
+    """End this process as soon as its parent is gone (the server killed while it warms up, before
+    `Precompile` could stop its workers): a daemon thread polls the parent's pid once a second."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker(argv: list[str]) -> None:
     """A compile worker: `python -m server.engine.warmup ARGS_JSON UNIT,UNIT,...`."""
+    exit_with_parent()
     from .architectures import adapt_model
     from .factory import check_decode  # the factory imports this module
     from .loader import load_model
