@@ -75,7 +75,7 @@ class Settings:
     )
     warmup_workers: int | None = _option(
         _ENGINE.warmup_workers,
-        "processes that compile the warm-up's kernels in parallel (unset: on CUDA by cores and memory, else 0)",
+        "processes compiling MLX's costliest kernels in parallel on an empty kernel cache (unset: CUDA up to 7, else 0)",
         lambda v: v >= 0,
         "must be >= 0",
     )

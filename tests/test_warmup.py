@@ -69,6 +69,23 @@ def test_workers_are_only_the_default_on_cuda():
     assert warmup.compile_workers(EngineArgs(), Path(".")) == 0  # this machine: MLX on the CPU
 
 
+def test_on_cuda_the_worker_count_follows_cores_and_memory(monkeypatch, tmp_path):
+    monkeypatch.setattr(warmup.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(warmup.mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(warmup.mx, "device_info", lambda: {"total_memory": 80 << 30})
+    monkeypatch.setattr(warmup.os, "cpu_count", lambda: 16)
+    assert warmup.compile_workers(EngineArgs(), tmp_path) == 0  # no config.json: the loader will say why
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 8}')
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    os.truncate(weights, 15 << 30)  # sparse: an 8-layer model of 15 GiB
+    assert warmup.compile_workers(EngineArgs(), tmp_path) == len(warmup.precompile_units())
+    monkeypatch.setattr(warmup.os, "cpu_count", lambda: 4)
+    assert warmup.compile_workers(EngineArgs(), tmp_path) == 3  # one core stays with the server
+    os.truncate(weights, 60 << 30)  # the model leaves no room for a worker's layers
+    assert warmup.compile_workers(EngineArgs(), tmp_path) == 0
+
+
 def test_matmul_units_cover_every_quantized_matrix_once_per_family():
     model, _ = load_model(str(ensure_demo_model()), one_layer_per_kind=True)
     linear = (nn.Linear, SwitchLinear)

@@ -46,8 +46,9 @@ class EngineArgs:
     # returned (MLX's GPU backends compile kernels on first use of each shape): "on", "off", or
     # "auto" (on a GPU only).
     warmup: str = "auto"
-    # Processes that compile the warm-up's kernels in parallel before the engine's own warm-up
-    # (warmup.py); None: on CUDA as many as cores and memory allow (at most 8), elsewhere 0.
+    # Processes that compile MLX's costliest kernels in parallel before the engine's own warm-up,
+    # when the kernel cache is empty (warmup.py); None: on CUDA one per unit (7) as cores and
+    # memory allow, elsewhere 0.
     warmup_workers: int | None = None
     # Which decode attention runs: "auto" (the fused kernel on Metal or CUDA, checked against the
     # reference when the engine loads; "cpu" on the CPU), "reference", "cpu" (plain MLX over the

@@ -117,8 +117,11 @@ def compile_workers(args: EngineArgs, model_dir: Path) -> int:
         return args.warmup_workers
     if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
         return 0
+    try:
+        layers = max(1, int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 1)))
+    except (OSError, ValueError, AttributeError):
+        return 0  # not a model directory: the loader says so, in words a user can act on
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    layers = max(1, int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 1)))
     info = mx.device_info()
     memory = int(info.get("total_memory") or info.get("memory_size") or 0)  # CUDA names it total_memory
     by_memory = int((0.9 * memory - 1.2 * weights) // (2 * weights / layers + WORKER_OVERHEAD))
