@@ -10,7 +10,6 @@ from server.engine.factory import with_device_defaults
 from server.engine.scheduler import PrefillPacer, Scheduler
 from server.engine.sequence import Sequence, Status
 from server.engine.types import SamplingParams
-from server.engine.warmup import warmup_units
 
 
 def seq(rid: str, n: int, max_tokens: int = 4) -> Sequence:
@@ -93,13 +92,6 @@ def test_the_pacer_never_goes_below_one_block():
     assert p.limit == 64
     p.observe(0.001, decodes=0, prefill_tokens=64)  # a step with no decode teaches nothing
     assert p.limit == 64
-
-
-def test_warmup_units_stay_few_and_within_the_limits():
-    units = warmup_units(EngineArgs(max_num_seqs=48, prefill_chunk_size=512), 4096)
-    assert units == [f"prefill:{n}" for n in (16, 128, 512)] + [f"decode:{b}" for b in (1, 2, 4, 8, 16, 32)]
-    units = warmup_units(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
-    assert [u for u in units if u.startswith("prefill")] == ["prefill:16", "prefill:128", "prefill:198"]
 
 
 def test_device_defaults_resolve_only_what_is_unset():

@@ -33,6 +33,13 @@ def greedy(engine, prompt: list[int], n: int = 6) -> list[int]:
     return seq.output_ids
 
 
+def test_warmup_units_stay_few_and_within_the_limits():
+    units = warmup.warmup_units(EngineArgs(max_num_seqs=48, prefill_chunk_size=512), 4096)
+    assert units == [f"prefill:{n}" for n in (16, 128, 512)] + [f"decode:{b}" for b in (1, 2, 4, 8, 16, 32)]
+    units = warmup.warmup_units(EngineArgs(max_num_seqs=64, prefill_chunk_size=300), 200)
+    assert [u for u in units if u.startswith("prefill")] == ["prefill:16", "prefill:128", "prefill:198"]
+
+
 def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
     model, tok = load_model(str(ensure_demo_model()), one_layer_per_kind=True)
     # The demo model: one dense layer, then three MoE layers of one kind.
