@@ -71,6 +71,13 @@ def test_no_workers_on_a_warm_kernel_cache_or_without_a_model(tmp_path, monkeypa
         assert pre.workers == []
 
 
+def test_never_more_workers_than_units(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
+    with warmup.Precompile.start(EngineArgs(warmup_workers=10), str(ensure_demo_model())) as pre:
+        assert len(pre.workers) == len(warmup.precompile_units())
+        assert all(len(w.units) == 1 for w in pre.workers)
+
+
 def test_workers_are_only_the_default_on_cuda():
     assert warmup.compile_workers(EngineArgs(warmup_workers=3), Path(".")) == 3
     assert warmup.compile_workers(EngineArgs(), Path(".")) == 0  # this machine: MLX on the CPU
@@ -86,7 +93,7 @@ def test_on_cuda_the_worker_count_follows_cores_and_memory(monkeypatch, tmp_path
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"")
     os.truncate(weights, 15 << 30)  # sparse: an 8-layer model of 15 GiB
-    assert warmup.compile_workers(EngineArgs(), tmp_path) == len(warmup.precompile_units())
+    assert warmup.compile_workers(EngineArgs(), tmp_path) == 9  # 54 GiB left, 5.75 GiB a worker
     monkeypatch.setattr(warmup.os, "cpu_count", lambda: 4)
     assert warmup.compile_workers(EngineArgs(), tmp_path) == 3  # one core stays with the server
     os.truncate(weights, 60 << 30)  # the model leaves no room for a worker's layers

@@ -111,7 +111,7 @@ def precompile_units() -> list[str]:
 def compile_workers(args: EngineArgs, model_dir: Path) -> int:
     """How many compile workers to start: `args.warmup_workers`, else on CUDA as many as the host's
     cores and the device's memory allow (the model, then per worker twice a layer's weights plus
-    `WORKER_OVERHEAD`), at most one per unit; elsewhere none (MLX's Metal kernels ship mostly
+    `WORKER_OVERHEAD`); elsewhere none (MLX's Metal kernels ship mostly
     precompiled in its library; on the CPU there is no warm-up by default)."""
     if args.warmup_workers is not None:
         return args.warmup_workers
@@ -125,7 +125,7 @@ def compile_workers(args: EngineArgs, model_dir: Path) -> int:
     info = mx.device_info()
     memory = int(info.get("total_memory") or info.get("memory_size") or 0)  # CUDA names it total_memory
     by_memory = int((0.9 * memory - 1.2 * weights) // (2 * weights / layers + WORKER_OVERHEAD))
-    return max(0, min(len(precompile_units()), (os.cpu_count() or 1) - 1, by_memory))
+    return max(0, min((os.cpu_count() or 1) - 1, by_memory))
 
 
 @dataclass
@@ -150,13 +150,13 @@ class Precompile:
         shared = kernel_cache_dir()
         if model is None or (shared.is_dir() and any(shared.iterdir())):
             return cls([], None)
-        count = compile_workers(args, _model_dir(model))
+        units = precompile_units()
+        count = min(compile_workers(args, _model_dir(model)), len(units))  # more would have nothing to do
         if count <= 0:
             return cls([], None)
         shared.mkdir(parents=True, exist_ok=True)
         os.environ["MLX_PTX_CACHE_DIR"] = str(shared)  # this process reads where the merge writes
         scratch = Path(tempfile.mkdtemp(prefix="mla-precompile-"))
-        units = precompile_units()
         workers = []
         for i in range(count):
             cache = scratch / f"cache{i}"
