@@ -48,10 +48,10 @@ def many(base: str, count: int, **request: object) -> list[object]:
     """`count` concurrent chat completions (they batch in the engine)."""
 
     async def run() -> list[object]:
-        client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
-        replies = await asyncio.gather(*[client.chat.completions.create(**request, seed=i) for i in range(count)])
-        await client.close()
-        return list(replies)
+        async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300) as client:
+            return list(
+                await asyncio.gather(*[client.chat.completions.create(**request, seed=i) for i in range(count)])
+            )
 
     return asyncio.run(run())
 

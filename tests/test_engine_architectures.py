@@ -377,20 +377,24 @@ def test_deepseek_v2_through_http_matches_reference_loop(serve_app):
     args = EngineArgs(cache_tokens=64 * 16, max_num_seqs=4, prefill_chunk_size=64)
     engine = AsyncEngine(lambda: load_engine(args, loaded=(tiny_deepseek_v2(), tokenizer)))
     base = serve_app(create_app(engine))
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
 
-    async def plain(ids):
+    async def plain(client, ids):
         reply = await client.completions.create(model=engine.model_name, prompt=ids, max_tokens=12, temperature=0)
         return reply.choices[0].text, reply.choices[0].finish_reason
 
-    async def streamed(ids):
+    async def streamed(client, ids):
         chunks = await client.completions.create(
             model=engine.model_name, prompt=ids, max_tokens=12, temperature=0, stream=True
         )
         return "".join([c.choices[0].text async for c in chunks if c.choices]), "length"
 
     async def both():
-        return await asyncio.gather(plain(prompts[0]), streamed(prompts[1]), streamed(prompts[0]))
+        # The client closes on the loop that opened its connections: left to the garbage collector,
+        # openai's finaliser schedules the close on whatever loop runs next, a later test's.
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(
+                plain(client, prompts[0]), streamed(client, prompts[1]), streamed(client, prompts[0])
+            )
 
     got = asyncio.run(both())
     want = [tokenizer.decode(e, skip_special_tokens=True) for e in (expected[0], expected[1], expected[0])]
