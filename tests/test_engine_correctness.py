@@ -1,13 +1,25 @@
 """The engine's greedy tokens equal a plain mlx-lm loop with the same INT4 latent quantization,
-alone, chunked, inside batches that start at different steps, and after preemption."""
+alone, chunked, inside batches that start at different steps, and after preemption; and with
+prefill attention at CUDA's bucketed lengths as without."""
 
+import pytest
 from engine_harness import demo_model, make_engine, prompt, run_until_idle, submit
 from reference_loop import greedy_reference
 from support.hardware import needs_reference_decode
 
+from server.engine import mla_attention
+
+
+@pytest.fixture(params=["exact", "bucketed"])
+def prefill_lengths(request, monkeypatch):
+    """Each test twice: prefill attention at the chunk's own lengths (Metal, the CPU), and padded
+    to buckets as on CUDA (`mla_attention.sdpa_padding`)."""
+    if request.param == "bucketed":
+        monkeypatch.setattr(mla_attention, "_pads_to_buckets", lambda: True)
+
 
 @needs_reference_decode
-def test_greedy_matches_reference_loop():
+def test_greedy_matches_reference_loop(prefill_lengths):
     model, _ = demo_model()
     # 300 tokens cross the llama-4 scale's step at position 256 and several cache blocks.
     ids = prompt(300)
@@ -20,7 +32,7 @@ def test_greedy_matches_reference_loop():
 
 
 @needs_reference_decode
-def test_same_tokens_alone_and_in_a_staggered_batch():
+def test_same_tokens_alone_and_in_a_staggered_batch(prefill_lengths):
     target = prompt(90, seed=1)
     alone_engine = make_engine()
     alone = submit(alone_engine, "t", target, max_tokens=20, ignore_eos=True)

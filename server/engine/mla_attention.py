@@ -22,7 +22,7 @@ import mlx.core as mx
 from ..kernels.cpu_streams import run_parts
 from ..kernels.dense_cache import DenseLatentCache
 from ..kernels.latent_cache import LatentCache
-from ..kernels.mla_decode import mla_decode_append
+from ..kernels.mla_decode import device_backend, mla_decode_append
 
 
 @dataclass
@@ -133,6 +133,34 @@ def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
 _CPU_QUERY_BLOCK = 64
 
 
+def sdpa_bucket(length: int) -> int:
+    """The length a CUDA prefill attention runs at for `length` queries or keys: the next multiple
+    of 64 below 1024, and from 1024 on of an eighth of the power of two at or below it (at most
+    1/8 more), so the lengths of a 32K context fall into 56 buckets.
+
+    Why: MLX's CUDA SDPA builds one cuDNN graph per exact (queries, keys) shape and keeps 256
+    (mlx/backend/cuda/scaled_dot_product_attention.cpp); a build costs tens to hundreds of
+    milliseconds (reported 55-70 ms by FlashInfer, about 400 ms by SGLang). Prompts of distinct
+    lengths give every chunk a shape never seen; buckets bound the graphs a server ever builds."""
+    granule = max(64, (1 << (max(1, length).bit_length() - 1)) // 8)
+    return -(-length // granule) * granule
+
+
+def sdpa_padding(n: int, S: int) -> tuple[int, int]:
+    """(front, back): query rows to add before and after a chunk of `n` queries over `S` keys so
+    that, with `back` padding keys appended, both lengths are buckets.
+
+    SDPA's causal mask aligns the last query with the last key: query row i of Q sees the keys up
+    to i + K - Q. Padding the keys to K = sdpa_bucket(S) and the queries after the chunk by the
+    same `back` = K - S rows keeps real query r seeing keys up to S - n + r, as without padding,
+    whatever `front` is; the padding keys are seen only by the rows after the chunk, whose outputs
+    are dropped. `front` fills the queries up to Q = sdpa_bucket(n + back), which is at most K
+    (n <= S), so every row sees at least one key.
+    """
+    back = sdpa_bucket(S) - S
+    return sdpa_bucket(n + back) - n - back, back
+
+
 def _prefill_attention(
     attn: Any, q_nope: mx.array, q_pe: mx.array, cache: LatentCache | DenseLatentCache, chunk: PrefillChunk
 ) -> mx.array:
@@ -142,22 +170,29 @@ def _prefill_attention(
     Unlike decode, prefill expands the latent into per-head keys and values (mlx-lm's own prefill
     form): with n queries per chunk the expansion costs less than the absorbed form's H x R wide
     scores, and SDPA's built-in causal mask (queries aligned to the last keys) needs no mask tensor.
+    On CUDA the queries and keys are padded to bucketed lengths (`sdpa_padding`).
     """
-    S = chunk.start + chunk.length
+    S, n = chunk.start + chunk.length, chunk.length
     latent, k_pe = cache.read(chunk.block_ids, S)
-    latent = latent.astype(q_nope.dtype)[None]  # [1, S, R]
-    cpu = mx.default_device() == mx.cpu
-    k_nope = attn.embed_q(latent, transpose=False)  # [H, S, nope]
-    values = _unembed_nn(attn.unembed_out, latent) if cpu else attn.unembed_out(latent)  # [H, S, v]
-    k_pe = mx.broadcast_to(k_pe.astype(q_pe.dtype)[None], (k_nope.shape[0], S, k_pe.shape[-1]))
-    keys = mx.concatenate([k_nope, k_pe], axis=-1)
     queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
-    n = chunk.length
-    if not cpu or n <= _CPU_QUERY_BLOCK:
+    cpu = mx.default_device() == mx.cpu
+    front, back = sdpa_padding(n, S) if _pads_to_buckets() else (0, 0)
+    if front or back:
+        # Zero latents expand to zero keys and values (the projections have no bias): the padding
+        # costs its share of the expansion, not a copy of the expanded keys.
+        latent = mx.pad(latent, [(0, back), (0, 0)])
+        k_pe = mx.pad(k_pe, [(0, back), (0, 0)])
+        queries = mx.pad(queries, [(0, 0), (front, back), (0, 0)])
+    latent = latent.astype(q_nope.dtype)[None]  # [1, S + back, R]
+    k_nope = attn.embed_q(latent, transpose=False)  # [H, S + back, nope]
+    values = _unembed_nn(attn.unembed_out, latent) if cpu else attn.unembed_out(latent)  # [H, S + back, v]
+    k_pe = mx.broadcast_to(k_pe.astype(q_pe.dtype)[None], (k_nope.shape[0], k_nope.shape[1], k_pe.shape[-1]))
+    keys = mx.concatenate([k_nope, k_pe], axis=-1)
+    if not cpu or n <= _CPU_QUERY_BLOCK or front or back:
         out = mx.fast.scaled_dot_product_attention(
             queries[None], keys[None], values[None], scale=attn.scale, mask="causal"
         )
-        return out[0].swapaxes(0, 1)  # [n, H, v]
+        return out[0, :, front : front + n].swapaxes(0, 1)  # [n, H, v]
     # The CPU has no fused SDPA: MLX composes it from a full [H, n, S] score matmul, a mask, a
     # softmax (its exp alone ~10 ns an element here) and a second matmul, so the masked half of a
     # causal chunk costs as much as the rest. Query blocks over only the keys they see skip it:
@@ -178,6 +213,13 @@ def _prefill_attention(
 
     outs = run_parts([block(a) for a in range(0, n, _CPU_QUERY_BLOCK)])
     return mx.concatenate(outs, axis=1).swapaxes(0, 1)  # [n, H, v]
+
+
+def _pads_to_buckets() -> bool:
+    """Whether prefill attention runs at bucketed lengths: on CUDA only, where each new shape
+    costs a cuDNN graph (Metal's SDPA kernels are compiled once per head size and flags; the CPU
+    composes plain ops)."""
+    return device_backend() == "cuda"
 
 
 def _unembed_nn(unembed_out: Any, latent: mx.array) -> mx.array:
