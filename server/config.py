@@ -137,6 +137,12 @@ class Settings:
         lambda v: v in ("auto", "on", "off"),
         "must be one of auto, on, off",
     )
+    prefill_buckets: str = _option(
+        _ENGINE.prefill_buckets,
+        "pad prefill attention to bucketed lengths, so CUDA builds a bounded set of cuDNN graphs: auto (CUDA), on or off",
+        lambda v: v in ("auto", "on", "off"),
+        "must be one of auto, on, off",
+    )
     rank_timeout: float = _option(
         _ENGINE.rank_timeout,
         "tensor parallel: seconds rank 0 waits for the other ranks in one step before it stops the set",

@@ -36,6 +36,7 @@ SAMPLES = {
     "rank_timeout": ("30.0", "30.0", 30.0),
     "decode_backend": ('"reference"', "reference", "reference"),
     "moe_by_expert": ('"off"', "off", "off"),
+    "prefill_buckets": ('"on"', "on", "on"),
     "async_scheduling": ('"off"', "off", "off"),
     "cache_tokens_per_seq": ("4096", "4096", 4096),
     "warmup": ('"on"', "on", "on"),

@@ -7,24 +7,21 @@ from engine_harness import demo_model, make_engine, prompt, run_until_idle, subm
 from reference_loop import greedy_reference
 from support.hardware import needs_reference_decode
 
-from server.engine import mla_attention
 
-
-@pytest.fixture(params=["exact", "bucketed"])
-def prefill_lengths(request, monkeypatch):
+@pytest.fixture(params=["off", "on"])
+def buckets(request) -> str:
     """Each test twice: prefill attention at the chunk's own lengths (Metal, the CPU), and padded
-    to buckets as on CUDA (`mla_attention.sdpa_padding`)."""
-    if request.param == "bucketed":
-        monkeypatch.setattr(mla_attention, "_pads_to_buckets", lambda: True)
+    to bucketed lengths as on CUDA (`EngineArgs.prefill_buckets`, `mla_attention.sdpa_padding`)."""
+    return request.param
 
 
 @needs_reference_decode
-def test_greedy_matches_reference_loop(prefill_lengths):
+def test_greedy_matches_reference_loop(buckets):
     model, _ = demo_model()
     # 300 tokens cross the llama-4 scale's step at position 256 and several cache blocks.
     ids = prompt(300)
     expected = greedy_reference(model, ids, 24)
-    engine = make_engine(prefill_chunk_size=128)
+    engine = make_engine(prefill_chunk_size=128, prefill_buckets=buckets)
     out = submit(engine, "a", ids, max_tokens=24, ignore_eos=True)
     run_until_idle(engine)
     assert out.tokens == expected
@@ -32,13 +29,13 @@ def test_greedy_matches_reference_loop(prefill_lengths):
 
 
 @needs_reference_decode
-def test_same_tokens_alone_and_in_a_staggered_batch(prefill_lengths):
+def test_same_tokens_alone_and_in_a_staggered_batch(buckets):
     target = prompt(90, seed=1)
-    alone_engine = make_engine()
+    alone_engine = make_engine(prefill_buckets=buckets)
     alone = submit(alone_engine, "t", target, max_tokens=20, ignore_eos=True)
     run_until_idle(alone_engine)
 
-    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256)
+    engine = make_engine(prefill_chunk_size=64, max_num_batched_tokens=256, prefill_buckets=buckets)
     others = []
     for i in range(4):
         others.append(submit(engine, f"o{i}", prompt(10 + 37 * i, seed=10 + i), max_tokens=12 + i, ignore_eos=True))

@@ -4,8 +4,10 @@ the buckets are few and tight, and padding never changes what a real query sees.
 import mlx.core as mx
 import numpy as np
 import pytest
+from engine_harness import make_engine, prompt, submit
 
 from server.engine.mla_attention import sdpa_bucket, sdpa_padding
+from server.kernels.mla_decode import device_backend
 
 
 def test_buckets_are_few_tight_and_stable():
@@ -41,3 +43,12 @@ def test_padded_attention_equals_the_exact_one(n, S):
     vp = mx.concatenate([val, mx.full((H, back, v), 1e4)], axis=1)
     padded = mx.fast.scaled_dot_product_attention(qp[None], kp[None], vp[None], scale=0.3, mask="causal")[0]
     np.testing.assert_allclose(np.array(padded[:, front : front + n]), np.array(exact), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option, padded", [("on", True), ("off", False), ("auto", device_backend() == "cuda")])
+def test_the_option_decides_whether_the_runner_pads_each_chunk(option, padded):
+    engine = make_engine(prefill_buckets=option)
+    submit(engine, "a", prompt(100), max_tokens=2)
+    _, batch, _ = engine.runner.prepare(engine.scheduler.schedule())
+    assert batch.prefills[0].padding == (sdpa_padding(100, 100) if padded else (0, 0))
+    assert sdpa_padding(100, 100) != (0, 0)

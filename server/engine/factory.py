@@ -119,6 +119,7 @@ def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distribute
         block_size=args.block_size,
         latent_cache=args.latent_cache,
         moe_by_expert=args.moe_by_expert,
+        prefill_buckets=args.prefill_buckets,
         sharded=group is not None,
     )
     log.info(

@@ -22,7 +22,7 @@ import mlx.core as mx
 from ..kernels.cpu_streams import run_parts
 from ..kernels.dense_cache import DenseLatentCache
 from ..kernels.latent_cache import LatentCache
-from ..kernels.mla_decode import device_backend, mla_decode_append
+from ..kernels.mla_decode import mla_decode_append
 
 
 @dataclass
@@ -31,6 +31,7 @@ class PrefillChunk:
     length: int
     block_ids: mx.array  # int32 [ceil((start + length) / block_size)]
     slots: mx.array  # int32 [length]: where the chunk's tokens go
+    padding: tuple[int, int] = (0, 0)  # (front, back): the attention's padding rows (`sdpa_padding`)
 
 
 @dataclass
@@ -170,13 +171,14 @@ def _prefill_attention(
     Unlike decode, prefill expands the latent into per-head keys and values (mlx-lm's own prefill
     form): with n queries per chunk the expansion costs less than the absorbed form's H x R wide
     scores, and SDPA's built-in causal mask (queries aligned to the last keys) needs no mask tensor.
-    On CUDA the queries and keys are padded to bucketed lengths (`sdpa_padding`).
+    With `chunk.padding` (CUDA by default: EngineArgs.prefill_buckets), the queries and keys are
+    padded to bucketed lengths (`sdpa_padding`).
     """
     S, n = chunk.start + chunk.length, chunk.length
     latent, k_pe = cache.read(chunk.block_ids, S)
     queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
     cpu = mx.default_device() == mx.cpu
-    front, back = sdpa_padding(n, S) if _pads_to_buckets() else (0, 0)
+    front, back = chunk.padding
     if front or back:
         # Zero latents expand to zero keys and values (the projections have no bias): the padding
         # costs its share of the expansion, not a copy of the expanded keys.
@@ -213,13 +215,6 @@ def _prefill_attention(
 
     outs = run_parts([block(a) for a in range(0, n, _CPU_QUERY_BLOCK)])
     return mx.concatenate(outs, axis=1).swapaxes(0, 1)  # [n, H, v]
-
-
-def _pads_to_buckets() -> bool:
-    """Whether prefill attention runs at bucketed lengths: on CUDA only, where each new shape
-    costs a cuDNN graph (Metal's SDPA kernels are compiled once per head size and flags; the CPU
-    composes plain ops)."""
-    return device_backend() == "cuda"
 
 
 def _unembed_nn(unembed_out: Any, latent: mx.array) -> mx.array:

@@ -16,9 +16,10 @@ import numpy as np
 from ..kernels.cpu_streams import num_cpu_streams, run_parts
 from ..kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
+from ..kernels.mla_decode import device_backend
 from .architectures import adapt_model
 from .experts import by_expert, pays_one_at_a_time, run_by_expert
-from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention
+from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention, sdpa_padding
 from .scheduler import StepPlan
 from .sequence import Sequence
 
@@ -91,6 +92,7 @@ class ModelRunner:
         block_size: int = 64,
         latent_cache: str = "int4",
         moe_by_expert: str = "auto",
+        prefill_buckets: str = "auto",
         sharded: bool = False,
     ) -> None:
         """`sharded`: the model is split across tensor-parallel ranks, so its layers all-reduce."""
@@ -98,6 +100,7 @@ class ModelRunner:
         args = model.args
         self.model = model
         self.moe_by_expert = moe_by_expert
+        self.prefill_buckets = prefill_buckets == "on" or (prefill_buckets == "auto" and device_backend() == "cuda")
         # On the CPU the MLP runs its tokens in parts on several CPU streams (cores); not when the
         # layers all-reduce: each rank must issue its collectives in one order.
         self.mlp_parts = num_cpu_streams() if mx.default_device() == mx.cpu and not sharded else 1
@@ -148,7 +151,9 @@ class ModelRunner:
             tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             nb = -(-(start + n) // self.block_size)
-            chunks.append(PrefillChunk(start, n, mx.array(seq.block_table[:nb], mx.int32), self._slots(seq, start, n)))
+            table = mx.array(seq.block_table[:nb], mx.int32)
+            padding = sdpa_padding(n, start + n) if self.prefill_buckets else (0, 0)
+            chunks.append(PrefillChunk(start, n, table, self._slots(seq, start, n), padding))
             if start + n == len(seq):
                 last_rows.append(len(tokens) - 1)
 
