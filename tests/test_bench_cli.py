@@ -84,3 +84,21 @@ def test_the_engine_bench_prefills_every_measured_prompt_in_full():
     rows = [concurrency_row(engine, 2, 200, 2, loaded[0].args.vocab_size, run) for run in range(3)]
     assert engine.counters["cached_prompt_tokens"] == 0
     assert all(r["tokens"] == 4 and r["itl_p50_ms"] > 0 for r in rows)
+
+
+def test_the_engine_bench_spreads_prompt_lengths_without_repeating_one(monkeypatch):
+    # --length-spread: every request a length the engine has not seen (what prefill buckets are for).
+    from engine_harness import demo_model
+
+    from server.bench import engine as bench
+
+    lengths: list[int] = []
+    submit = bench.submit
+    monkeypatch.setattr(
+        bench, "submit", lambda e, rid, ids, *rest: (lengths.append(len(ids)), submit(e, rid, ids, *rest))
+    )
+    loaded = demo_model()
+    engine = bench.make_engine(loaded, num_blocks=64)
+    for run in range(3):
+        bench.concurrency_row(engine, 4, 100, 2, loaded[0].args.vocab_size, run, spread=64)
+    assert len(set(lengths)) == 12 and min(lengths) == 100 and max(lengths) < 164

@@ -4,6 +4,8 @@ at several concurrencies, and the second turn of a long conversation with and wi
     python -m server.bench engine                       # the demo model, on this machine's default device
     python -m server.bench engine --model DIR --write   # any MLA model; --write updates docs/benchmarks.md
 
+    python -m server.bench engine --compare prefill_buckets --length-spread 1024   # an option off vs on
+
 Each concurrency level submits that many requests at once (prompt of --prompt-len tokens, exactly
 --output-len output tokens, greedy) and steps the engine until all finish.
 """
@@ -27,6 +29,8 @@ from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams, StreamDelta
 
 BLOCK_SIZE = 64
+# The engine options `--compare` sets off and on, and how its table names them.
+COMPARED = {"async_scheduling": "Async scheduling", "prefill_buckets": "Prefill attention at bucketed lengths"}
 
 
 def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool = True, **options: Any) -> LLMEngine:
@@ -63,16 +67,17 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
 
 
 def concurrency_row(
-    engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int, run: int
+    engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int, run: int, spread: int = 0
 ) -> dict[str, float]:
-    """`c` requests at once; prompts differ between runs (`run`), so none is a prefix-cache hit."""
+    """`c` requests at once; prompts differ between runs (`run`), so none is a prefix-cache hit.
+    With `spread`, request i is `(run * c + i) % spread` tokens longer than `prompt_len`: lengths
+    the engine has not seen while run * c + i < spread."""
     times: dict[str, list[float]] = {}
     before = engine.counters["generated_tokens"]
     t0 = time.perf_counter()
     for i in range(c):
-        submit(
-            engine, f"c{c}-{run}-{i}", prompt_ids(prompt_len, 100_000 * run + 1000 * c + i, vocab), output_len, times
-        )
+        n = prompt_len + ((run * c + i) % spread if spread else 0)
+        submit(engine, f"c{c}-{run}-{i}", prompt_ids(n, 100_000 * run + 1000 * c + i, vocab), output_len, times)
     run_all(engine)
     wall = time.perf_counter() - t0
     tokens = engine.counters["generated_tokens"] - before
@@ -116,44 +121,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md (section: engine)")
     ap.add_argument("--section", default="engine")
     ap.add_argument(
-        "--compare-async",
-        action="store_true",
-        help="instead: each concurrency with async scheduling off and on, alternating in this process",
+        "--compare",
+        choices=COMPARED,
+        help="instead: each concurrency with this engine option off and on, alternating in this process",
     )
-    ap.add_argument("--reps", type=int, default=3, help="runs per mode with --compare-async")
+    ap.add_argument("--reps", type=int, default=3, help="runs per mode with --compare")
+    ap.add_argument(
+        "--length-spread",
+        type=int,
+        default=0,
+        help="prompt lengths vary over this many tokens above --prompt-len, new in every request (0: all equal)",
+    )
     args = ap.parse_args(argv)
 
     started = utc_now()
     loaded = load_model(args.model or str(ensure_demo_model()))
     vocab = loaded[0].args.vocab_size
     levels = [int(c) for c in args.concurrency.split(",")]
-    per_seq_blocks = -(-(args.prompt_len + args.output_len) // BLOCK_SIZE)
+    per_seq_blocks = -(-(args.prompt_len + args.length_spread + args.output_len) // BLOCK_SIZE)
 
-    def engine_for(mode: str) -> LLMEngine:
+    def engine_for(option: dict[str, Any]) -> LLMEngine:
         return make_engine(
             loaded,
             num_blocks=max(levels) * per_seq_blocks + 8,
             max_num_seqs=max(levels),
             prefill_chunk_size=args.chunk,
             max_num_batched_tokens=max(args.chunk, max(levels)) * 2,
-            async_scheduling=mode,
+            **option,
         )
 
-    def measured(engine: LLMEngine, c: int, run: int) -> dict[str, float]:
-        return concurrency_row(engine, c, args.prompt_len, args.output_len, vocab, run)
+    def measured(engine: LLMEngine, c: int, run: int, output_len: int = args.output_len) -> dict[str, float]:
+        return concurrency_row(engine, c, args.prompt_len, output_len, vocab, run, args.length_spread)
 
-    if args.compare_async:
-        engines = {mode: engine_for(mode) for mode in ("off", "on")}
+    if args.compare:
+        engines = {mode: engine_for({args.compare: mode}) for mode in ("off", "on")}
         for engine in engines.values():  # first uses compile kernels on MLX's GPU backends
             for c in levels:
-                concurrency_row(engine, c, args.prompt_len, 8, vocab, run=0)
-        text = compare_async(engines, levels, measured, args.reps)
+                measured(engine, c, run=0, output_len=8)
+        text = compare(args.compare, engines, levels, measured, args.reps)
     else:
-        engine = engine_for(EngineArgs().async_scheduling)
+        engine = engine_for({})
         # Every measurement is taken twice and the second kept: the first pays for kernels that the
         # GPU runtime compiles on first use of each shape (minutes on MLX's CUDA backend).
         for c in levels:
-            concurrency_row(engine, c, args.prompt_len, 8, vocab, run=0)
+            measured(engine, c, run=0, output_len=8)
         text = engine_tables(args, loaded, [measured(engine, c, run=1) for c in levels])
     text = headed(f"Engine: {args.model or 'demo model'}", started, "engine", argv, text)
     print(text)
@@ -191,16 +202,18 @@ def engine_tables(args: argparse.Namespace, loaded: tuple[Any, Any], rows: list[
     return "\n".join(lines)
 
 
-def compare_async(
+def compare(
+    option: str,
     engines: dict[str, LLMEngine],
     levels: list[int],
     measured: Callable[[LLMEngine, int, int], dict[str, float]],
     reps: int,
 ) -> str:
-    """Each level with async scheduling off and on in turn (the order flips every repetition), in
-    this process on the same model: medians of `reps` runs each."""
+    """Each level with `option` off and on in turn (the order flips every repetition), in this
+    process on the same model, both on the same prompts: medians of `reps` runs each."""
     lines = [
-        f"Async scheduling off and on, alternating; median of {reps} runs each (distinct prompts every run).",
+        f"{COMPARED[option]} off and on, alternating; median of {reps} runs each (distinct prompts every run,"
+        " the same for both).",
         "",
         "| concurrency | output tok/s off | on | on / off | ITL p50 off (ms) | on (ms) | TTFT p50 off (ms) | on (ms) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -211,7 +224,7 @@ def compare_async(
         for rep in range(reps):
             for mode in ("off", "on") if rep % 2 == 0 else ("on", "off"):
                 runs[mode].append(measured(engines[mode], c, run))
-                run += 1
+            run += 1
         med = {
             m: {k: statistics.median(r[k] for r in rs) for k in ("tok_s", "itl_p50_ms", "ttft_p50_ms")}
             for m, rs in runs.items()
