@@ -139,7 +139,8 @@ class Settings:
     )
     prefill_buckets: str = _option(
         _ENGINE.prefill_buckets,
-        "pad prefill attention to bucketed lengths, so CUDA builds a bounded set of cuDNN graphs: auto (CUDA), on or off",
+        "pad prefill attention to bucketed lengths, so CUDA builds a bounded set of cuDNN graphs: auto (CUDA, heads"
+        " cuDNN takes), on or off",
         lambda v: v in ("auto", "on", "off"),
         "must be one of auto, on, off",
     )

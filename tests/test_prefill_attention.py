@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from engine_harness import make_engine, prompt, submit
 
-from server.engine.mla_attention import sdpa_bucket, sdpa_padding
+from server.engine.mla_attention import cudnn_prefill, sdpa_bucket, sdpa_padding
 from server.kernels.mla_decode import device_backend
 
 
@@ -52,3 +52,9 @@ def test_the_option_decides_whether_the_runner_pads_each_chunk(option, padded):
     _, batch, _ = engine.runner.prepare(engine.scheduler.schedule())
     assert batch.prefills[0].padding == (sdpa_padding(100, 100) if padded else (0, 0))
     assert sdpa_padding(100, 100) != (0, 0)
+
+
+def test_only_heads_cudnn_takes_are_padded_by_default():
+    assert cudnn_prefill(64 + 64, 128, mx.bfloat16)  # Mistral Small 4
+    assert not cudnn_prefill(128 + 64, 128, mx.bfloat16)  # DeepSeek-V2/V3, Kimi: MLX's composed fallback
+    assert not cudnn_prefill(64 + 64, 128, mx.float32)

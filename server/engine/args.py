@@ -56,8 +56,8 @@ class EngineArgs:
     decode_backend: str = "auto"
     # Routed experts one expert at a time: "auto" (CUDA, 3+ rows per expert on average), "on" or "off".
     moe_by_expert: str = "auto"
-    # Prefill attention at bucketed lengths (mla_attention.sdpa_padding): "auto" (CUDA, whose SDPA
-    # builds a cuDNN graph for each new shape), "on" or "off".
+    # Prefill attention at bucketed lengths (mla_attention.sdpa_padding): "auto" (CUDA, where SDPA
+    # builds a cuDNN graph for each new shape, for the head sizes cuDNN takes), "on" or "off".
     prefill_buckets: str = "auto"
     block_size: int = 64  # tokens per cache block
     # The latent cache: "int4" (MLX affine 4-bit, group 64, plus the rope key) or "bf16" (unquantized,

@@ -147,6 +147,15 @@ def sdpa_bucket(length: int) -> int:
     return -(-length // granule) * granule
 
 
+def cudnn_prefill(qk_dim: int, v_dim: int, dtype: mx.Dtype) -> bool:
+    """Whether MLX's CUDA SDPA runs a prefill of these head sizes through cuDNN (so a graph per
+    shape; `supports_sdpa_cudnn` in MLX 0.32): half-precision heads of at most 128, multiples of 8
+    (Mistral Small 4's 128 and 128). DeepSeek's 192-wide query heads, and float32, take MLX's
+    composed fallback, which builds no graph and so gains nothing from padding."""
+    sizes = qk_dim <= 128 and v_dim <= 128 and qk_dim % 8 == 0 and v_dim % 8 == 0
+    return sizes and dtype in (mx.float16, mx.bfloat16)
+
+
 def sdpa_padding(n: int, S: int) -> tuple[int, int]:
     """(front, back): query rows to add before and after a chunk of `n` queries over `S` keys so
     that, with `back` padding keys appended, both lengths are buckets.

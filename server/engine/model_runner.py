@@ -19,7 +19,7 @@ from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from ..kernels.mla_decode import device_backend
 from .architectures import adapt_model
 from .experts import by_expert, pays_one_at_a_time, run_by_expert
-from .mla_attention import AttentionBatch, PrefillChunk, llama4_attn_scale, mla_attention, sdpa_padding
+from .mla_attention import AttentionBatch, PrefillChunk, cudnn_prefill, llama4_attn_scale, mla_attention, sdpa_padding
 from .scheduler import StepPlan
 from .sequence import Sequence
 
@@ -100,7 +100,6 @@ class ModelRunner:
         args = model.args
         self.model = model
         self.moe_by_expert = moe_by_expert
-        self.prefill_buckets = prefill_buckets == "on" or (prefill_buckets == "auto" and device_backend() == "cuda")
         # On the CPU the MLP runs its tokens in parts on several CPU streams (cores); not when the
         # layers all-reduce: each rank must issue its collectives in one order.
         self.mlp_parts = num_cpu_streams() if mx.default_device() == mx.cpu and not sharded else 1
@@ -109,6 +108,12 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size: int = args.vocab_size
         self.dtype = cache_dtype(model)
+        qk_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
+        self.prefill_buckets = prefill_buckets == "on" or (
+            prefill_buckets == "auto"
+            and device_backend() == "cuda"
+            and cudnn_prefill(qk_dim, args.v_head_dim, self.dtype)
+        )
         rp = getattr(args, "rope_parameters", None) or {}
         self.llama4 = (
             (rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"])
