@@ -19,8 +19,7 @@ def test_experts_go_one_at_a_time_from_three_rows_each_on_cuda(monkeypatch: pyte
     mlp = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "switch_mlp"))
     experts, k = mlp.switch_mlp.down_proj.weight.shape[0], mlp.num_experts_per_tok
     monkeypatch.setitem(mlp.switch_mlp.down_proj, "scales", mx.zeros((1,)))  # as if quantized
-    monkeypatch.setattr(moe.mx.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(moe.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(moe, "device_backend", lambda: "cuda")
     rows_3 = -(-3 * experts // k)  # fewest tokens giving 3 rows per expert
     assert moe.by_expert(mlp, rows_3, "auto")
     assert not moe.by_expert(mlp, rows_3 - 1, "auto")

@@ -84,8 +84,7 @@ def test_workers_are_only_the_default_on_cuda():
 
 
 def test_on_cuda_the_worker_count_follows_cores_and_memory(monkeypatch, tmp_path):
-    monkeypatch.setattr(warmup.mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(warmup.mx.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(warmup, "device_backend", lambda: "cuda")
     monkeypatch.setattr(warmup.mx, "device_info", lambda: {"total_memory": 80 << 30})
     monkeypatch.setattr(warmup.os, "cpu_count", lambda: 16)
     assert warmup.compile_workers(EngineArgs(), tmp_path) == 0  # no config.json: the loader will say why

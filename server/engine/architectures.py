@@ -42,6 +42,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.nn.layers.base import Module
 
+from ..kernels.mla_decode import device_backend
 from .experts import fuse_experts
 from .types import EngineError
 
@@ -162,7 +163,7 @@ def split_kv_b_proj(kv_b_proj: Module, num_heads: int, nope: int) -> tuple[Modul
 
 def no_quantized_multilinear() -> bool:
     """MLX's CUDA backend has no quantized matmul with transpose=False (`embed_q` in prefill)."""
-    return bool(mx.default_device() == mx.gpu and mx.cuda.is_available())
+    return device_backend() == "cuda"
 
 
 def _split_view(attn: Any, scale: float) -> MLAView:

@@ -26,6 +26,8 @@ from mlx.nn.layers.base import Module
 from mlx_lm.models import switch_layers
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from ..kernels.mla_decode import device_backend
+
 # mlx-lm's own sort of (token, slot) pairs by expert and its inverse, as SwitchGLU uses them.
 _gather_sort: Callable[[mx.array, mx.array], tuple[mx.array, mx.array, mx.array]] = switch_layers._gather_sort
 _scatter_unsort: Callable[[mx.array, mx.array, tuple[int, ...]], mx.array] = switch_layers._scatter_unsort
@@ -113,9 +115,12 @@ def by_expert(mlp: Any, tokens: int, mode: str) -> bool:
         return False
     if mode == "on":
         return True
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     experts = switch.down_proj.weight.shape[0]
-    return mode == "auto" and on_cuda and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
+    return (
+        mode == "auto"
+        and device_backend() == "cuda"
+        and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
+    )
 
 
 def pays_one_at_a_time(inds: np.ndarray, mode: str) -> bool:

@@ -22,7 +22,7 @@ import mlx.core as mx
 from ..kernels.cpu_streams import run_parts
 from ..kernels.dense_cache import DenseLatentCache
 from ..kernels.latent_cache import LatentCache
-from ..kernels.mla_decode import mla_decode_append
+from ..kernels.mla_decode import device_backend, mla_decode_append
 
 
 @dataclass
@@ -122,7 +122,7 @@ _CUDA_ROPE_ROWS = 64
 def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
     """`rope(x, offset=positions)` with one offset per row of `x` [T, ...]."""
     rows = x.shape[0]
-    if rows <= _CUDA_ROPE_ROWS or not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+    if rows <= _CUDA_ROPE_ROWS or device_backend() != "cuda":
         out: mx.array = rope(x, offset=positions)
         return out
     step = _CUDA_ROPE_ROWS

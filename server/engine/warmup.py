@@ -45,6 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 import mlx.core as mx
 from mlx.core import __version__ as MLX_VERSION  # type: ignore[attr-defined]
 
+from ..kernels.mla_decode import device_backend
 from .args import EngineArgs
 from .sequence import Sequence
 from .types import SamplingParams
@@ -115,7 +116,7 @@ def compile_workers(args: EngineArgs, model_dir: Path) -> int:
     precompiled in its library; on the CPU there is no warm-up by default)."""
     if args.warmup_workers is not None:
         return args.warmup_workers
-    if not (mx.default_device() == mx.gpu and mx.cuda.is_available()):
+    if device_backend() != "cuda":
         return 0
     try:
         layers = max(1, int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 1)))
