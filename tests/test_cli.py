@@ -87,3 +87,14 @@ def test_log_file_is_reopened_after_rotation(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "before rotation" in (tmp_path / "server.log.0").read_text()
     assert "after rotation" in log.read_text() and "before rotation" not in log.read_text()
+
+
+def test_the_package_turns_off_mlx_cuda_cache_abort_before_mlx_loads():
+    # MLX's CUDA caches throw after 2x their capacity in lifetime misses (server/__init__.py).
+    probe = "import os, sys, server; print(os.environ['MLX_ENABLE_CACHE_THRASHING_CHECK'], 'mlx.core' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_CACHE_THRASHING_CHECK"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]
+    env["MLX_ENABLE_CACHE_THRASHING_CHECK"] = "1"  # the user's own value wins
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "False"]
