@@ -197,6 +197,19 @@ def test_405_names_the_allowed_methods_and_the_document_lists_errors_sent(engine
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(responses)
 
 
+def test_the_document_requires_the_bearer_key_only_when_the_server_has_one(engine):
+    def security(app):
+        document = app.openapi()
+        post = document["paths"]["/v1/chat/completions"]["post"]
+        return post.get("security"), document.get("components", {}).get("securitySchemes")
+
+    assert security(create_app(engine)) == (None, None)
+    assert security(create_app(engine, api_key=KEY)) == (
+        [{"HTTPBearer": []}],
+        {"HTTPBearer": {"type": "http", "scheme": "bearer"}},
+    )
+
+
 @pytest.mark.anyio
 async def test_overload_is_answered_429_with_retry_after_and_accepted_requests_complete():
     engine = start_engine(EngineArgs(cache_tokens=64 * 64, max_num_seqs=2, max_waiting_requests=2))

@@ -179,11 +179,18 @@ def create_app(
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, less the 422 it declares for every body: validation errors are 400s."""
+    """FastAPI's document, less the 422 it declares for every body (validation errors are 400s),
+    and without the bearer requirement when the server has no API key (nothing is required then:
+    a client or checker reading the document would otherwise expect a 401 without the header)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        keyless = app.state.api_key is None
         for path in schema["paths"].values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+                if keyless:
+                    operation.pop("security", None)
+        if keyless:
+            schema.get("components", {}).pop("securitySchemes", None)
         app.openapi_schema = schema
     return app.openapi_schema
