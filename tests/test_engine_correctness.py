@@ -11,7 +11,7 @@ from support.hardware import needs_reference_decode
 @pytest.fixture(params=["off", "on"])
 def buckets(request) -> str:
     """Each test twice: prefill attention at the chunk's own lengths (Metal, the CPU), and padded
-    to bucketed lengths as on CUDA (`EngineArgs.prefill_buckets`, `mla_attention.sdpa_padding`)."""
+    to bucketed lengths as on CUDA (`EngineArgs.prefill_buckets`, `mla_attention.sdpa_layout`)."""
     return request.param
 
 

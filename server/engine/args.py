@@ -56,7 +56,7 @@ class EngineArgs:
     decode_backend: str = "auto"
     # Routed experts one expert at a time: "auto" (CUDA, 3+ rows per expert on average), "on" or "off".
     moe_by_expert: str = "auto"
-    # Prefill attention at bucketed lengths (mla_attention.sdpa_padding): "auto" (CUDA, where SDPA
+    # Prefill attention at bucketed lengths (mla_attention.sdpa_layout): "auto" (CUDA, where SDPA
     # builds a cuDNN graph for each new shape, for the head sizes cuDNN takes), "on" or "off".
     prefill_buckets: str = "auto"
     block_size: int = 64  # tokens per cache block

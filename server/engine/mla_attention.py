@@ -31,7 +31,10 @@ class PrefillChunk:
     length: int
     block_ids: mx.array  # int32 [ceil((start + length) / block_size)]
     slots: mx.array  # int32 [length]: where the chunk's tokens go
-    padding: tuple[int, int] = (0, 0)  # (front, back): the attention's padding rows (`sdpa_padding`)
+    # The attention's bucketed layout (`sdpa_layout`), None: the chunk's own lengths; with a
+    # masked layout, its additive mask (`sdpa_mask`), made by the first layer for all of them.
+    layout: SdpaLayout | None = None
+    mask: mx.array | None = None
 
 
 @dataclass
@@ -156,19 +159,46 @@ def cudnn_prefill(qk_dim: int, v_dim: int, dtype: mx.Dtype) -> bool:
     return sizes and dtype in (mx.float16, mx.bfloat16)
 
 
-def sdpa_padding(n: int, S: int) -> tuple[int, int]:
-    """(front, back): query rows to add before and after a chunk of `n` queries over `S` keys so
-    that, with `back` padding keys appended, both lengths are buckets.
+@dataclass(frozen=True)
+class SdpaLayout:
+    """A prefill chunk's attention at bucketed lengths: `front` zero query rows, the chunk's `n`,
+    then zero rows up to `queries`; the sequence's S keys, then zero keys up to `keys`."""
 
-    SDPA's causal mask aligns the last query with the last key: query row i of Q sees the keys up
-    to i + K - Q. Padding the keys to K = sdpa_bucket(S) and the queries after the chunk by the
-    same `back` = K - S rows keeps real query r seeing keys up to S - n + r, as without padding,
-    whatever `front` is; the padding keys are seen only by the rows after the chunk, whose outputs
-    are dropped. `front` fills the queries up to Q = sdpa_bucket(n + back), which is at most K
-    (n <= S), so every row sees at least one key.
+    front: int
+    queries: int
+    keys: int
+    masked: bool  # an explicit mask (`sdpa_mask`) instead of SDPA's causal one
+
+
+def sdpa_layout(n: int, S: int) -> SdpaLayout:
+    """The bucketed layout of a chunk of `n` queries over `S` keys (its own and its prefix), the
+    cheaper in scores computed of two:
+
+    - causal: SDPA's causal mask aligns the last query with the last key (query row i of Q sees
+      the keys up to i + K - Q). Padding the keys to K = sdpa_bucket(S) and the queries after the
+      chunk by as many (K - S) rows keeps real query r seeing keys up to S - n + r, as without
+      padding, whatever `front` is; the padding keys are seen only by rows after the chunk, whose
+      outputs are dropped. `front` fills the queries up to Q = sdpa_bucket(n + K - S) <= K, so
+      every row sees a key. SDPA skips the scores above the diagonal.
+    - masked: queries padded only to sdpa_bucket(n), and a mask that says which keys each sees.
+      All Q x K scores are computed, but a short chunk over a long prefix (a new turn of a long
+      conversation) no longer attends with as many query rows as the keys' padding.
     """
-    back = sdpa_bucket(S) - S
-    return sdpa_bucket(n + back) - n - back, back
+    keys = sdpa_bucket(S)
+    back = keys - S
+    aligned, plain = sdpa_bucket(n + back), sdpa_bucket(n)
+    if aligned * keys - aligned * aligned // 2 <= plain * keys:
+        return SdpaLayout(aligned - n - back, aligned, keys, masked=False)
+    return SdpaLayout(0, plain, keys, masked=True)
+
+
+def sdpa_mask(layout: SdpaLayout, n: int, S: int, dtype: mx.Dtype) -> mx.array:
+    """[1, 1, queries, keys] additive mask of a masked layout: query row r (the chunk's rows first,
+    front = 0) sees key j when j < S and j <= S - n + r; the rest gets the dtype's lowest value."""
+    rows = mx.arange(layout.queries)[:, None]
+    cols = mx.arange(layout.keys)[None]
+    seen = (cols < S) & (cols <= S - n + rows)
+    return mx.where(seen, mx.array(0, dtype), mx.array(mx.finfo(dtype).min, dtype))[None, None]
 
 
 def _prefill_attention(
@@ -180,29 +210,33 @@ def _prefill_attention(
     Unlike decode, prefill expands the latent into per-head keys and values (mlx-lm's own prefill
     form): with n queries per chunk the expansion costs less than the absorbed form's H x R wide
     scores, and SDPA's built-in causal mask (queries aligned to the last keys) needs no mask tensor.
-    With `chunk.padding` (CUDA by default: EngineArgs.prefill_buckets), the queries and keys are
-    padded to bucketed lengths (`sdpa_padding`).
+    With `chunk.layout` (CUDA by default: EngineArgs.prefill_buckets), the queries and keys are
+    padded to bucketed lengths (`sdpa_layout`).
     """
     S, n = chunk.start + chunk.length, chunk.length
     latent, k_pe = cache.read(chunk.block_ids, S)
     queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
     cpu = mx.default_device() == mx.cpu
-    front, back = chunk.padding
-    if front or back:
+    layout, front = chunk.layout, 0
+    if layout is not None:
         # Zero latents expand to zero keys and values (the projections have no bias): the padding
         # costs its share of the expansion, not a copy of the expanded keys.
-        latent = mx.pad(latent, [(0, back), (0, 0)])
-        k_pe = mx.pad(k_pe, [(0, back), (0, 0)])
-        queries = mx.pad(queries, [(0, 0), (front, back), (0, 0)])
-    latent = latent.astype(q_nope.dtype)[None]  # [1, S + back, R]
-    k_nope = attn.embed_q(latent, transpose=False)  # [H, S + back, nope]
-    values = _unembed_nn(attn.unembed_out, latent) if cpu else attn.unembed_out(latent)  # [H, S + back, v]
+        latent = mx.pad(latent, [(0, layout.keys - S), (0, 0)])
+        k_pe = mx.pad(k_pe, [(0, layout.keys - S), (0, 0)])
+        front = layout.front
+        queries = mx.pad(queries, [(0, 0), (front, layout.queries - front - n), (0, 0)])
+    latent = latent.astype(q_nope.dtype)[None]  # [1, keys, R]
+    k_nope = attn.embed_q(latent, transpose=False)  # [H, keys, nope]
+    values = _unembed_nn(attn.unembed_out, latent) if cpu else attn.unembed_out(latent)  # [H, keys, v]
     k_pe = mx.broadcast_to(k_pe.astype(q_pe.dtype)[None], (k_nope.shape[0], k_nope.shape[1], k_pe.shape[-1]))
     keys = mx.concatenate([k_nope, k_pe], axis=-1)
-    if not cpu or n <= _CPU_QUERY_BLOCK or front or back:
-        out = mx.fast.scaled_dot_product_attention(
-            queries[None], keys[None], values[None], scale=attn.scale, mask="causal"
-        )
+    if not cpu or n <= _CPU_QUERY_BLOCK or layout is not None:
+        mask: mx.array | str = "causal"
+        if layout is not None and layout.masked:
+            if chunk.mask is None:
+                chunk.mask = sdpa_mask(layout, n, S, queries.dtype)
+            mask = chunk.mask
+        out = mx.fast.scaled_dot_product_attention(queries[None], keys[None], values[None], scale=attn.scale, mask=mask)
         return out[0, :, front : front + n].swapaxes(0, 1)  # [n, H, v]
     # The CPU has no fused SDPA: MLX composes it from a full [H, n, S] score matmul, a mask, a
     # softmax (its exp alone ~10 ns an element here) and a second matmul, so the masked half of a

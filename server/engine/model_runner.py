@@ -19,7 +19,14 @@ from ..kernels.latent_cache import LatentCache, latent_bytes_per_token
 from ..kernels.mla_decode import device_backend
 from .architectures import adapt_model
 from .experts import by_expert, pays_one_at_a_time, run_by_expert
-from .mla_attention import AttentionBatch, PrefillChunk, cudnn_prefill, llama4_attn_scale, mla_attention, sdpa_padding
+from .mla_attention import (
+    AttentionBatch,
+    PrefillChunk,
+    cudnn_prefill,
+    llama4_attn_scale,
+    mla_attention,
+    sdpa_layout,
+)
 from .scheduler import StepPlan
 from .sequence import Sequence
 
@@ -157,8 +164,8 @@ class ModelRunner:
             positions.extend(range(start, start + n))
             nb = -(-(start + n) // self.block_size)
             table = mx.array(seq.block_table[:nb], mx.int32)
-            padding = sdpa_padding(n, start + n) if self.prefill_buckets else (0, 0)
-            chunks.append(PrefillChunk(start, n, table, self._slots(seq, start, n), padding))
+            layout = sdpa_layout(n, start + n) if self.prefill_buckets else None
+            chunks.append(PrefillChunk(start, n, table, self._slots(seq, start, n), layout))
             if start + n == len(seq):
                 last_rows.append(len(tokens) - 1)
 
