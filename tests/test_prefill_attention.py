@@ -95,3 +95,14 @@ def test_only_heads_cudnn_takes_are_padded_by_default():
     assert cudnn_prefill(64 + 64, 128, mx.bfloat16)  # Mistral Small 4
     assert not cudnn_prefill(128 + 64, 128, mx.bfloat16)  # DeepSeek-V2/V3, Kimi: MLX's composed fallback
     assert not cudnn_prefill(64 + 64, 128, mx.float32)
+
+
+def test_auto_pads_on_cuda_only_where_cudnn_takes_the_heads(monkeypatch):
+    from server.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "device_backend", lambda: "cuda")
+    assert not make_engine(prefill_buckets="auto").runner.prefill_buckets  # the demo model is float32
+    monkeypatch.setattr(model_runner, "cudnn_prefill", lambda qk, v, dtype: (qk, v, dtype) == (48, 32, mx.float32))
+    assert make_engine(prefill_buckets="auto").runner.prefill_buckets  # its head sizes reach the rule
+    monkeypatch.setattr(model_runner, "device_backend", lambda: "metal")
+    assert not make_engine(prefill_buckets="auto").runner.prefill_buckets
