@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import uvicorn
-from fake_engine import FakeEngine
 from support import wait_until
+from support.fake_engine import FakeEngine
 
 from server.api.app import create_app
 from server.engine import EngineArgs
@@ -77,7 +77,7 @@ def demo_engine() -> Iterator[AsyncEngine]:
 def random_engine() -> Iterator[AsyncEngine]:
     """The real engine on the random demo model (`ensure_demo_model(random=True)`), for tests that
     want its flat distributions (e.g. sampled tokens that hold part of a character)."""
-    from server.engine.demo_model import ensure_demo_model
+    from server.engine.model.demo_model import ensure_demo_model
 
     engine = start_engine(EngineArgs(model=str(ensure_demo_model(random=True)), cache_tokens=64 * 128, max_num_seqs=16))
     yield engine

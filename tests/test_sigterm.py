@@ -17,7 +17,7 @@ from support.sse import finish_reason, iter_sse
 FAKE_SERVER = """
 import sys
 import server.engine.factory
-from fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 server.engine.factory.start_engine = lambda args, group=None: FakeEngine(model_name="mla-demo", token_delay=0.05)
 from server.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -32,7 +32,7 @@ FAKE_WORDS = 400
 
 
 def demo_eos_id() -> int:
-    from server.engine.demo_model import ensure_demo_model
+    from server.engine.model.demo_model import ensure_demo_model
 
     return int(json.loads((ensure_demo_model() / "generation_config.json").read_text())["eos_token_id"])
 

@@ -1,7 +1,7 @@
 """The FastAPI application: routes, auth, and the engine's lifetime.
 
 `create_app(engine)` is all a launcher needs; the engine is reached through dependencies so that
-tests can hand in any EngineClient (tests/fake_engine.py).
+tests can hand in any EngineClient (tests/support/fake_engine.py).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from typing import Any
 
 from server.bench.report import device_name, utc_now
 from server.engine.args import EngineArgs
+from server.engine.core.sequence import Sequence
 from server.engine.factory import load_engine
 from server.engine.llm_engine import LLMEngine
-from server.engine.sequence import Sequence
 from server.engine.types import OutputConstraint, SamplingParams, StreamDelta
 
 # Many items of several fields: no document of it fits in a few hundred tokens, and each step's

@@ -21,11 +21,11 @@ from typing import Any
 
 from server.bench.report import DOCS, headed, update_section, utc_now
 from server.engine.args import EngineArgs
-from server.engine.demo_model import ensure_demo_model
+from server.engine.core.sequence import Sequence
 from server.engine.factory import load_engine
 from server.engine.llm_engine import LLMEngine
-from server.engine.loader import load_model
-from server.engine.sequence import Sequence
+from server.engine.model.demo_model import ensure_demo_model
+from server.engine.model.loader import load_model
 from server.engine.types import SamplingParams, StreamDelta
 
 BLOCK_SIZE = 64

@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     if backend not in ("metal", "cuda"):  # "cpu" or "reference": plain MLX, which the tests check
         print(
             f"no fused kernel on this machine (MLX default device: {mx.default_device()}; decode runs through the "
-            f"plain-MLX {backend!r} backend, checked against the reference by tests/test_kernel_cpu.py); "
+            f"plain-MLX {backend!r} backend, checked against the reference by tests/kernels/test_kernel_cpu.py); "
             "nothing to check or time"
         )
         return 1 if a.md is not None else 0

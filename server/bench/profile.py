@@ -35,13 +35,13 @@ import mlx.core as mx
 
 from server.bench.report import device_name, headed, update_section, utc_now
 from server.engine.args import EngineArgs
-from server.engine.demo_model import ensure_demo_model
+from server.engine.core.scheduler import StepPlan
+from server.engine.core.sequence import Sequence
 from server.engine.factory import load_engine
 from server.engine.llm_engine import LLMEngine
-from server.engine.loader import load_model
-from server.engine.sampling import SamplerState, sample
-from server.engine.scheduler import StepPlan
-from server.engine.sequence import Sequence
+from server.engine.model.demo_model import ensure_demo_model
+from server.engine.model.loader import load_model
+from server.engine.sample.sampling import SamplerState, sample
 from server.engine.types import SamplingParams
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"

@@ -336,7 +336,7 @@ def _eos_ids(config: dict[str, Any]) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
-        from server.engine.demo_model import ensure_demo_model
+        from server.engine.model.demo_model import ensure_demo_model
 
         args.model = ensure_demo_model()
     model = args.model.resolve()

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from server.engine.demo_model import CHAT_TEMPLATE
+from server.engine.model.demo_model import CHAT_TEMPLATE
 
 # Mistral Small 4's attention (H=32, R=256, P=64, as the kernel targets) and MoE shape.
 SHAPES: dict[str, dict[str, Any]] = {

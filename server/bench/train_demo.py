@@ -20,7 +20,7 @@ model answers a chat prompt and stops. Every `--eval-every` seconds the validati
 and, when it is the best so far, the model is written in bf16 to DIR (config.json,
 model.safetensors, tokenizer.json, training.json): a run cut off still leaves its best model, and
 over-fitting (the corpus is small) never replaces it. `demo_model.py` ships DIR's files as
-`server/engine/demo_weights/`. docs/quality.md says where and how the shipped weights were trained.
+`server/engine/model/demo_weights/`. docs/quality.md says where and how the shipped weights were trained.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engine.demo_model import CONFIG
+from server.engine.model.demo_model import CONFIG
 
 CHUNK_CHARS = 64 * 1024
 # Chunk i is held out for the test when i % HOLD_EVERY == HOLD_EVERY // 2, and for validation (the
@@ -100,7 +100,7 @@ def write_corpus(out: Path) -> list[Path]:
 def train_tokenizer(text: str, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from server.engine.demo_model import SPECIAL_TOKENS, TOOL_TOKENS
+    from server.engine.model.demo_model import SPECIAL_TOKENS, TOOL_TOKENS
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -22,9 +22,9 @@ from typing import Any
 
 import mlx.core as mx
 
+from .core.sequence import Sequence
 from .distributed import AddRequest, Event, EventChannel, with_fixed_seed
 from .llm_engine import LLMEngine
-from .sequence import Sequence
 from .types import (
     EngineError,
     EngineOverloaded,

@@ -22,13 +22,13 @@ import mlx.core as mx
 
 from ..kernels.mla_decode import set_default_backend
 from ..kernels.selfcheck import Verdict, check_fused_decode
-from .architectures import adapt_model
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
 from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
-from .loader import load_model
-from .model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token, cache_dtype
+from .model.architectures import adapt_model
+from .model.loader import load_model
+from .model.model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token, cache_dtype
 from .types import EngineError
 from .warmup import Precompile, warm_up, warmup_units
 
@@ -65,7 +65,7 @@ def load_engine(
     warm = args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu)
     name = None
     if loaded is None:
-        from .demo_model import ensure_demo_model
+        from .model.demo_model import ensure_demo_model
 
         name = args.model or str(ensure_demo_model())
         if not Path(name).expanduser().exists():

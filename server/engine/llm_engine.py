@@ -11,13 +11,13 @@ from typing import Any, Protocol
 import mlx.core as mx
 
 from .args import EngineArgs
-from .block_manager import BlockManager
-from .constraints import Constraints
-from .detokenizer import TokenStream
-from .sampling import SampleResult, SamplerState, sample
-from .scheduler import Scheduler, StepPlan
-from .sequence import Sequence, Status
-from .token_bytes import TokenBytes
+from .core.block_manager import BlockManager
+from .core.scheduler import Scheduler, StepPlan
+from .core.sequence import Sequence, Status
+from .output.detokenizer import TokenStream
+from .output.token_bytes import TokenBytes
+from .sample.constraints import Constraints
+from .sample.sampling import SampleResult, SamplerState, sample
 from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
 
 

@@ -47,7 +47,7 @@ from mlx.core import __version__ as MLX_VERSION  # type: ignore[attr-defined]
 
 from ..kernels.mla_decode import device_backend
 from .args import EngineArgs
-from .sequence import Sequence
+from .core.sequence import Sequence
 from .types import SamplingParams
 
 if TYPE_CHECKING:
@@ -280,10 +280,10 @@ def exit_with_parent() -> None:
 def _worker(argv: list[str]) -> None:
     """A compile worker: `python -m server.engine.warmup ARGS_JSON UNIT,UNIT,...`."""
     exit_with_parent()
-    from .architectures import adapt_model
     from .factory import check_decode  # the factory imports this module
-    from .loader import load_model
-    from .model_runner import cache_dtype
+    from .model.architectures import adapt_model
+    from .model.loader import load_model
+    from .model.model_runner import cache_dtype
 
     logging.basicConfig(level=logging.WARNING)
     args = EngineArgs(**json.loads(argv[0]))

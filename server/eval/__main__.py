@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--json", default=None, help="also write the report here")
     a = p.parse_args(argv)
     if a.model is None:
-        from ..engine.demo_model import ensure_demo_model
+        from ..engine.model.demo_model import ensure_demo_model
 
         a.model = str(ensure_demo_model())
     report = run(

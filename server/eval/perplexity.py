@@ -26,9 +26,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..engine.model_runner import ModelRunner
-from ..engine.scheduler import StepPlan
-from ..engine.sequence import Sequence
+from ..engine.core.scheduler import StepPlan
+from ..engine.core.sequence import Sequence
+from ..engine.model.model_runner import ModelRunner
 from ..engine.types import SamplingParams
 
 Z95 = 1.959964
@@ -159,7 +159,7 @@ def run(
 ) -> dict[str, Any]:
     """Short windows (every token from position 1 decoded) and long windows (the last `long_last`
     tokens of `long_length`-token windows decoded, after a prefill of the rest). long_samples=0: none."""
-    from ..engine.loader import load_model
+    from ..engine.model.loader import load_model
 
     model, tokenizer = load_model(model_dir)
     tokens = load_tokens(tokenizer, data)

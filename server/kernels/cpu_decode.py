@@ -10,7 +10,7 @@ matmul dequantizes each code once per query row, so with many heads the scores a
 float32 dequantization (in the codes' transposed layout) and a plain matmul. Everything else is
 the reference's: the same append (`append_slots`, `append_guarded`), the same mask (positions
 past context_lens, block ids outside the pool), the same zeros for a row with no token, float32
-arithmetic throughout. It is checked against the reference in tests/test_kernel_cpu.py. Its
+arithmetic throughout. It is checked against the reference in tests/kernels/test_kernel_cpu.py. Its
 memory, like the reference's, grows with B * max_blocks * block_size, never with the pool: the
 scales are widened after the gather, not before (`mx.gather_qmm` over the pool would widen every
 block's scales at every step).

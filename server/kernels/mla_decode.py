@@ -53,7 +53,7 @@ that write). It is correct because of these invariants, kept here and by the eng
    `read`) may run beside it on the GPU, so it must read only bytes the kernel does not write
    (its own sequence's blocks: invariant 3); any other writer must be evaluated in a later
    `mx.eval`. docs/kernels.md lists every op on the cache between two steps, and
-   tests/test_kernel_ordering.py checks each ordering the engine uses.
+   tests/kernels/test_kernel_ordering.py checks each ordering the engine uses.
    Read the fields from the cache at the time of use; never keep an old field array.
 3. Ownership: the block that holds position context_lens[b] belongs to sequence b alone (a
    shared prefix block is always full), so no other threadgroup reads the bytes being written.

@@ -8,7 +8,7 @@
 - `support.hardware`: the hardware condition under which exact-token equality tests cannot hold
   (imported on its own: it loads MLX, which the API tests do without).
 
-Test modules import it as `support` (pytest puts tests/ on sys.path, as for `fake_engine`).
+Test modules import it as `support` (pytest puts tests/ on sys.path: `pythonpath` in pyproject.toml).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from server.bench.servers import ServerProcess, free_port, python_module
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 
-# Prepended to a `program`: the repo and tests/ importable (`tests.fake_engine` or `fake_engine`)
+# Prepended to a `program`: the repo and tests/ importable (`support.fake_engine`)
 # whatever directory pytest runs from.
 _PATHS = f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]\n"
 

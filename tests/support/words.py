@@ -1,6 +1,6 @@
 """A tiny tokenizer whose tokens are words, for the fake engine and detokenizer tests.
 
-It has what `server.engine.detokenizer` needs of a Hugging Face tokenizer: `decode(ids,
+It has what `server.engine.output.detokenizer` needs of a Hugging Face tokenizer: `decode(ids,
 skip_special_tokens=..., clean_up_tokenization_spaces=...)` and `eos_token_ids`. Decoding
 concatenates the tokens' pieces, so a piece carries its own leading space (" there"), as
 byte-level BPE pieces do; special tokens (role markers, EOS) decode to nothing when skipped.

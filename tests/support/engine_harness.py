@@ -1,0 +1,100 @@
+"""Drives an `LLMEngine` synchronously on the demo model, for engine tests."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import mlx.core as mx
+from mlx_lm import load
+
+from server.engine.args import EngineArgs
+from server.engine.core.sequence import Sequence
+from server.engine.factory import load_engine, with_device_defaults
+from server.engine.llm_engine import LLMEngine
+from server.engine.model.demo_model import ensure_demo_model
+from server.engine.types import SamplingParams, StreamDelta
+
+
+@functools.lru_cache(maxsize=1)
+def demo_model():
+    return load(str(ensure_demo_model()))
+
+
+def make_engine(num_blocks: int = 64, runner=None, model=None, **args) -> LLMEngine:
+    """The factory's engine on the demo model (or `model`) with a cache of `num_blocks` blocks;
+    `runner` replaces the model runner (the cache size is then the runner's)."""
+    loaded = demo_model() if model is None else (model, demo_model()[1])
+    engine_args = EngineArgs(cache_tokens=num_blocks * 64, **args)
+    if runner is None:
+        return load_engine(engine_args, loaded)
+    runner.num_blocks = num_blocks
+    max_model_len = min(engine_args.max_model_len or num_blocks * 64, num_blocks * 64)
+    resolved = replace(with_device_defaults(engine_args), max_model_len=max_model_len)  # as load_engine
+    return LLMEngine(runner, loaded[1], resolved)
+
+
+class ScriptedRunner:
+    """Stands in for `ModelRunner` where the model's numbers don't matter: each sampling row's
+    logits pick `script[request_id][i]` for its i-th output token (or token 100 past the end)."""
+
+    block_size = 64
+
+    def __init__(self, script: dict[str, list[int]] | None = None):
+        self.script = script or {}
+        self.vocab_size = demo_model()[0].args.vocab_size
+
+    def run(self, plan) -> mx.array:
+        seqs = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
+        vocab = self.vocab_size
+        picks = []
+        for s in seqs:
+            script = self.script.get(s.request_id, [])
+            i = len(s.output_ids) + s.num_pending  # the draws the engine has not read back count
+            picks.append(script[i] if i < len(script) else 100)
+        return mx.where(mx.arange(vocab)[None] == mx.array(picks)[:, None], 10.0, 0.0)
+
+    def cache_arrays(self) -> list:
+        return []
+
+
+@dataclass
+class Collector:
+    deltas: list[StreamDelta] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
+
+    def __call__(self, item) -> None:
+        (self.errors if isinstance(item, Exception) else self.deltas).append(item)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.deltas[-1].finish_reason if self.deltas else None
+
+
+def submit(engine: LLMEngine, request_id: str, prompt_ids: list[int], **params) -> Collector:
+    params.setdefault("temperature", 0.0)
+    out = Collector()
+    engine.add(Sequence(request_id, list(prompt_ids), SamplingParams(**params), emit=out))
+    return out
+
+
+def run_until_idle(engine: LLMEngine, max_steps: int = 10_000) -> int:
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        assert steps < max_steps, "engine did not finish"
+    return steps
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    """n token ids of ordinary (non-special) vocabulary."""
+    return [16 + (seed * 7919 + i * 104729) % 1000 for i in range(n)]
