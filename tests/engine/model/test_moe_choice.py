@@ -13,7 +13,7 @@ from server.engine.model.loader import load_model
 def test_experts_go_one_at_a_time_from_three_rows_each_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """`_by_expert` under "auto": measured on the H100, 2 rows per expert ran faster through
     gather_qmm and 4 one expert at a time (docs/serving.md)."""
-    from server.engine import experts as moe
+    from server.engine.model import experts as moe
 
     model = adapt_model(load_model(str(ensure_demo_model()))[0])
     mlp = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "switch_mlp"))

@@ -98,7 +98,7 @@ def test_only_heads_cudnn_takes_are_padded_by_default():
 
 
 def test_auto_pads_on_cuda_only_where_cudnn_takes_the_heads(monkeypatch):
-    from server.engine import model_runner
+    from server.engine.model import model_runner
 
     monkeypatch.setattr(model_runner, "device_backend", lambda: "cuda")
     assert not make_engine(prefill_buckets="auto").runner.prefill_buckets  # the demo model is float32
