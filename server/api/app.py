@@ -19,20 +19,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from server.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
+from server.api.chat.serving import ChatService
+from server.api.completions.protocol import CompletionRequest, CompletionResponse
+from server.api.completions.serving import CompletionService
 from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from server.api.guard import BodySizeLimit, default_max_request_bytes
 from server.api.metrics import CONTENT_TYPE, Metrics
-from server.api.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    HealthStatus,
-    ModelCard,
-    ModelList,
-)
-from server.api.serving_chat import ChatService
-from server.api.serving_completions import CompletionService
+from server.api.protocol import HealthStatus, ModelCard, ModelList
 from server.engine.types import EngineClient
 
 # Choices a request may ask for (`n`, times the prompts of a completion) unless --max-n says otherwise.

@@ -44,6 +44,9 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return ErrorResponse(error=self.info).model_dump()
 
+    def body_json(self) -> str:
+        return ErrorResponse(error=self.info).model_dump_json()
+
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 

@@ -40,7 +40,7 @@ from .types import (
 log = logging.getLogger(__name__)
 
 # Tensor parallel: how long shutdown waits for the engine thread's turn before it takes the turn
-# for stuck on a dead rank; under the SSE streams' grace period (api.serving.SHUTDOWN_GRACE_S, 5 s),
+# for stuck on a dead rank; under the SSE streams' grace period (api.sse.SHUTDOWN_GRACE_S, 5 s),
 # so that they still receive the error event.
 STUCK_TURN_S = 3.0
 
@@ -108,7 +108,7 @@ class AsyncEngine:
         try:
             return list(
                 self.tokenizer.apply_chat_template(
-                    messages, tools=[_tool_schema(t) for t in tools] if tools else None, add_generation_prompt=True
+                    messages, tools=[t.template() for t in tools] if tools else None, add_generation_prompt=True
                 )
             )
         except Exception as exc:  # the model's own jinja template rejected these messages
@@ -307,11 +307,3 @@ def _deliver(
 
 def _ignore(_: object) -> None:
     """`Sequence.emit` returns nothing; the loop's handle is not needed."""
-
-
-def _tool_schema(tool: ToolSpec) -> dict[str, Any]:
-    """A tool as chat templates take it: OpenAI's {"type": "function", "function": {...}}."""
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
-    if tool.description is not None:
-        function["description"] = tool.description
-    return {"type": "function", "function": function}

@@ -20,6 +20,14 @@ class ToolSpec:
     description: str | None = None
     strict: bool = False
 
+    def template(self) -> dict[str, Any]:
+        """The tool as chat templates take it: OpenAI's {"type": "function", "function": {...}},
+        whichever API the request came through."""
+        function: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.description is not None:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
 
 @dataclass(frozen=True)
 class OutputConstraint:

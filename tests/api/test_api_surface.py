@@ -13,7 +13,7 @@ from support import sse_events
 from support.fake_engine import FakeEngine
 
 from server.api.app import create_app
-from server.api.protocol import ChatMessage
+from server.api.chat.protocol import ChatMessage
 
 MODEL = "fake-model"
 HELLO = [{"role": "user", "content": "hello there world"}]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.chat.protocol import ChatCompletionRequest, ChatMessage
+from server.api.completions.protocol import CompletionRequest
 from server.engine.types import OutputConstraint, SamplingParams, ToolSpec
 
 HELLO = [{"role": "user", "content": "hi"}]

@@ -1,4 +1,4 @@
-"""What chat and text completions share (server/api/serving.py, serving_chat.py), the message a
+"""What chat and text completions share (server/api/generation.py, chat/serving.py), the message a
 chat template sees (protocol.ChatMessage.to_template) and /metrics: usage counted once per prompt
 with n choices, seeds per choice, streamed tool-call pieces joined, chunk shapes, metric names."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.api.chat.protocol import ChatMessage
+from server.api.chat.serving import _chunk_choice
+from server.api.generation import ChoiceState
 from server.api.metrics import Metrics
-from server.api.protocol import ChatMessage
-from server.api.serving import ChoiceState
-from server.api.serving_chat import _chunk_choice
 from server.engine.types import StreamDelta, TokenLogprob, ToolCallDelta
 
 MODEL = "fake-model"
@@ -56,7 +56,7 @@ def test_a_choice_joins_streamed_tool_call_pieces_by_index():
     choice.add(delta(calls=[ToolCallDelta(0, arguments=": 1}"), ToolCallDelta(1, id="c1", name="g")]))
     choice.add(delta(finish="tool_calls", tokens=3, cached=2))
     choice.add(delta(tokens=3))  # a later delta without a reason keeps the one already given
-    calls = {i: (c.id, c.function.name, c.function.arguments) for i, c in choice.tool_calls.items()}
+    calls = {i: (c.id, c.name, c.arguments) for i, c in choice.tool_calls.items()}
     assert calls == {0: ("c0", "f", '{"a": 1}'), 1: ("c1", "g", "")}
     assert "".join(choice.text) == "hi" and choice.finish_reason == "tool_calls"
     assert (choice.completion_tokens, choice.cached_tokens, choice.prompt_tokens) == (3, 0, 5)

@@ -1,4 +1,4 @@
-"""What chat and text completions share: one request becomes choices, each an engine generation.
+"""What every generating endpoint shares: one request becomes choices, each an engine generation.
 
 `Generation.start` runs the choices of a request (n per prompt) and returns once every choice has
 its first delta, so that a refusal (prompt too long, server busy) is still a plain JSON error
@@ -11,30 +11,21 @@ or the client goes away (that is how the engine learns to cancel).
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-import anyio
 from fastapi import Request, Response
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
+from sse_starlette import ServerSentEvent
 
 from server.api.disconnect import ClientDisconnected, until_disconnected
-from server.api.errors import APIError, to_api_error
+from server.api.errors import APIError
 from server.api.metrics import Metrics, RequestTimer
-from server.api.protocol import FunctionCallOut, PromptTokensDetails, ToolCallOut, Usage
-from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob
+from server.api.protocol import TokenCounts
+from server.api.sse import Framing, event_stream
+from server.engine.types import EngineClient, EngineError, SamplingParams, StreamDelta, TokenLogprob, ToolCallDelta
 
 T = TypeVar("T")
-
-logger = logging.getLogger(__name__)
-
-# How long a stream may take to end on its own after the server starts exiting, before
-# sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
-SHUTDOWN_GRACE_S = 5.0
 
 
 @dataclass
@@ -45,7 +36,7 @@ class ChoiceState:
     prompt_tokens: int
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    tool_calls: dict[int, ToolCallOut] = field(default_factory=dict)
+    tool_calls: dict[int, ToolCallDelta] = field(default_factory=dict)  # by index, arguments joined
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
@@ -54,11 +45,8 @@ class ChoiceState:
         self.text.append(delta.text)
         self.logprobs.extend(delta.logprobs or [])
         for piece in delta.tool_calls or []:
-            call = self.tool_calls.get(piece.index)
-            if call is None:
-                function = FunctionCallOut(name=piece.name or "", arguments="")
-                call = self.tool_calls[piece.index] = ToolCallOut(id=piece.id or "", function=function)
-            call.function.arguments += piece.arguments
+            call = self.tool_calls.setdefault(piece.index, ToolCallDelta(piece.index, piece.id, piece.name))
+            call.arguments += piece.arguments
         self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens = delta.completion_tokens
         self.cached_tokens = delta.cached_tokens
@@ -152,17 +140,12 @@ class Generation:
             await stream.aclose()
         self.timer.finished()
 
-    def usage(self) -> Usage:
+    def usage(self) -> TokenCounts:
         """Prompt tokens once per prompt (its n choices share it), completion tokens of every choice."""
-        prompt = sum(c.prompt_tokens for c in self.choices[:: self.n])
-        completion = sum(c.completion_tokens for c in self.choices)
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(
-                cached_tokens=sum(c.cached_tokens for c in self.choices[:: self.n])
-            ),
+        return TokenCounts(
+            prompt=sum(c.prompt_tokens for c in self.choices[:: self.n]),
+            completion=sum(c.completion_tokens for c in self.choices),
+            cached=sum(c.cached_tokens for c in self.choices[:: self.n]),
         )
 
 
@@ -182,19 +165,19 @@ async def _next(stream: AsyncGenerator[StreamDelta, None]) -> StreamDelta:
 async def run(
     request: Request,
     start: Awaitable[Generation],
-    events: Callable[[Generation], AsyncIterator[str]] | None,
     respond: Callable[[Generation], T],
-    usage_event: Callable[[Usage], str] | None = None,
+    events: Callable[[Generation], AsyncIterator[ServerSentEvent]] | None = None,
+    framing: Framing | None = None,
 ) -> Response | T:
     """A request's generations to their answer: `respond(gen)` once every choice has finished,
-    or, with `events`, an SSE stream of `events(gen)` (then `usage_event(usage)` when given).
-    A client gone before the answer gets 499, and its generations are closed (which aborts them)."""
+    or, with `events`, an SSE stream of `events(gen)` ended as `framing` says (sse.py). A client
+    gone before the answer gets 499, and its generations are closed (which aborts them)."""
     try:
         gen = await until_disconnected(request, start)
     except ClientDisconnected:
         return Response(status_code=499)
     if events is not None:
-        return event_stream(_framed(events(gen), gen, usage_event), gen)
+        return event_stream(events(gen), gen.aclose, gen.engine.shutdown, framing or Framing())
     try:
         await until_disconnected(request, gen.collect())
     except ClientDisconnected:
@@ -224,44 +207,3 @@ class Service:
         if choices > self.max_n:
             raise APIError(400, f"n: at most {self.max_n} choices per request on this server (--max-n)", param="n")
         return self.metrics.timer()
-
-
-async def _framed(
-    events: AsyncIterator[str], gen: Generation, usage_event: Callable[[Usage], str] | None
-) -> AsyncIterator[str]:
-    """`events`, the usage event when asked, then [DONE]. An engine failure mid-stream replaces
-    the rest with one error event before [DONE]; the generations are closed however it ends."""
-    try:
-        async for event in events:
-            yield event
-        if usage_event is not None:
-            yield usage_event(gen.usage())
-    except Exception as exc:
-        if not isinstance(exc, EngineError):
-            logger.exception("stream %s failed", gen.request_id)
-        yield json.dumps(to_api_error(exc).body())
-    finally:
-        await gen.aclose()
-    yield "[DONE]"
-
-
-def event_stream(events: AsyncIterator[str], gen: Generation) -> EventSourceResponse:
-    """An SSE response of `events`. When the server starts to exit (sse-starlette notices it
-    however uvicorn was started) the engine ends every stream, so each ends with an error event
-    and [DONE]; the generations are closed however the response ends."""
-    exiting = anyio.Event()
-
-    async def watch() -> None:
-        await exiting.wait()
-        gen.engine.shutdown()
-
-    return EventSourceResponse(
-        events,
-        sep="\n",
-        shutdown_event=exiting,
-        shutdown_grace_period=SHUTDOWN_GRACE_S,
-        data_sender_callable=watch,
-        # A client gone before the first event leaves `events` unstarted; close the generations
-        # anyway (a no-op when `events` already did).
-        background=BackgroundTask(gen.aclose),
-    )

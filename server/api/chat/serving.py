@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from fastapi import Request, Response
+from sse_starlette import ServerSentEvent
 
-from server.api.protocol import (
+from server.api.chat.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -21,11 +22,14 @@ from server.api.protocol import (
     ChunkChoice,
     ChunkDelta,
     FunctionCallDelta,
+    FunctionCallOut,
     TokenLogprobOut,
     ToolCallChunk,
+    ToolCallOut,
     TopLogprob,
 )
-from server.api.serving import ChoiceState, Generation, Service, run
+from server.api.generation import ChoiceState, Generation, Service, run
+from server.api.protocol import Usage
 from server.engine.types import StreamDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -37,24 +41,26 @@ class ChatService(Service):
     async def create(self, req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
         timer = self.admit(req.model, req.n)
         messages = [m.to_template() for m in req.messages]
-        prompt_ids = await self.engine.encode_chat(messages, req.tool_specs() or None)
+        prompt_ids = await self.engine.encode_chat(messages, req.tool_specs or None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         start = Generation.start(self.engine, request_id, [prompt_ids], req.to_sampling_params(), req.n, timer)
 
         def respond(gen: Generation) -> ChatCompletionResponse:
             choices = [self._choice(req, c) for c in gen.choices]
             return ChatCompletionResponse(
-                id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage()
+                id=request_id, model=self.engine.model_name, choices=choices, usage=Usage.of(gen.usage())
             )
 
         chunk = partial(ChatCompletionChunk, id=request_id, created=int(time.time()), model=self.engine.model_name)
         events = partial(self._events, req, chunk) if req.stream else None
-        usage = (lambda u: chunk(choices=[], usage=u).model_dump_json()) if req.include_usage() else None
-        return await run(request, start, events, respond, usage)
+        return await run(request, start, respond, events)
 
     def _choice(self, req: ChatCompletionRequest, c: ChoiceState) -> Choice:
         text = "".join(c.text)
-        calls = [c.tool_calls[i] for i in sorted(c.tool_calls)] or None
+        calls = [
+            ToolCallOut(id=t.id or "", function=FunctionCallOut(name=t.name or "", arguments=t.arguments))
+            for _, t in sorted(c.tool_calls.items())
+        ] or None
         return Choice(
             index=c.index,
             message=AssistantMessage(content=text if text or not calls else None, tool_calls=calls),
@@ -64,18 +70,22 @@ class ChatService(Service):
 
     async def _events(
         self, req: ChatCompletionRequest, chunk: Callable[..., ChatCompletionChunk], gen: Generation
-    ) -> AsyncIterator[str]:
-        """SSE data: per choice a role chunk, content and tool-call chunks, a finish chunk
-        (`serving.run` adds the usage chunk, an error event if the engine fails, and [DONE])."""
+    ) -> AsyncIterator[ServerSentEvent]:
+        """SSE data: per choice a role chunk, content and tool-call chunks, a finish chunk; then
+        the usage chunk when asked (sse.py adds an error event if the engine fails, and [DONE])."""
+
+        def event(**fields: object) -> ServerSentEvent:
+            return ServerSentEvent(data=chunk(**fields).model_dump_json())
+
         for c in gen.choices:
-            role = ChunkChoice(index=c.index, delta=ChunkDelta(role="assistant", content=""))
-            yield chunk(choices=[role]).model_dump_json()
+            yield event(choices=[ChunkChoice(index=c.index, delta=ChunkDelta(role="assistant", content=""))])
         async for c, delta in gen.deltas():
             if delta.text or delta.logprobs or delta.tool_calls:
-                yield chunk(choices=[_chunk_choice(c.index, delta, bool(req.logprobs))]).model_dump_json()
+                yield event(choices=[_chunk_choice(c.index, delta, bool(req.logprobs))])
             if delta.finish_reason:
-                finish = ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=delta.finish_reason)
-                yield chunk(choices=[finish]).model_dump_json()
+                yield event(choices=[ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=delta.finish_reason)])
+        if req.include_usage():
+            yield event(choices=[], usage=Usage.of(gen.usage()))
 
 
 def _chunk_choice(index: int, delta: StreamDelta, logprobs: bool) -> ChunkChoice:

@@ -9,10 +9,17 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 from fastapi import Request, Response
+from sse_starlette import ServerSentEvent
 
+from server.api.completions.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from server.api.errors import APIError
-from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.api.serving import Generation, Service, run
+from server.api.generation import Generation, Service, run
+from server.api.protocol import Usage
 from server.engine.types import TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -40,23 +47,28 @@ class CompletionService(Service):
                 )
                 for c in gen.choices
             ]
-            return CompletionResponse(id=request_id, model=self.engine.model_name, choices=choices, usage=gen.usage())
+            return CompletionResponse(
+                id=request_id, model=self.engine.model_name, choices=choices, usage=Usage.of(gen.usage())
+            )
 
         chunk = partial(CompletionResponse, id=request_id, created=int(time.time()), model=self.engine.model_name)
         events = partial(self._events, req, chunk, echoes) if req.stream else None
-        usage = (lambda u: chunk(choices=[], usage=u).model_dump_json()) if req.include_usage() else None
-        return await run(request, start, events, respond, usage)
+        return await run(request, start, respond, events)
 
     async def _events(
         self, req: CompletionRequest, chunk: Callable[..., CompletionResponse], echoes: list[str], gen: Generation
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[ServerSentEvent]:
         """SSE data: text chunks per choice (the echoed prompt first), the finish on each choice's
-        last chunk (`serving.run` adds the usage chunk, an error event if the engine fails, and
-        [DONE])."""
+        last chunk, then the usage chunk when asked (sse.py adds an error event if the engine
+        fails, and [DONE])."""
+
+        def event(**fields: object) -> ServerSentEvent:
+            return ServerSentEvent(data=chunk(**fields).model_dump_json())
+
         offsets = {c.index: len(echoes[c.index // req.n]) for c in gen.choices}
         for c in gen.choices:
             if echoes[c.index // req.n]:
-                yield chunk(choices=[CompletionChoice(index=c.index, text=echoes[c.index // req.n])]).model_dump_json()
+                yield event(choices=[CompletionChoice(index=c.index, text=echoes[c.index // req.n])])
         async for c, delta in gen.deltas():
             logprobs = None
             if req.logprobs is not None and delta.logprobs:
@@ -66,7 +78,9 @@ class CompletionService(Service):
                 choice = CompletionChoice(
                     index=c.index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
                 )
-                yield chunk(choices=[choice]).model_dump_json()
+                yield event(choices=[choice])
+        if req.include_usage():
+            yield event(choices=[], usage=Usage.of(gen.usage()))
 
 
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
