@@ -88,9 +88,32 @@ def test_required_tool_choice_gives_a_valid_call_100_of_100(engine, base):
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
 
 
-def test_a_streamed_tool_call_equals_the_whole_one_under_the_same_seed(engine, base):
+def streamed_and_whole(base: str, **request: object) -> tuple[object, dict[str, object]]:
+    """The whole reply's choice, and the same request streamed: its pieces per call, its content
+    and finish_reason."""
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
-    request = dict(
+    whole = client.chat.completions.create(**request).choices[0]
+    streamed: dict[str, object] = {"calls": {}, "content": "", "finish": None}
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            streamed["finish"] = choice.finish_reason or streamed["finish"]
+            streamed["content"] += choice.delta.content or ""
+            for piece in choice.delta.tool_calls or []:
+                streamed["calls"].setdefault(piece.index, []).append(piece)
+    return whole, streamed
+
+
+def joined(pieces: list[object]) -> tuple[str, str, str]:
+    """(id, name, arguments) of one streamed call, its pieces put together as a client does."""
+    head, *rest = pieces
+    assert head.id and head.type == "function" and head.function.name  # the first piece names the call
+    assert all(p.id is None and p.type is None and p.function.name is None for p in rest)
+    return head.id, head.function.name, "".join(p.function.arguments for p in pieces)
+
+
+def test_a_streamed_tool_call_equals_the_whole_one_under_the_same_seed(engine, base):
+    whole, streamed = streamed_and_whole(
+        base,
         model=engine.model_name,
         messages=ASK,
         tools=TOOLS,
@@ -99,22 +122,38 @@ def test_a_streamed_tool_call_equals_the_whole_one_under_the_same_seed(engine, b
         seed=11,
         max_tokens=80,
     )
-    whole = client.chat.completions.create(**request).choices[0]
-    calls: dict[int, dict[str, str]] = {}
-    finish = None
-    for chunk in client.chat.completions.create(**request, stream=True):
-        for choice in chunk.choices:
-            finish = choice.finish_reason or finish
-            for piece in choice.delta.tool_calls or []:
-                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
-                call["id"] += piece.id or ""
-                call["name"] += (piece.function.name or "") if piece.function else ""
-                call["arguments"] += (piece.function.arguments or "") if piece.function else ""
     (expected,) = whole.message.tool_calls
-    assert finish == whole.finish_reason == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
-        (expected.function.name, json.loads(expected.function.arguments))
-    ]
+    assert streamed["finish"] == whole.finish_reason == "tool_calls"
+    (pieces,) = streamed["calls"].values()
+    assert len(pieces) > 5  # the arguments came as they were generated
+    _, name, arguments = joined(pieces)
+    assert (name, arguments) == (expected.function.name, expected.function.arguments)
+    jsonschema.validate(json.loads(arguments), FORECAST)
+
+
+def test_a_tool_call_cut_by_max_tokens_comes_back_partial_streamed_or_whole(engine, base):
+    for max_tokens, seed in ((12, 3), (4, 5)):  # mid-arguments; before the name is complete
+        whole, streamed = streamed_and_whole(
+            base,
+            model=engine.model_name,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=max_tokens,
+        )
+        assert streamed["finish"] == whole.finish_reason == "length"
+        calls = [joined(pieces)[1:] for _, pieces in sorted(streamed["calls"].items())]
+        assert calls == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]
+        assert streamed["content"] == (whole.message.content or "")
+        if max_tokens == 12:
+            ((name, arguments),) = calls
+            assert name in ("get_forecast", "get_time") and arguments.startswith("{")
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(arguments)  # as far as it got
+        else:
+            assert not calls and whole.message.content.startswith("[TOOL_CALLS]get")
 
 
 def test_tool_history_reaches_the_template_and_none_never_calls(engine, base):

@@ -165,13 +165,19 @@ def test_streamed_calls_equal_the_parsed_reply_under_the_same_seed(engine):
     assert first.tokens == second.tokens
     strip = [{k: c[k] for k in ("name", "arguments")} for c in calls(first)]
     assert strip == [{k: c[k] for k in ("name", "arguments")} for c in calls(second)]
-    # The whole reply, parsed at once by mlx-lm's parser, gives the same calls.
+    # The whole reply, parsed at once by mlx-lm's parser, gives the same calls; their arguments
+    # are the model's own JSON text.
     text = engine.tokenizer.decode(first.tokens, skip_special_tokens=False).removesuffix("</s>")
-    parsed = [mistral.parse_tool_call(part) for part in text.split("[TOOL_CALLS]") if part]
-    assert [{"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in parsed] == strip
-    # Deltas: each call in one piece carrying index, id, name and its arguments.
+    sections = [part for part in text.split("[TOOL_CALLS]") if part]
+    parsed = [mistral.parse_tool_call(part) for part in sections]
+    assert [(c["name"], json.loads(c["arguments"])) for c in strip] == [(c["name"], c["arguments"]) for c in parsed]
+    assert [c["arguments"] for c in strip] == [part.split("[ARGS]", 1)[1] for part in sections]
+    # Deltas: a call's first piece carries its index, id and name, later ones its arguments as they come.
     pieces = [c for d in first.deltas for c in d.tool_calls or []]
-    assert [c.index for c in pieces] == list(range(len(strip)))
+    heads = [c for c in pieces if c.id]
+    assert [c.index for c in heads] == list(range(len(strip))) and all(c.name for c in heads)
+    assert all(c.name is None and c.arguments for c in pieces if not c.id)
+    assert len(pieces) > 3 * len(heads)  # the arguments came in several pieces
 
 
 def test_mixed_batch_free_rows_are_unchanged(engine):
@@ -263,5 +269,6 @@ def test_auto_content_then_calls_and_unparsable_tool_text():
     assert len({c["id"] for c in calls(two)}) == 2
     assert len(calls(one)) == 1 and one.finish_reason == "tool_calls"
     assert junk.text == "Hi[TOOL_CALLS]not a call" and junk.finish_reason == "stop" and not calls(junk)
-    assert cut.finish_reason == "length" and not calls(cut) and cut.text == ""
+    assert cut.finish_reason == "length" and cut.text == ""
+    assert [(c["name"], c["arguments"]) for c in calls(cut)] == [("get_time", '{"a": 1')]  # as far as it got
     assert not calls(plain) and plain.finish_reason == "stop" and plain.text.startswith("Let me check.get_time")

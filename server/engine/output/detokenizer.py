@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..types import SamplingParams, ToolCallDelta
-from .tool_calls import ToolCallStream
+from .tool_calls import ToolCallStream, held_tail
 
 _INCOMPLETE = "\ufffd"
 # Prompt tokens decoded ahead of the output, so the first output token is decoded in context
@@ -105,17 +105,9 @@ class IncrementalDetokenizer:
             self._stopped = True
             self._pending = ""
             return buf[: min(hits)]
-        hold = max(_stop_prefix_len(buf, s) for s in self._stop)
+        hold = held_tail(buf, self._stop)
         self._pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]
-
-
-def _stop_prefix_len(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
 
 
 class TokenStream:
@@ -127,8 +119,10 @@ class TokenStream:
     both stream through it.
 
     When the request offers tools (and tool_choice is not "none") and the tokenizer has a tool
-    parser, the model's tool-call syntax is cut out of the text and comes out as `ToolCallDelta`s
-    (`pop_tool_calls`); a reply that made calls and ended by itself ends with "tool_calls".
+    parser, the model's tool-call syntax is cut out of the text and comes out as `ToolCallDelta`
+    pieces (`pop_tool_calls`; Mistral's arguments stream as they are generated, see tool_calls.py).
+    A reply that began calls and ended by itself ends with "tool_calls"; one cut by `max_tokens`
+    ends with "length", its last call as far as it got.
     """
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> None:
@@ -183,7 +177,7 @@ class TokenStream:
 
     def _end(self, reason: str, text: str = "") -> tuple[str, str | None]:
         if self._tools is not None and self._tools.active:
-            calls, leftover = self._tools.close(truncated=reason == "length")
+            calls, leftover = self._tools.close()
             self._calls += calls
             text += leftover
         else:

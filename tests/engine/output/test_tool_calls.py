@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from support.engine_harness import demo_model
 
 from server.engine.output.detokenizer import TokenStream
@@ -45,18 +43,28 @@ def test_chat_template_renders_tools_calls_and_results():
     assert text.endswith("[/AVAILABLE_TOOLS][INST]thanks[/INST]") and "[AVAILABLE_TOOLS][{" in text
 
 
-def test_calls_come_out_when_complete():
+def test_mistral_arguments_stream_token_by_token_and_parallel_calls_take_the_next_index():
     stream = ToolCallStream(tok(), parallel=True)
-    kinds, deltas = [], []
-    for t in ids("[TOOL_CALLS]") + ids('get_time[ARGS]{"x": [1, 2]}') + ids("[TOOL_CALLS]") + ids("f[ARGS]{}"):
-        kind, out = stream.feed(t)
-        kinds.append(kind)
-        deltas.append(out)
-    assert kinds[0] == "start" and set(kinds[1:]) <= {"tool", "start"}
-    first = [i for i, d in enumerate(deltas) if d][0]
-    assert deltas[first][0].name == "get_time" and json.loads(deltas[first][0].arguments) == {"x": [1, 2]}
-    assert deltas[-1][0].index == 1 and deltas[-1][0].name == "f" and deltas[-1][0].arguments == "{}"
-    assert stream.count == 2
+    args = '{"x":[1, 2],"city":"東京"}'  # the model's own spacing; 東 and 京 are 3 byte tokens each
+    head, tail = ids("[TOOL_CALLS]get_time"), ids("[ARGS]")
+    pieces = [stream.feed(t)[1] for t in head + tail + ids(args)]
+    assert pieces[: len(head)] == [[]] * len(head)  # the name may still grow
+    (named,) = pieces[len(head)]
+    assert (named.index, named.name, named.arguments) == (0, "get_time", "") and named.id.startswith("call_")
+    fragments = pieces[len(head) + 1 :]
+    assert sum(not p for p in fragments) == 4  # the first two bytes of 東 and of 京 wait for the third
+    assert all((d.index, d.id, d.name) == (0, None, None) for p in fragments for d in p)
+    assert "".join(d.arguments for p in pieces for d in p) == args
+    second = [d for t in ids("[TOOL_CALLS]f[ARGS]{}") for d in stream.feed(t)[1]]
+    assert [(d.index, d.name, d.arguments) for d in second] == [(1, "f", ""), (1, None, "{"), (1, None, "}")]
+    assert second[0].id not in (None, named.id) and stream.count == 2
+
+
+def test_mistral_json_list_calls_come_whole_with_the_models_id():
+    stream = ToolCallStream(tok(), parallel=True)
+    text = '[TOOL_CALLS][{"name": "get_time", "arguments": {"a":1}, "id": "abc"}]'
+    out = [d for t in ids(text) for d in stream.feed(t)[1]]
+    assert [(d.index, d.id, d.name, d.arguments) for d in out] == [(0, "abc", "get_time", '{"a": 1}')]
 
 
 def test_token_stream_content_then_call_then_tool_calls_finish():
@@ -68,9 +76,8 @@ def test_token_stream_content_then_call_then_tool_calls_finish():
         texts.append(text)
         calls += stream.pop_tool_calls() or []
     assert "".join(texts) == "Sure: " and finish == "tool_calls"
-    assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "get_time", "{}")] and calls[0].id.startswith(
-        "call_"
-    )
+    assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "get_time", ""), (0, None, "{"), (0, None, "}")]
+    assert calls[0].id.startswith("call_")
 
 
 def test_tool_choice_none_leaves_text_alone():
