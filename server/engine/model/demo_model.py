@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = "4"  # the trained model
+VERSION = "5"  # the trained model (5: a 128K context, which coding agents' prompts and answers need)
 RANDOM_VERSION = "3"  # the random model
 WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
 
