@@ -30,7 +30,11 @@ from server.engine.types import SamplingParams, StreamDelta
 
 BLOCK_SIZE = 64
 # The engine options `--compare` sets off and on, and how its table names them.
-COMPARED = {"async_scheduling": "Async scheduling", "prefill_buckets": "Prefill attention at bucketed lengths"}
+COMPARED = {
+    "async_scheduling": "Async scheduling",
+    "prefill_buckets": "Prefill attention at bucketed lengths",
+    "moe_by_expert": "Routed experts one expert at a time (off: mlx-lm's sorted gather_qmm)",
+}
 
 
 def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool = True, **options: Any) -> LLMEngine:

@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on each server's first cell, N fixed prompts decoded greedily (32 tokens); the docs say which "
         "servers' outputs equal the first server's (default 0: off)",
     )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature of the measured requests (default 0)"
+    )
+    p.add_argument(
+        "--allow-eos",
+        action="store_true",
+        help="let answers end at EOS (default: EOS suppressed on both servers, so output lengths are equal)",
+    )
     p.add_argument("--tag", help="device tag naming the docs files (default: cpu, cuda or metal)")
     p.add_argument("--device", help="device description for the docs (default: detected)")
     p.add_argument("--ours-args", default="", help="extra arguments for our server (one shell-quoted string)")
@@ -220,8 +228,8 @@ def run_cell(
     common: dict[str, Any] = dict(
         base_url=base,
         model=kind.model_name,
-        temperature=0.0,
-        ignore_eos=True,
+        temperature=args.temperature,
+        ignore_eos=not args.allow_eos,
         extra_body=extra,
         request_timeout_s=max(seconds, 60.0),
     )
@@ -298,7 +306,7 @@ def run_server(
 ) -> dict[str, Any]:
     """Every cell of `plan` x concurrency on server `name`; stops at the first cell it fails to serve."""
     # Suppressing EOS keeps output lengths equal: mlx_lm.server ignores `ignore_eos`.
-    extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids else {}
+    extra = {"logit_bias": {str(i): -100 for i in eos_ids}} if eos_ids and not args.allow_eos else {}
     cells: list[dict[str, Any]] = []
     for (requested, used), seconds in zip(plan, args.cell_seconds, strict=True):
         for clients in args.concurrency:
