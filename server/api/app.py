@@ -27,6 +27,9 @@ from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
 from server.api.guard import BodySizeLimit, default_max_request_bytes
 from server.api.metrics import CONTENT_TYPE, Metrics
 from server.api.protocol import HealthStatus, ModelCard, ModelList
+from server.api.responses.protocol import DeletedResponse, ResponseObject, ResponseRequest
+from server.api.responses.serving import ResponsesService
+from server.api.responses.store import DEFAULT_STORED_RESPONSES, ResponseStore
 from server.engine.types import EngineClient
 
 # Choices a request may ask for (`n`, times the prompts of a completion) unless --max-n says otherwise.
@@ -48,6 +51,11 @@ def get_chat(request: Request) -> ChatService:
 def get_completions(request: Request) -> CompletionService:
     completions: CompletionService = request.app.state.completions
     return completions
+
+
+def get_responses(request: Request) -> ResponsesService:
+    responses: ResponsesService = request.app.state.responses
+    return responses
 
 
 def require_api_key(
@@ -82,6 +90,29 @@ async def completions(
 ) -> Response | CompletionResponse:
     """Non-streaming: a CompletionResponse. With "stream": true: SSE text_completion events."""
     return await service.create(body, request)
+
+
+@v1.post("/responses", response_model=ResponseObject)
+async def create_response(
+    body: ResponseRequest, request: Request, service: Annotated[ResponsesService, Depends(get_responses)]
+) -> Response | ResponseObject:
+    """Non-streaming: a response object. With "stream": true: SSE response.* events."""
+    return await service.create(body, request)
+
+
+@v1.get("/responses/{response_id}", response_model=ResponseObject)
+async def get_response(
+    response_id: str, service: Annotated[ResponsesService, Depends(get_responses)]
+) -> ResponseObject:
+    """A stored response (one created with "store": true, not yet evicted or deleted)."""
+    return service.stored(response_id).response
+
+
+@v1.delete("/responses/{response_id}", response_model=DeletedResponse)
+async def delete_response(
+    response_id: str, service: Annotated[ResponsesService, Depends(get_responses)]
+) -> DeletedResponse:
+    return service.delete(response_id)
 
 
 def _card(request: Request, engine: EngineClient) -> ModelCard:
@@ -129,13 +160,15 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     cors_origins: list[str] | None = None,
     max_n: int = DEFAULT_MAX_N,
+    stored_responses: int = DEFAULT_STORED_RESPONSES,
 ) -> FastAPI:
     """An app serving `engine` under its `model_name`.
 
     With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never does.
     Bodies over `max_request_bytes` (default: sized from the context) get 413; with
     `allowed_hosts`, other Host headers get 400. CORS is off unless `cors_origins` names origins
-    ("*" for any). Leaving the lifespan calls `engine.shutdown()`.
+    ("*" for any). /v1/responses keeps the last `stored_responses` stored responses. Leaving the
+    lifespan calls `engine.shutdown()`.
     """
 
     @asynccontextmanager
@@ -157,12 +190,13 @@ def create_app(
     app.state.metrics = Metrics(engine)
     app.state.chat = ChatService(engine, app.state.metrics, max_n)
     app.state.completions = CompletionService(engine, app.state.metrics, max_n)
+    app.state.responses = ResponsesService(engine, app.state.metrics, ResponseStore(stored_responses))
     install_error_handlers(app)
     limit = max_request_bytes or default_max_request_bytes(engine.max_model_len)
     app.add_middleware(BodySizeLimit, max_bytes=limit)
     if cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+            CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"]
         )
     if allowed_hosts is not None:  # added last, so it runs first
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)

@@ -1,5 +1,6 @@
 """What every OpenAI-shaped endpoint shares on the wire: strict request validation, the sampling
-fields of chat and text completions, usage, model cards, health and the error body.
+fields of chat and text completions, function tools and the constraint they make, assistant tool
+calls in the chat template's form, usage, model cards, health and the error body.
 
 Requests are strict about types (a string where a number belongs is a 400, not a guess) and
 ignore unknown fields, as OpenAI-compatible servers do.
@@ -7,6 +8,8 @@ ignore unknown fields, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -20,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.engine.types import OutputConstraint, SamplingParams
+from server.engine.types import OutputConstraint, SamplingParams, ToolSpec
 
 
 class StrictRequest(BaseModel):
@@ -54,6 +57,39 @@ class FunctionDefinition(StrictRequest):
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
+
+    def spec(self) -> ToolSpec:
+        return ToolSpec(self.name, self.parameters, self.description, bool(self.strict))
+
+
+def output_constraint(
+    tools: Sequence[ToolSpec],
+    tool_choice: str,
+    parallel_tool_calls: bool | None,
+    json_schema: dict[str, Any] | None = None,
+    json_object: bool = False,
+) -> OutputConstraint | None:
+    """What a request's tools and output format ask of the decoder (None: free text).
+    `tool_choice` is "none", "auto", "required" or a tool's name; parallel calls unless refused."""
+    if not tools and json_schema is None and not json_object:
+        return None
+    return OutputConstraint(
+        json_schema=json_schema,
+        json_object=json_object,
+        tools=tuple(tools),
+        tool_choice=tool_choice if tools else "none",
+        parallel_tool_calls=parallel_tool_calls is not False,
+    )
+
+
+def template_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """An assistant's tool call as chat templates take it: arguments as an object when they are
+    JSON (templates serialize them), else as the text the client sent."""
+    try:
+        parsed: object = json.loads(arguments)
+    except ValueError:
+        parsed = arguments
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
 
 
 class JsonSchemaFormat(StrictRequest):
@@ -143,17 +179,22 @@ class GenerationRequest(StrictRequest):
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             constraint=self.constraint(),
         )
-        given: dict[str, Any] = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": max(self.top_k, 0) if self.top_k is not None else None,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "seed": self.seed,
-        }
-        return replace(params, **{name: value for name, value in given.items() if value is not None})
+        return with_given(
+            params,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0) if self.top_k is not None else None,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+        )
+
+
+def with_given(params: SamplingParams, **given: Any) -> SamplingParams:
+    """`params` with the fields a client sent; those it left out (None) keep the engine's defaults."""
+    return replace(params, **{name: value for name, value in given.items() if value is not None})
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from functools import cached_property
 from typing import Any, Literal
@@ -26,6 +25,8 @@ from server.api.protocol import (
     JsonSchemaFormat,
     StrictRequest,
     Usage,
+    output_constraint,
+    template_tool_call,
     without_none,
 )
 from server.engine.types import OutputConstraint, ToolSpec
@@ -120,23 +121,11 @@ class ChatMessage(StrictRequest):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)},
-                }
-                for c in self.tool_calls
+                template_tool_call(c.id, c.function.name, c.function.arguments) for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
-
-
-def _json_or_text(arguments: str) -> object:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
 
 
 class Tool(StrictRequest):
@@ -202,10 +191,7 @@ class ChatCompletionRequest(GenerationRequest):
     def tool_specs(self) -> list[ToolSpec]:
         """The request's tools as the engine takes them, converted once per request (the chat
         template and the output constraint both read them)."""
-        return [
-            ToolSpec(t.function.name, t.function.parameters, t.function.description, bool(t.function.strict))
-            for t in self.tools or []
-        ]
+        return [t.function.spec() for t in self.tools or []]
 
     def constraint(self) -> OutputConstraint | None:
         fmt = self.response_format
@@ -213,15 +199,7 @@ class ChatCompletionRequest(GenerationRequest):
         json_object = bool(fmt and fmt.type == "json_object")
         choice = self.tool_choice
         tool_choice = choice.function.name if isinstance(choice, NamedToolChoice) else (choice or "auto")
-        if not self.tools and schema is None and not json_object:
-            return None
-        return OutputConstraint(
-            json_schema=schema,
-            json_object=json_object,
-            tools=tuple(self.tool_specs),
-            tool_choice=tool_choice if self.tools else "none",
-            parallel_tool_calls=self.parallel_tool_calls is not False,
-        )
+        return output_constraint(self.tool_specs, tool_choice, self.parallel_tool_calls, schema, json_object)
 
 
 class TopLogprob(BaseModel):
