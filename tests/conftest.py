@@ -106,3 +106,13 @@ async def _engine_outlives_app(app: object) -> AsyncIterator[None]:
 def anyio_backend() -> str:
     """Async tests (`@pytest.mark.anyio`) run on asyncio, as uvicorn does."""
     return "asyncio"
+
+
+# Fixtures that load the real model: a test using one is slow (`pytest -m "not slow"` skips it).
+_MODEL_FIXTURES = frozenset({"demo_engine", "random_engine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
