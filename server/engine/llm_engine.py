@@ -17,6 +17,7 @@ from .core.sequence import Sequence, Status
 from .output.detokenizer import TokenStream
 from .output.token_bytes import TokenBytes
 from .sample.constraints import Constraints
+from .sample.logits_processors import logits_processors
 from .sample.sampling import SampleResult, SamplerState, sample
 from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
 
@@ -151,13 +152,9 @@ class LLMEngine:
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
         samplers = [s.sampler for s in sampled if s.sampler is not None]
-        masks = None
-        if any(s.constraint is not None for s in samplers):
-            # The forward pass runs while llguidance fills the masks on the CPU: the mask of a
-            # step depends only on tokens sampled before it.
-            mx.async_eval(logits)  # type: ignore[no-untyped-call]
-            masks = mx.array(self.constraints.fill_masks([s.constraint for s in samplers]))
-        result = sample(logits, samplers, masks) if sampled else None
+        result = None
+        if sampled:
+            result = sample(logits, samplers, logits_processors(samplers, self.constraints, forward=logits))
         outputs = []
         if result is not None:
             outputs = [result.tokens]
