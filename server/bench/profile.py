@@ -89,7 +89,7 @@ def build_plan(engine: LLMEngine, kind: str, n: int, s: int) -> StepPlan:
         return StepPlan(prefills=[(seq, n)])
     seqs = [_sequence(engine, f"d{i}", s, 1, vocab, i) for i in range(n)]
     engine.scheduler.running.extend(seqs)
-    return StepPlan(decodes=seqs)
+    return StepPlan(decodes=[(seq, 1) for seq in seqs])
 
 
 def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -> dict[str, float]:

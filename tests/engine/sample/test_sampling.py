@@ -244,3 +244,22 @@ def test_a_request_draws_fresh_noise_every_step():
             state.record(mx.array([token]), 0)
             drawn.append(token)
         assert len(set(drawn)) > 8, drawn
+
+
+def test_several_rows_of_one_sequence_draw_its_next_tokens_in_order():
+    """A step that samples three positions of a sequence draws what three steps would (row j
+    takes the key of its token step + j), and hands them back together, in row order."""
+    flat = np.zeros((1, 1000), dtype=np.float32)
+    alone = _state(vocab=1000, seed=5)
+    singly = []
+    for _ in range(4):
+        (token,) = _draw(flat, [alone])
+        alone.record(mx.array([token]), 0)
+        singly.append(token)
+    several, other = _state(vocab=1000, seed=5), _state(vocab=1000, seed=6)
+    rows = [several] * 3 + [other]
+    res = sample(mx.zeros((4, 1000)), rows, logits_processors(rows), lengths=[3, 1])
+    by_sequence = res.read_back(logprobs=False)
+    assert [d.token for d in by_sequence[0]] == singly[:3] and len(by_sequence[1]) == 1
+    several.record(res.tokens, 0, 3)
+    assert _draw(flat, [several]) == singly[3:]
