@@ -1,6 +1,20 @@
 """The step loop: schedule, run the model, sample, stream each sequence's new text.
 
 Everything here runs on the engine thread; `emit` callbacks hand deltas to other threads.
+
+Prefix-cache publication (`BlockManager.commit`) happens here, when a block's contents are final:
+
+- a block of prompt tokens when the step that writes it is built: its ids are known from the
+  start, and a step that reads it is queued after the one that writes it, so `n` choices of one
+  prompt and concurrent requests share it at once;
+- a block holding generated tokens when the step that writes its last position is read back: by
+  then every token in it has been accepted (read back, and not rolled back) and written, so a
+  step that fails leaves none of them registered;
+- when a sequence lets go of its blocks (`BlockManager.release`), the full ones of accepted tokens
+  that its steps write: a freed block cannot be published later.
+
+A failed step drops every registration (`fail_all`): prompt blocks, and those a sequence lets go
+of, may be published before the steps that write them have run.
 """
 
 from __future__ import annotations
@@ -37,12 +51,14 @@ class Runner(Protocol):
 @dataclass
 class _Step:
     """A built step: its plan, the sequences it draws for (in row order, with their row counts),
-    the draws."""
+    the draws, and where it leaves each sequence it runs."""
 
     plan: StepPlan
     samples: list[tuple[Sequence, int]]
     result: SampleResult | None
     outputs: list[mx.array]  # what the step must evaluate besides the cache: the draws (and logprobs)
+    # (sequence, positions it has computed with this step): what its read back may publish.
+    reached: list[tuple[Sequence, int]]
 
 
 class LLMEngine:
@@ -101,7 +117,7 @@ class LLMEngine:
         for seq in list(self.by_id.values()):
             self.abort(seq.request_id)
             seq.emit(error)
-        self.blocks.forget_prefixes()  # a failed step's blocks were registered when it was built
+        self.blocks.forget_prefixes()  # some blocks are published before their step has run
 
     @property
     def has_work(self) -> bool:
@@ -168,15 +184,19 @@ class LLMEngine:
                 seq.num_pending += n
                 seq.pending = (result.tokens, row - 1)
         self.scheduler.advance(plan)
-        # Blocks this step fills are shareable at once: a step that reads one is queued after it.
-        for seq, _ in plan.decodes + plan.prefills:
-            self.blocks.commit(seq)
-        return _Step(plan, samples, result, outputs)
+        for seq, _ in plan.prefills:  # the prompt blocks it writes (a decode writes none)
+            self.blocks.commit(seq, len(seq.prompt_ids))
+        reached = [(seq, seq.num_computed) for seq, _ in plan.decodes + plan.prefills]
+        return _Step(plan, samples, result, outputs, reached)
 
     def _read_back(self, step: _Step) -> None:
-        """Wait for a step's draws; stream them and end what they end."""
+        """Wait for a step's draws; stream them, end what they end, and publish the blocks the
+        step has finished writing (see the module docstring)."""
         if step.result is not None:
             self._append([seq for seq, _ in step.samples], step.result)
+        for seq, reached in step.reached:
+            if seq.status is Status.RUNNING:  # else it let go of its blocks since
+                self.blocks.commit(seq, reached)
         self.scheduler.step_done(step.plan)
         self.counters["steps"] += 1
 

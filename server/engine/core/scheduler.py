@@ -159,8 +159,8 @@ class Scheduler:
         return budget
 
     def advance(self, plan: StepPlan) -> None:
-        """Count the positions a built step computes: the next plan starts after them. (The blocks
-        they fill are registered once their ids are known: `BlockManager.commit`.)"""
+        """Count the positions a built step computes: the next plan starts after them. (When the
+        blocks they fill are published as cached prefixes: `LLMEngine`.)"""
         for seq, n in plan.decodes + plan.prefills:
             seq.num_computed += n
 
