@@ -41,6 +41,7 @@ from server.engine.factory import load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
+from server.engine.sample.logits_processors import logits_processors
 from server.engine.sample.sampling import SamplerState, sample
 from server.engine.types import SamplingParams
 
@@ -88,7 +89,7 @@ def build_plan(engine: LLMEngine, kind: str, n: int, s: int) -> StepPlan:
         return StepPlan(prefills=[(seq, n)])
     seqs = [_sequence(engine, f"d{i}", s, 1, vocab, i) for i in range(n)]
     engine.scheduler.running.extend(seqs)
-    return StepPlan(decodes=seqs)
+    return StepPlan(decodes=[(seq, 1) for seq in seqs])
 
 
 def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -> dict[str, float]:
@@ -98,7 +99,7 @@ def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -
     mx.synchronize()
     t0 = time.perf_counter()
     logits = runner.run(plan)
-    result = sample(logits, samplers)
+    result = sample(logits, samplers, logits_processors(samplers))
     mx.eval(result.tokens, *cache)
     result.tokens.tolist()
     step = time.perf_counter() - t0
@@ -118,7 +119,7 @@ def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -
 
     logits = runner.forward(tokens, batch, rows, mark)
     t0 = time.perf_counter()
-    result = sample(logits, samplers)
+    result = sample(logits, samplers, logits_processors(samplers))
     mx.eval(result.tokens)
     result.tokens.tolist()
     parts["sampling"] = time.perf_counter() - t0

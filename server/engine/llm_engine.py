@@ -1,6 +1,20 @@
 """The step loop: schedule, run the model, sample, stream each sequence's new text.
 
 Everything here runs on the engine thread; `emit` callbacks hand deltas to other threads.
+
+Prefix-cache publication (`BlockManager.commit`) happens here, when a block's contents are final:
+
+- a block of prompt tokens when the step that writes it is built: its ids are known from the
+  start, and a step that reads it is queued after the one that writes it, so `n` choices of one
+  prompt and concurrent requests share it at once;
+- a block holding generated tokens when the step that writes its last position is read back: by
+  then every token in it has been accepted (read back, and not rolled back) and written, so a
+  step that fails leaves none of them registered;
+- when a sequence lets go of its blocks (`BlockManager.release`), the full ones of accepted tokens
+  that its steps write: a freed block cannot be published later.
+
+A failed step drops every registration (`fail_all`): prompt blocks, and those a sequence lets go
+of, may be published before the steps that write them have run.
 """
 
 from __future__ import annotations
@@ -17,7 +31,8 @@ from .core.sequence import Sequence, Status
 from .output.detokenizer import TokenStream
 from .output.token_bytes import TokenBytes
 from .sample.constraints import Constraints
-from .sample.sampling import SampleResult, SamplerState, sample
+from .sample.logits_processors import logits_processors
+from .sample.sampling import Draw, SampleResult, SamplerState, sample
 from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
 
 
@@ -35,12 +50,15 @@ class Runner(Protocol):
 
 @dataclass
 class _Step:
-    """A built step: its plan, the sequences it draws for (in row order), the draws."""
+    """A built step: its plan, the sequences it draws for (in row order, with their row counts),
+    the draws, and where it leaves each sequence it runs."""
 
     plan: StepPlan
-    sampled: list[Sequence]
+    samples: list[tuple[Sequence, int]]
     result: SampleResult | None
     outputs: list[mx.array]  # what the step must evaluate besides the cache: the draws (and logprobs)
+    # (sequence, positions it has computed with this step): what its read back may publish.
+    reached: list[tuple[Sequence, int]]
 
 
 class LLMEngine:
@@ -99,7 +117,7 @@ class LLMEngine:
         for seq in list(self.by_id.values()):
             self.abort(seq.request_id)
             seq.emit(error)
-        self.blocks.forget_prefixes()  # a failed step's blocks were registered when it was built
+        self.blocks.forget_prefixes()  # some blocks are published before their step has run
 
     @property
     def has_work(self) -> bool:
@@ -120,7 +138,7 @@ class LLMEngine:
         output: its next mask needs the draw.
         """
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and any(s.sampler and s.sampler.constraint for s in previous.sampled):
+        if previous is not None and any(s.sampler and s.sampler.constraint for s, _ in previous.samples):
             self._read_back(previous)
             previous = None
         built = self._build()
@@ -144,85 +162,93 @@ class LLMEngine:
         self.counters["preemptions"] += len(plan.preempted)
         if plan.empty:
             return None
-        sampled = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
+        samples = plan.samples
         for seq, _ in plan.prefills:
             if seq.num_computed == seq.num_cached_prompt and not seq.output_ids:
                 self.counters["prompt_tokens"] += len(seq.prompt_ids)
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
         logits = self.runner.run(plan)
-        samplers = [s.sampler for s in sampled if s.sampler is not None]
-        masks = None
-        if any(s.constraint is not None for s in samplers):
-            # The forward pass runs while llguidance fills the masks on the CPU: the mask of a
-            # step depends only on tokens sampled before it.
-            mx.async_eval(logits)  # type: ignore[no-untyped-call]
-            masks = mx.array(self.constraints.fill_masks([s.constraint for s in samplers]))
-        result = sample(logits, samplers, masks) if sampled else None
+        rows = [self._sampler(seq) for seq, n in samples for _ in range(n)]
+        result = None
         outputs = []
-        if result is not None:
+        if samples:
+            chain = logits_processors(rows, self.constraints, forward=logits)
+            result = sample(logits, rows, chain, [n for _, n in samples])
             outputs = [result.tokens]
-            if any(s.params.logprobs for s in sampled):  # the log-softmax costs a pass over V
+            if any(s.params.logprobs for s, _ in samples):  # the log-softmax costs a pass over V
                 outputs += [a for a in (result.logprobs, result.top_ids, result.top_logprobs) if a is not None]
-            for row, seq in enumerate(sampled):
-                assert seq.sampler is not None  # set by add()
-                seq.sampler.record(result.tokens, row)
-                seq.num_pending += 1
-                seq.pending = (result.tokens, row)
+            row = 0
+            for seq, n in samples:
+                self._sampler(seq).record(result.tokens, row, n)
+                row += n
+                seq.num_pending += n
+                seq.pending = (result.tokens, row - 1)
         self.scheduler.advance(plan)
-        # Blocks this step fills are shareable at once: a step that reads one is queued after it.
-        for seq in [*plan.decodes, *(s for s, _ in plan.prefills)]:
-            self.blocks.commit(seq)
-        return _Step(plan, sampled, result, outputs)
+        for seq, _ in plan.prefills:  # the prompt blocks it writes (a decode writes none)
+            self.blocks.commit(seq, len(seq.prompt_ids))
+        reached = [(seq, seq.num_computed) for seq, _ in plan.decodes + plan.prefills]
+        return _Step(plan, samples, result, outputs, reached)
 
     def _read_back(self, step: _Step) -> None:
-        """Wait for a step's draws; stream them and end what they end."""
+        """Wait for a step's draws; stream them, end what they end, and publish the blocks the
+        step has finished writing (see the module docstring)."""
         if step.result is not None:
-            self._append(step.sampled, step.result)
+            self._append([seq for seq, _ in step.samples], step.result)
+        for seq, reached in step.reached:
+            if seq.status is Status.RUNNING:  # else it let go of its blocks since
+                self.blocks.commit(seq, reached)
         self.scheduler.step_done(step.plan)
         self.counters["steps"] += 1
 
     def _append(self, seqs: list[Sequence], result: SampleResult) -> None:
-        tokens: list[int] = result.tokens.tolist()  # type: ignore[assignment]
+        """Hand each sequence its draws of a step, in order: each goes through the constraint,
+        EOS, stop strings and max_tokens, and the first that ends the output ends it there (the
+        draws after it are dropped)."""
         wants_logprobs = any(s.params.logprobs for s in seqs)
-        logprobs: list[float] = result.logprobs.tolist() if wants_logprobs else []  # type: ignore[assignment]
-        top_ids: list[list[int]] = []
-        top_lps: list[list[float]] = []
-        if wants_logprobs and result.top_ids is not None and result.top_logprobs is not None:
-            top_ids, top_lps = result.top_ids.tolist(), result.top_logprobs.tolist()  # type: ignore[assignment]
-        for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.num_pending -= 1
+        for seq, draws in zip(seqs, result.read_back(wants_logprobs), strict=True):
+            seq.num_pending -= len(draws)
             if not seq.num_pending:
                 seq.pending = None
-            if seq.status is Status.FINISHED:  # ended with an earlier draw, aborted or failed
-                continue
-            assert seq.sampler is not None and seq.output is not None  # set by add()
-            self.counters["generated_tokens"] += 1
-            seq.append(tok)
-            constraint = seq.sampler.constraint
-            if constraint is not None:
-                constraint.consume(tok)
-            text, finish = seq.output.add(tok, complete=constraint is not None and constraint.done)
-            lp = None
-            # EOS ends the text without adding to it, so it has no logprob entry either.
-            if seq.params.logprobs and not (finish and tok in self.eos_ids and not seq.params.ignore_eos):
-                k = seq.params.top_logprobs
-                top = [(self._piece(t), v) for t, v in zip(top_ids[i][:k], top_lps[i][:k], strict=True)] if k else []
-                lp = [TokenLogprob(self._piece(tok), logprobs[i], top, bytes=list(self.token_bytes(tok)))]
-            seq.emit(
-                StreamDelta(
-                    text=text,
-                    token_ids=[tok],
-                    prompt_tokens=len(seq.prompt_ids),
-                    completion_tokens=len(seq.output_ids),
-                    cached_tokens=seq.num_cached_prompt,
-                    finish_reason=finish,
-                    logprobs=lp,
-                    tool_calls=seq.output.pop_tool_calls(),
-                )
+            for draw in draws:
+                if seq.status is Status.FINISHED:  # ended with an earlier draw, aborted or failed
+                    break
+                self._accept(seq, draw)
+
+    def _accept(self, seq: Sequence, draw: Draw) -> None:
+        """Append one drawn token to a running sequence's output and stream what it releases."""
+        assert seq.sampler is not None and seq.output is not None  # set by add()
+        tok = draw.token
+        self.counters["generated_tokens"] += 1
+        seq.append(tok)
+        constraint = seq.sampler.constraint
+        if constraint is not None:
+            constraint.consume(tok)
+        text, finish = seq.output.add(tok, complete=constraint is not None and constraint.done)
+        lp = None
+        # EOS ends the text without adding to it, so it has no logprob entry either.
+        if seq.params.logprobs and not (finish and tok in self.eos_ids and not seq.params.ignore_eos):
+            top = [(self._piece(t), v) for t, v in draw.top[: seq.params.top_logprobs]]
+            lp = [TokenLogprob(self._piece(tok), draw.logprob, top, bytes=list(self.token_bytes(tok)))]
+        seq.emit(
+            StreamDelta(
+                text=text,
+                token_ids=[tok],
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+                cached_tokens=seq.num_cached_prompt,
+                finish_reason=finish,
+                logprobs=lp,
+                tool_calls=seq.output.pop_tool_calls(),
             )
-            if finish:
-                self.by_id.pop(seq.request_id, None)
-                self.scheduler.finish(seq)
+        )
+        if finish:
+            self.by_id.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _sampler(seq: Sequence) -> SamplerState:
+        assert seq.sampler is not None  # set by add()
+        return seq.sampler
 
     def _piece(self, token_id: int) -> str:
         piece: str = self.tokenizer.decode([token_id])

@@ -131,7 +131,7 @@ def score(
         for k in range(prefill, length - 1):  # feed token k, score token k + 1
             for seq, w in zip(seqs, group, strict=True):
                 seq.append(w[k])
-            logits = runner.run(StepPlan(decodes=seqs))
+            logits = runner.run(StepPlan(decodes=[(seq, 1) for seq in seqs]))
             nll[:, k + 1 - prefill] = _nll(logits, [w[k + 1] for w in group])
             for seq in seqs:
                 seq.num_computed += 1

@@ -45,13 +45,12 @@ class ScriptedRunner:
         self.vocab_size = demo_model()[0].args.vocab_size
 
     def run(self, plan) -> mx.array:
-        seqs = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
         vocab = self.vocab_size
         picks = []
-        for s in seqs:
+        for s, n in plan.samples:
             script = self.script.get(s.request_id, [])
-            i = len(s.output_ids) + s.num_pending  # the draws the engine has not read back count
-            picks.append(script[i] if i < len(script) else 100)
+            first = len(s.output_ids) + s.num_pending  # the draws the engine has not read back count
+            picks += [script[i] if i < len(script) else 100 for i in range(first, first + n)]
         return mx.where(mx.arange(vocab)[None] == mx.array(picks)[:, None], 10.0, 0.0)
 
     def cache_arrays(self) -> list:

@@ -4,6 +4,8 @@ Every layer's pool has the same number of blocks, so one block id names a block 
 A full block is keyed by a hash chained over the token ids of it and all blocks before it; a new
 sequence whose prompt starts with cached blocks takes them (reference-counted) instead of
 recomputing them. Blocks nobody holds stay cached until they are evicted, least recently used first.
+A block is published (`commit`) once the engine knows its contents final: the rule is in
+llm_engine.py's docstring.
 """
 
 from __future__ import annotations
@@ -97,12 +99,19 @@ class BlockManager:
             seq.block_table.append(bid)
         return True
 
-    def commit(self, seq: Sequence) -> None:
-        """Register the blocks of `seq` that are full of computed tokens whose ids are known (a
-        built step's draws are not, until the engine reads them back), from the first one not
-        registered yet."""
+    def commit(self, seq: Sequence, upto: int | None = None) -> None:
+        """Publish the blocks of `seq` full of computed tokens whose ids are known, among its first
+        `upto` tokens (all when None), from the first one not published yet: a later prompt that
+        starts with the same tokens takes them instead of computing them.
+
+        When a block's contents are final is the engine's rule (`LLMEngine`: prompt blocks when
+        the step that writes them is built, blocks of generated tokens when it is read back); here,
+        a token's id is known once it is in `token_ids` (a draw not read back is not)."""
         bs = self.block_size
-        first, last = seq.num_committed_blocks, min(seq.num_computed, len(seq.token_ids)) // bs
+        end = min(seq.num_computed, len(seq.token_ids))
+        if upto is not None:
+            end = min(end, upto)
+        first, last = seq.num_committed_blocks, end // bs
         if first >= last:
             return
         tokens = seq.token_ids
@@ -117,8 +126,9 @@ class BlockManager:
         seq.num_committed_blocks = last
 
     def release(self, seq: Sequence) -> None:
-        """Return a sequence's blocks, its full ones registered first (some may have filled with
-        draws read back since its last step); the last blocks go to the back of the LRU order last."""
+        """Return a sequence's blocks, its full ones published first (freed, they could not be
+        later): those of known tokens its built steps write, some of them maybe still running;
+        the last blocks go to the back of the LRU order last."""
         self.commit(seq)
         for bid in reversed(seq.block_table):
             block = self.blocks[bid]
@@ -133,8 +143,9 @@ class BlockManager:
         seq.num_computed = seq.num_committed_blocks = 0
 
     def forget_prefixes(self) -> None:
-        """Unregister every cached block: after a failed step, blocks registered when it was
-        built may never have been written."""
+        """Unpublish every cached block: after a failed step, blocks published before the steps
+        that write them had run (prompt blocks, those a sequence let go of) may never have been
+        written."""
         for block in self.blocks:
             block.hash, block.token_ids = None, ()
         self.cached.clear()

@@ -32,8 +32,10 @@ from .sequence import Sequence, Status
 
 @dataclass
 class StepPlan:
-    # (sequence, number of tokens to run): decodes (one token) first, then prefill chunks.
-    decodes: list[Sequence] = field(default_factory=list)
+    # (sequence, number of positions to run): decodes first, then prefill chunks. A decode runs
+    # its newest token, one position (drafted tokens after it would add more), and samples every
+    # position it runs; a prefill chunk samples only its last, and only where it reaches the end.
+    decodes: list[tuple[Sequence, int]] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
@@ -43,7 +45,13 @@ class StepPlan:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
+        return sum(n for _, n in self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def samples(self) -> list[tuple[Sequence, int]]:
+        """The sequences the step draws for, in the order of their logits rows, each with the
+        number of positions it samples. Read before `Scheduler.advance` counts the step."""
+        return self.decodes + [(s, 1) for s, n in self.prefills if s.num_computed + n == len(s)]
 
 
 class PrefillPacer:
@@ -105,7 +113,7 @@ class Scheduler:
                 and not seq.drawn_all
                 and self._make_room(seq, 1, plan)
             ):
-                plan.decodes.append(seq)
+                plan.decodes.append((seq, 1))
                 budget -= 1
         budget = min(budget, self.prefill_budget(len(plan.decodes)))
         for seq in list(self.running):
@@ -151,11 +159,9 @@ class Scheduler:
         return budget
 
     def advance(self, plan: StepPlan) -> None:
-        """Count the tokens of a built step as computed: the next plan starts after them. (The
-        blocks they fill are registered once their ids are known: `BlockManager.commit`.)"""
-        for seq in plan.decodes:
-            seq.num_computed += 1
-        for seq, n in plan.prefills:
+        """Count the positions a built step computes: the next plan starts after them. (When the
+        blocks they fill are published as cached prefixes: `LLMEngine`.)"""
+        for seq, n in plan.decodes + plan.prefills:
             seq.num_computed += n
 
     def finish(self, seq: Sequence) -> None:
@@ -184,6 +190,5 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
-        if seq in plan.decodes:
-            plan.decodes.remove(seq)
+        plan.decodes = [(s, n) for s, n in plan.decodes if s is not seq]
         plan.prefills = [(s, n) for s, n in plan.prefills if s is not seq]

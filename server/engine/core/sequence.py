@@ -40,9 +40,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Leading blocks of `block_table` registered as cached prefix blocks (BlockManager.commit).
     num_committed_blocks: int = 0
-    # Tokens drawn by a step the engine has built but not read back yet (LLMEngine.step):
-    # `len(seq)` counts them, `token_ids` does not. `pending` is (draws, row): the newest one, the
-    # next decode's input, is `draws[row]`, still on the device.
+    # Tokens drawn by steps the engine has built but not read back yet (LLMEngine.step; a step may
+    # draw several for one sequence): `len(seq)` counts them, `token_ids` does not. `pending` is
+    # (draws, row): the newest one, the next decode's input, is `draws[row]`, still on the device.
     num_pending: int = 0
     pending: tuple[mx.array, int] | None = None
     sampler: SamplerState | None = None

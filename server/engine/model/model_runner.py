@@ -142,21 +142,26 @@ class ModelRunner:
         return sum(c.nbytes for c in self.caches)
 
     def run(self, plan: StepPlan) -> mx.array:
-        """Logits [N, V] (float32) for the sequences that sample this step, in plan order:
-        every decode, then every prefill whose chunk reaches the end of its sequence."""
+        """Logits [N, V] (float32) of every position the step samples, in `plan.samples` order:
+        every position of each decode, then the last of each prefill chunk that reaches the end of
+        its sequence."""
         return self.forward(*self.prepare(plan))
 
     def prepare(self, plan: StepPlan) -> tuple[mx.array, AttentionBatch, mx.array]:
         """The step's inputs: token ids [T], the attention batch, and the rows that sample."""
-        tokens, positions, last_rows = [], [], []
+        tokens, positions = [], []
+        rows: list[int] = []
+        sampled = dict(plan.samples)  # a sequence samples the last positions it runs, this many
         drawn_rows, drawn = [], None  # decode inputs still on the device (`Sequence.pending`)
-        for seq in plan.decodes:
+        for seq, n in plan.decodes:
+            # The decode path runs one position a sequence; drafted tokens after it are not drawn yet.
+            assert n == 1, "a decode of several positions needs drafted tokens"
             if seq.pending is not None:
                 drawn, row = seq.pending  # the previous step's draws: one array for all
                 drawn_rows.append(row)
             tokens.append(seq.token_ids[-1] if seq.pending is None else 0)
             positions.append(seq.num_computed)
-            last_rows.append(len(tokens) - 1)
+            rows.extend(range(len(tokens) - sampled[seq], len(tokens)))
         chunks = []
         for seq, n in plan.prefills:
             start = seq.num_computed
@@ -166,14 +171,13 @@ class ModelRunner:
             table = mx.array(seq.block_table[:nb], mx.int32)
             layout = sdpa_layout(n, start + n) if self.prefill_buckets else None
             chunks.append(PrefillChunk(start, n, table, self._slots(seq, start, n), layout))
-            if start + n == len(seq):
-                last_rows.append(len(tokens) - 1)
+            rows.extend(range(len(tokens) - sampled.get(seq, 0), len(tokens)))
 
         batch = AttentionBatch(
             positions=mx.array(positions, mx.int32),
             num_decodes=len(plan.decodes),
-            block_table=self._block_table(plan.decodes) if plan.decodes else None,
-            context_lens=mx.array([s.num_computed for s in plan.decodes], mx.int32) if plan.decodes else None,
+            block_table=self._block_table([s for s, _ in plan.decodes]) if plan.decodes else None,
+            context_lens=mx.array([s.num_computed for s, _ in plan.decodes], mx.int32) if plan.decodes else None,
             prefills=chunks,
             attn_scale=None,
         )
@@ -181,13 +185,11 @@ class ModelRunner:
             batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
         ids = mx.array(tokens, mx.int32)
         if drawn is not None:
-            on_device = [i for i, seq in enumerate(plan.decodes) if seq.pending is not None]
+            on_device = [i for i, (seq, _) in enumerate(plan.decodes) if seq.pending is not None]
             ids[mx.array(on_device, mx.int32)] = drawn[mx.array(drawn_rows, mx.int32)]
-        return ids, batch, mx.array(last_rows, mx.int32)
+        return ids, batch, mx.array(rows, mx.int32)
 
-    def forward(
-        self, tokens: mx.array, batch: AttentionBatch, last_rows: mx.array, mark: Mark | None = None
-    ) -> mx.array:
+    def forward(self, tokens: mx.array, batch: AttentionBatch, rows: mx.array, mark: Mark | None = None) -> mx.array:
         """The model over one step's tokens. `mark(name, *arrays)`, if given, is called after each
         part (a profiler evaluates and times there: see server/bench/profile.py)."""
         h = self.inner.embed_tokens(tokens)
@@ -195,7 +197,7 @@ class ModelRunner:
             a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, mark)
             h = h + a
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), mark)
-        h = self.inner.norm(h[last_rows])
+        h = self.inner.norm(h[rows])
         logits = self.model.lm_head(h) if hasattr(self.model, "lm_head") else self.inner.embed_tokens.as_linear(h)
         out: mx.array = logits.astype(mx.float32)
         if mark:

@@ -6,7 +6,7 @@ a thread pool; each constrained request gets a `TokenConstraint`, which
 
 - fills its row of the batch's bitmask (one bit per token of the model's vocabulary) before the
   step's sampling: `Constraints.fill_masks`, all rows at once on llguidance's threads, while the
-  model's forward pass of the same step runs (see `LLMEngine.step`);
+  model's forward pass of the same step runs (see `logits_processors`);
 - consumes every token the sequence samples (`consume`), and reports when the grammar is
   complete (`done`): no token but EOS could follow, so the sequence ends there.
 

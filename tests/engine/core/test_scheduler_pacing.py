@@ -27,12 +27,12 @@ class Clock:
 def step(s: Scheduler, plan_seconds: float = 0.0, clock: Clock | None = None) -> tuple[list, list]:
     plan = s.schedule()
     s.advance(plan)
-    for q in plan.decodes + [q for q, n in plan.prefills if q.num_computed == len(q)]:
+    for q in [q for q, _ in plan.decodes] + [q for q, n in plan.prefills if q.num_computed == len(q)]:
         q.append(7)
     if clock is not None:
         clock.now += plan_seconds
     s.step_done(plan)
-    return plan.decodes, [(q.request_id, n) for q, n in plan.prefills]
+    return [q for q, _ in plan.decodes], [(q.request_id, n) for q, n in plan.prefills]
 
 
 def test_while_decoding_only_the_oldest_prompt_takes_the_prefill_budget():

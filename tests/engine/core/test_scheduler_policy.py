@@ -49,9 +49,9 @@ class Sim:
         running_before = list(self.scheduler.running)
         plan = self.scheduler.schedule()
         self.check(plan, running_before)
-        sampled = plan.decodes + [s for s, n in plan.prefills if s.num_computed + n == len(s)]
+        sampled = plan.samples
         self.scheduler.advance(plan)
-        for seq in sampled:
+        for seq, _ in sampled:
             seq.append(7 + len(seq) % 5)
             if len(seq.output_ids) >= (seq.params.max_tokens or 0):
                 self.scheduler.finish(seq)
@@ -73,7 +73,9 @@ class Sim:
         prefilled = {id(s) for s, _ in plan.prefills}
         for seq in kept:
             if seq.num_remaining == 1:
-                assert seq in plan.decodes and id(seq) not in prefilled, "a one-token sequence planned as a prefill"
+                assert (seq, 1) in plan.decodes and id(seq) not in prefilled, (
+                    "a one-token sequence planned as a prefill"
+                )
 
     def run(self, max_steps: int = 20_000) -> None:
         while self.scheduler.has_work:
@@ -169,7 +171,7 @@ def test_one_token_left_is_a_decode():
     assert first.prefills == [(seq, 8)] and not seq.output_ids
     for _ in range(3):
         plan = sim.step()
-        assert plan.decodes == [seq] and plan.prefills == []
+        assert plan.decodes == [(seq, 1)] and plan.prefills == []
     assert seq.status is Status.FINISHED and len(seq.output_ids) == 3
 
 

@@ -8,7 +8,8 @@ import pytest
 from support.engine_harness import demo_model
 
 from server.engine.sample.constraints import Constraints, _closed
-from server.engine.sample.sampling import SamplerState, apply_token_masks, sample
+from server.engine.sample.logits_processors import token_masks
+from server.engine.sample.sampling import SamplerState, sample
 from server.engine.types import InvalidRequest, OutputConstraint, SamplingParams, ToolSpec
 
 V = demo_model()[0].args.vocab_size  # the demo model's vocabulary
@@ -65,15 +66,15 @@ def test_tool_choice_none_bans_the_start_token(cons):
     assert allowed(cons.fill_masks([c]), 0) == set(range(V)) - {start}
 
 
-def test_apply_token_masks_and_sample():
+def test_token_masks_and_sample():
     masks = np.zeros((2, V // 32), dtype=np.int32)
     masks[0, 0] = 1 << 5  # only token 5
     masks[1, :] = -1
     logits = mx.zeros((2, V))
-    out = apply_token_masks(logits, mx.array(masks))
+    out = token_masks(mx.array(masks))(logits)
     assert mx.isinf(out[0]).sum().item() == V - 1 and out[0, 5].item() == 0 and not mx.isinf(out[1]).any().item()
     states = [SamplerState(SamplingParams(temperature=1.0, seed=1), [], V) for _ in range(2)]
-    assert sample(logits, states, mx.array(masks)).tokens.tolist()[0] == 5
+    assert sample(logits, states, [token_masks(mx.array(masks))]).tokens.tolist()[0] == 5
 
 
 def test_an_object_that_lists_its_properties_admits_no_others_unless_it_says_so():

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from server.engine.sample.logits_processors import logits_processors
 from server.engine.sample.sampling import SamplerState, sample
 from server.engine.types import EngineError, SamplingParams
 
@@ -15,7 +16,7 @@ def _state(prompt=(), vocab=V, **kw) -> SamplerState:
 
 
 def _draw(logits, states) -> list[int]:
-    res = sample(mx.array(logits), states)
+    res = sample(mx.array(logits), states, logits_processors(states))
     mx.eval(res.tokens)
     return res.tokens.tolist()
 
@@ -42,7 +43,7 @@ def test_greedy_is_argmax_for_any_dtype():
     states = [_state(temperature=0.0) for _ in range(8)]
     for dtype in (mx.float32, mx.bfloat16, mx.float16):
         x = mx.array(logits).astype(dtype)
-        res = sample(x, states)
+        res = sample(x, states, logits_processors(states))
         expected = np.array(x.astype(mx.float32)).argmax(axis=-1)
         assert res.tokens.dtype == mx.int32
         assert res.tokens.tolist() == expected.tolist()
@@ -210,7 +211,7 @@ def test_logprobs_are_raw_log_softmax():
         _state(temperature=1.0, logprobs=True),
         _state(temperature=1.0, top_k=3, top_p=0.5),
     ]
-    res = sample(mx.array(logits), states)
+    res = sample(mx.array(logits), states, logits_processors(states))
     mx.eval(res.tokens, res.logprobs, res.top_ids, res.top_logprobs)
     ref = _log_softmax(logits)
     tokens = res.tokens.tolist()
@@ -225,7 +226,8 @@ def test_logprobs_are_raw_log_softmax():
 
 
 def test_no_top_logprobs_unless_asked():
-    res = sample(mx.zeros((2, V)), [_state(), _state(logprobs=True)])
+    states = [_state(), _state(logprobs=True)]
+    res = sample(mx.zeros((2, V)), states, logits_processors(states))
     assert res.top_ids is None and res.top_logprobs is None
     mx.eval(res.logprobs)
     assert np.allclose(np.array(res.logprobs), -math.log(V))
@@ -242,3 +244,22 @@ def test_a_request_draws_fresh_noise_every_step():
             state.record(mx.array([token]), 0)
             drawn.append(token)
         assert len(set(drawn)) > 8, drawn
+
+
+def test_several_rows_of_one_sequence_draw_its_next_tokens_in_order():
+    """A step that samples three positions of a sequence draws what three steps would (row j
+    takes the key of its token step + j), and hands them back together, in row order."""
+    flat = np.zeros((1, 1000), dtype=np.float32)
+    alone = _state(vocab=1000, seed=5)
+    singly = []
+    for _ in range(4):
+        (token,) = _draw(flat, [alone])
+        alone.record(mx.array([token]), 0)
+        singly.append(token)
+    several, other = _state(vocab=1000, seed=5), _state(vocab=1000, seed=6)
+    rows = [several] * 3 + [other]
+    res = sample(mx.zeros((4, 1000)), rows, logits_processors(rows), lengths=[3, 1])
+    by_sequence = res.read_back(logprobs=False)
+    assert [d.token for d in by_sequence[0]] == singly[:3] and len(by_sequence[1]) == 1
+    several.record(res.tokens, 0, 3)
+    assert _draw(flat, [several]) == singly[3:]
