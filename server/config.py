@@ -1,8 +1,9 @@
-"""Every server option, declared once in `Settings`.
+"""Every server option, gathered in `Settings`: the engine's, declared in `EngineArgs`, and the
+server's own, declared here.
 
 The command-line flags (`--max-num-seqs`), the TOML file keys (`max_num_seqs`) and the environment
 variables (`MLA_SERVER_MAX_NUM_SEQS`) are all derived from the dataclass fields, so an option added
-here exists everywhere at once. Precedence: default < file < environment < command line.
+to either declaration exists everywhere at once. Precedence: default < file < environment < command line.
 """
 
 from __future__ import annotations
@@ -16,165 +17,65 @@ import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from server.engine.args import EngineArgs
+from server.options import POSITIVE, is_option, one_of, option
 
 ENV_PREFIX = "MLA_SERVER_"
 PROG = "mla-server"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SECRET_OPTIONS = frozenset({"api_key"})
+# The engine's options, declared in `EngineArgs`.
+ENGINE_OPTIONS = [f for f in dataclasses.fields(EngineArgs) if is_option(f)]
+
+T = TypeVar("T")
 
 
-def _option(default: Any, help: str, check: Callable[[Any], bool] | None = None, rule: str = "") -> Any:
-    return field(default=default, metadata={"help": help, "check": check, "rule": rule})
-
-
-_POSITIVE: dict[str, Any] = {"check": lambda v: v > 0, "rule": "must be > 0"}
-# Engine options take their defaults from the engine's own declaration.
-_ENGINE = EngineArgs()
+def _engine_options_first(cls: type[T]) -> type[T]:
+    """`cls` with every engine option as a field ahead of its own, with the same default, help and
+    rule, so that the flags, file keys and variables derived from the fields cover both. (Typed
+    code reads the engine's options through `Settings.engine_args()`: mypy sees only these here.)"""
+    cls.__annotations__ = {**{f.name: f.type for f in ENGINE_OPTIONS}, **cls.__annotations__}
+    for f in ENGINE_OPTIONS:
+        setattr(cls, f.name, dataclasses.field(default=f.default, metadata=f.metadata))
+    return cls
 
 
 @dataclass
+@_engine_options_first
 class Settings:
-    """Every option of the server; each field's metadata holds its help text and validity rule."""
+    """Every option of the server: the engine's (`EngineArgs`), then the server's own; each field's
+    metadata holds its help text and validity rule."""
 
-    model: str | None = _option(
-        None, "local directory or Hugging Face repo id of an MLA model (unset: the embedded demo model)"
-    )
-    host: str = _option("127.0.0.1", "address to listen on (0.0.0.0 serves the whole network)")
-    port: int = _option(8080, "TCP port to listen on", lambda v: 0 <= v <= 65535, "must be in 0..65535")
-    max_num_seqs: int | None = _option(
-        _ENGINE.max_num_seqs,
-        "most sequences decoded together in one batch (unset: 64 on a GPU, 16 on the CPU)",
-        **_POSITIVE,
-    )
-    max_model_len: int | None = _option(
-        _ENGINE.max_model_len, "longest prompt + completion in tokens (unset: the model's own limit)", **_POSITIVE
-    )
-    cache_tokens: int | None = _option(
-        _ENGINE.cache_tokens, "latent cache capacity in tokens (unset: sized by --cache-memory-fraction)", **_POSITIVE
-    )
-    cache_memory_fraction: float = _option(
-        _ENGINE.cache_memory_fraction,
-        "share of device memory given to the latent cache when --cache-tokens is unset",
-        lambda v: 0 < v <= 1,
-        "must be in (0, 1]",
-    )
-    cache_tokens_per_seq: int = _option(
-        _ENGINE.cache_tokens_per_seq,
-        "tokens per running sequence the default cache is sized for (within --cache-memory-fraction)",
-        **_POSITIVE,
-    )
-    warmup: str = _option(
-        _ENGINE.warmup,
-        "run the engine's step shapes once before serving: on, off, or auto (on a GPU only)",
-        lambda v: v in ("auto", "on", "off"),
-        "must be one of auto, on, off",
-    )
-    warmup_workers: int | None = _option(
-        _ENGINE.warmup_workers,
-        "processes compiling MLX's costliest kernels in parallel on an empty kernel cache (unset: CUDA up to 7, else 0)",
-        lambda v: v >= 0,
-        "must be >= 0",
-    )
-    latent_cache: str = _option(
-        _ENGINE.latent_cache,
-        "the latent cache: int4 (MLX 4-bit, 272 bytes/token/layer for Mistral Small 4) or bf16 (unquantized, 640)",
-        lambda v: v in ("int4", "bf16"),
-        "must be one of int4, bf16",
-    )
-    prefill_chunk_size: int | None = _option(
-        _ENGINE.prefill_chunk_size,
-        "prompt tokens prefilled per sequence per engine step (unset: 2048 on CUDA, 512 on Metal and the CPU)",
-        **_POSITIVE,
-    )
-    max_prefill_tokens_per_step: int | None = _option(
-        _ENGINE.max_prefill_tokens_per_step,
-        "most prompt tokens prefilled in a step that also decodes (unset: up to --max-num-batched-tokens)",
-        **_POSITIVE,
-    )
-    target_step_ms: float | None = _option(
-        _ENGINE.target_step_ms,
-        "while sequences decode, prefill only as much per step as keeps a step near this many ms (unset: off)",
-        **_POSITIVE,
-    )
-    max_num_batched_tokens: int = _option(
-        _ENGINE.max_num_batched_tokens, "most tokens (prefill + decode) processed in one engine step", **_POSITIVE
-    )
-    request_timeout: float = _option(
-        _ENGINE.request_timeout, "seconds a request may run before it is ended", **_POSITIVE
-    )
-    log_level: str = _option(
-        "info", "one of " + ", ".join(LOG_LEVELS), lambda v: v in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS)
-    )
-    log_file: str | None = _option(
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 serves the whole network)")
+    port: int = option(8080, "TCP port to listen on", lambda v: 0 <= v <= 65535, "must be in 0..65535")
+    log_level: str = option("info", "one of " + ", ".join(LOG_LEVELS), **one_of(*LOG_LEVELS))
+    log_file: str | None = option(
         None, "append the log to this file, reopened after log rotation moves it (unset: stderr)"
     )
-    max_waiting_requests: int | None = _option(
-        _ENGINE.max_waiting_requests,
-        "requests queued beyond the running ones before new ones get 429 (unset: 4 x --max-num-seqs)",
-        lambda v: v >= 0,
-        "must be >= 0",
+    max_request_bytes: int | None = option(
+        None, "largest request body in bytes (unset: 1 MiB + 64 bytes per token of context)", **POSITIVE
     )
-    decode_backend: str = _option(
-        _ENGINE.decode_backend,
-        "decode attention: auto (the fused kernel on Metal/CUDA, checked at load; cpu on the CPU), reference, cpu,"
-        " metal or cuda",
-        lambda v: v in ("auto", "reference", "cpu", "metal", "cuda"),
-        "must be one of auto, reference, cpu, metal, cuda",
-    )
-    async_scheduling: str = _option(
-        _ENGINE.async_scheduling,
-        "build each engine step while the device still runs the previous one (host and device work overlap): on or off",
-        lambda v: v in ("on", "off"),
-        "must be one of on, off",
-    )
-    moe_by_expert: str = _option(
-        _ENGINE.moe_by_expert,
-        "run routed experts one expert at a time: auto (CUDA, batches giving each expert 3+ rows on average), on or off",
-        lambda v: v in ("auto", "on", "off"),
-        "must be one of auto, on, off",
-    )
-    prefill_buckets: str = _option(
-        _ENGINE.prefill_buckets,
-        "pad prefill attention to bucketed lengths, so CUDA builds a bounded set of cuDNN graphs: auto (CUDA, heads"
-        " cuDNN takes), on or off",
-        lambda v: v in ("auto", "on", "off"),
-        "must be one of auto, on, off",
-    )
-    rank_timeout: float = _option(
-        _ENGINE.rank_timeout,
-        "tensor parallel: seconds rank 0 waits for the other ranks in one step before it stops the set",
-        **_POSITIVE,
-    )
-    default_max_tokens: int = _option(
-        _ENGINE.default_max_tokens, "completion tokens of a request that sets no max_tokens", **_POSITIVE
-    )
-    max_request_bytes: int | None = _option(
-        None, "largest request body in bytes (unset: 1 MiB + 64 bytes per token of context)", **_POSITIVE
-    )
-    allowed_hosts: str | None = _option(
+    allowed_hosts: str | None = option(
         None,
         "comma-separated Host names the server answers besides the loopback names it answers when bound "
         "to loopback (unset: loopback names only when bound to loopback, any host otherwise)",
     )
-    cors_origins: str | None = _option(
+    cors_origins: str | None = option(
         None, "comma-separated origins allowed to call the API from a browser, * for any (unset: CORS off)"
     )
-    max_n: int = _option(16, "most choices one request may ask for (n, times the prompts of a completion)", **_POSITIVE)
-    header_timeout: float = _option(
-        10.0, "seconds a connection may take to send a complete request head before it is closed", **_POSITIVE
+    max_n: int = option(16, "most choices one request may ask for (n, times the prompts of a completion)", **POSITIVE)
+    header_timeout: float = option(
+        10.0, "seconds a connection may take to send a complete request head before it is closed", **POSITIVE
     )
-    api_key: str | None = _option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
-    served_model_name: str | None = _option(None, "model name clients send and see (unset: derived from --model)")
-    config: str | None = _option(None, "TOML file holding any of these options, keys spelled with underscores")
+    api_key: str | None = option(None, "require 'Authorization: Bearer <key>' (unset: no authentication)")
+    config: str | None = option(None, "TOML file holding any of these options, keys spelled with underscores")
 
     def engine_args(self) -> EngineArgs:
         """The engine's share of the settings."""
-        names = {f.name for f in dataclasses.fields(EngineArgs)} & {f.name for f in dataclasses.fields(self)}
-        return EngineArgs(**{name: getattr(self, name) for name in names})
+        return EngineArgs(**{f.name: getattr(self, f.name) for f in ENGINE_OPTIONS})
 
 
 class ConfigError(Exception):

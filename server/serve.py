@@ -46,11 +46,12 @@ def serve(settings: Settings) -> int:
         print(f"{PROG}: cannot open the log file {settings.log_file}: {e.strerror or e}", file=sys.stderr)
         return 1
     group = _distributed_group()
+    args = settings.engine_args()
     if group is not None and group.rank() != 0:
         # Ranks other than 0 serve no HTTP: they run rank 0's steps on their shard.
-        log.info("rank %d of %d: loading %s", group.rank(), group.size(), settings.model or "the demo model")
+        log.info("rank %d of %d: loading %s", group.rank(), group.size(), args.model or "the demo model")
         try:
-            factory.follow(settings.engine_args(), group)
+            factory.follow(args, group)
         except EngineError as e:
             print(f"{PROG}: rank {group.rank()}: {e}", file=sys.stderr)
             return 1
@@ -61,9 +62,9 @@ def serve(settings: Settings) -> int:
         print(f"{PROG}: {_port_problem(settings.host, settings.port, e)}", file=sys.stderr)
         return 1
     with sock:
-        log.info("loading %s", settings.model or "the embedded demo model")
+        log.info("loading %s", args.model or "the embedded demo model")
         try:
-            engine = factory.start_engine(settings.engine_args(), group)
+            engine = factory.start_engine(args, group)
         except EngineError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1

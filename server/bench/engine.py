@@ -22,7 +22,7 @@ from typing import Any
 from server.bench.report import DOCS, headed, update_section, utc_now
 from server.engine.args import EngineArgs
 from server.engine.core.sequence import Sequence
-from server.engine.factory import load_engine
+from server.engine.factory import engine_model, load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
@@ -38,7 +38,8 @@ COMPARED = {
 
 
 def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool = True, **options: Any) -> LLMEngine:
-    """An engine whose cache holds exactly `num_blocks` blocks, as long a context as they hold."""
+    """An engine whose cache holds exactly `num_blocks` blocks, as long a context as they hold, on
+    `loaded`: an engine model (`factory.engine_model`) and its tokenizer."""
     tokens = num_blocks * BLOCK_SIZE
     args = EngineArgs(
         max_model_len=tokens,
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = utc_now()
-    loaded = load_model(args.model or str(ensure_demo_model()))
+    model, tokenizer = load_model(args.model or str(ensure_demo_model()))
+    loaded = engine_model(model), tokenizer  # one engine model for every engine compared
     vocab = loaded[0].args.vocab_size
     levels = [int(c) for c in args.concurrency.split(",")]
     per_seq_blocks = -(-(args.prompt_len + args.length_spread + args.output_len) // BLOCK_SIZE)

@@ -45,8 +45,9 @@ from server.bench.kernel_cases import (
     random_pool,
 )
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import device_backend, mla_decode_append, mla_decode_append_fused
+from server.kernels.mla_decode import FUSED, mla_decode_append, mla_decode_append_fused
 from server.kernels.tiles import TileConfig, choose_config
+from server.platform import current_platform
 
 # The CPU tests' shapes and quant groups, plus a full B=16 batch, a long single sequence and a
 # DeepSeek-sized batch.
@@ -103,7 +104,7 @@ def check(backend: str, case: Case, P: int = 64) -> Checked:
         table = poison_table(table, ref_cache.num_blocks)
     args = decode_inputs(len(lens), H, R, P, dtype)
     ref = mla_decode_append(*args, ref_cache, table, ctx, scale, backend="reference")
-    got = mla_decode_append(*args, gpu_cache, table, ctx, scale, backend=backend)
+    got = mla_decode_append_fused(backend, *args, gpu_cache, table, ctx, scale)
     mx.eval(ref, got, *ref_cache.arrays(), *gpu_cache.arrays())
     r, g = np.array(ref.astype(mx.float32)), np.array(got.astype(mx.float32))
     abs_err = float(np.abs(r - g).max())
@@ -130,11 +131,11 @@ def memory(backend: str) -> bool:
     ctx = mx.array([100, 4000, 64, 2], mx.int32)
     args = decode_inputs(B, 32, R, P, dtype)
     mx.eval(*args)
-    out = mla_decode_append(*args, cache, table, ctx, 0.05, backend=backend)
+    out = mla_decode_append_fused(backend, *args, cache, table, ctx, 0.05)
     mx.eval(out, *cache.arrays())
     mx.reset_peak_memory()
     base = mx.get_active_memory()
-    out = mla_decode_append(*args, cache, table, ctx + 1, 0.05, backend=backend)
+    out = mla_decode_append_fused(backend, *args, cache, table, ctx + 1, 0.05)
     mx.eval(out, *cache.arrays())
     grew = mx.get_peak_memory() - base
     ok = grew < cache.nbytes / 100
@@ -430,15 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.md is not None and a.no_timings:
         ap.error("--md writes the timing table: drop --no-timings")
-    backend = a.backend or device_backend()
-    if backend not in ("metal", "cuda"):  # "cpu" or "reference": plain MLX, which the tests check
+    backend = a.backend or current_platform().defaults.decode_backend
+    if backend not in FUSED:  # "cpu": plain MLX, which the tests check
         print(
-            f"no fused kernel on this machine (MLX default device: {mx.default_device()}; decode runs through the "
-            f"plain-MLX {backend!r} backend, checked against the reference by tests/kernels/test_kernel_cpu.py); "
+            f"no fused kernel on this machine (MLX default device: {current_platform().backend}; decode runs through"
+            f" the plain-MLX {backend!r} backend, checked against the reference by tests/kernels/test_kernel_cpu.py); "
             "nothing to check or time"
         )
         return 1 if a.md is not None else 0
-    print(f"backend {backend}, device {mx.default_device()}")
+    print(f"backend {device_name(backend)}")
     ok = True
     checked: list[Checked] = []
     rows: list[Row] = []
@@ -461,11 +462,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def device_name(backend: str) -> str:
-    try:
-        name = str(mx.device_info().get("device_name", ""))
-    except Exception:  # device_info is not on every backend of every MLX
-        name = ""
-    return f"{backend}: {name or mx.default_device()}"
+    """`cuda: NVIDIA H100 80GB HBM3`: the backend and the device it runs on."""
+    platform = current_platform()
+    return f"{backend}: {platform.device_name or platform.backend}"
 
 
 def report_line(backend: str, ok: bool, checked: list[Checked], rows: list[Row]) -> str:

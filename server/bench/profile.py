@@ -37,7 +37,7 @@ from server.bench.report import device_name, headed, update_section, utc_now
 from server.engine.args import EngineArgs
 from server.engine.core.scheduler import StepPlan
 from server.engine.core.sequence import Sequence
-from server.engine.factory import load_engine
+from server.engine.factory import engine_model, load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     need = max(n * (s + 64) if k == "decode" else s + n + 64 for k, n, s in map(parse_scenario, scenarios))
     started = utc_now()
-    loaded = load_model(args.model or str(ensure_demo_model()))
+    model, tokenizer = load_model(args.model or str(ensure_demo_model()))
     engine = load_engine(
         EngineArgs(
             model=args.model,
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_seqs=256,
             moe_by_expert=args.moe_by_expert,
         ),
-        loaded,
+        (engine_model(model), tokenizer),
     )
     results = profile(engine, scenarios, args.reps)
     text = headed(

@@ -8,7 +8,6 @@ Text outside the markers (the prose written by hand) is never touched.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
@@ -19,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from server.platform import current_platform
+
 TITLE = "# Benchmarks\n"
 DOCS = Path("docs/benchmarks.md")
 
@@ -26,32 +27,18 @@ DOCS = Path("docs/benchmarks.md")
 # ---- where, when, how ----------------------------------------------------------------------
 
 
-def device_tag() -> str:
-    """`cuda`, `metal` or `cpu`: the backend MLX uses by default on this machine."""
-    import mlx.core as mx
-
-    if mx.default_device() != mx.gpu:
-        return "cpu"
-    return "cuda" if mx.cuda.is_available() else "metal"
-
-
 def device_name() -> str:
     """The device MLX computes on by default, named for a report: `NVIDIA H100 80GB HBM3 (MLX CUDA)`,
     `Apple M2 Max (MLX Metal)` or `CPU <model name>, N cores (MLX CPU)`."""
-    import mlx.core as mx
-
-    tag = device_tag()
-    info: dict[str, Any] = {}
-    with contextlib.suppress(Exception):  # device_info is not on every backend of every MLX
-        info = dict(mx.device_info())
-    if tag == "cuda":
-        return f"{info.get('device_name', 'GPU')} (MLX CUDA)"
-    if tag == "metal":
-        return f"{info.get('device_name', platform.machine())} (MLX Metal)"
-    return f"CPU {_cpu_model(info)}, {os.cpu_count()} cores (MLX CPU)"
+    plat = current_platform()
+    if plat.backend == "cuda":
+        return f"{plat.device_name or 'GPU'} (MLX CUDA)"
+    if plat.backend == "metal":
+        return f"{plat.device_name or platform.machine()} (MLX Metal)"
+    return f"CPU {_cpu_model(plat.device_name)}, {os.cpu_count()} cores (MLX CPU)"
 
 
-def _cpu_model(info: dict[str, Any]) -> str:
+def _cpu_model(device_name: str) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
@@ -63,7 +50,7 @@ def _cpu_model(info: dict[str, Any]) -> str:
         out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
         if out.stdout.strip():
             return out.stdout.strip()
-    return str(info.get("device_name") or platform.processor() or platform.machine())
+    return device_name or platform.processor() or platform.machine()
 
 
 def utc_now() -> str:

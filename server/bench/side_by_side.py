@@ -31,9 +31,10 @@ from server.bench.prompts import (
     words_for_tokenizer,
 )
 from server.bench.render import render_section
-from server.bench.report import command_line, device_name, device_tag, utc_now
+from server.bench.report import command_line, device_name, utc_now
 from server.bench.serve import concurrency_list
 from server.bench.servers import ServerProcess, free_port, mlx_launch, python_module
+from server.platform import current_platform
 
 # Room for the chat template and the output when a prompt length is clamped to the context.
 _TEMPLATE_MARGIN = 64
@@ -358,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     servers = [run_server(name, args, model, plan, prompt_kw, _eos_ids(config)) for name in args.servers]
     return {
-        "tag": args.tag or device_tag(),
+        "tag": args.tag or current_platform().backend,
         "device": args.device or device_name(),
         "date": started,
         "wall_s": time.monotonic() - t0,

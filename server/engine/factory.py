@@ -1,4 +1,5 @@
-"""The one way to build an engine: load the model, size the cache, assemble the parts, warm up.
+"""The one way to build an engine: load and adapt the model, choose its decode backend, size the
+cache, assemble the parts, warm up.
 
 `load_engine(args)` returns a synchronous `LLMEngine` on the calling thread (tests, benchmarks);
 `start_engine(args)` runs the same on a dedicated engine thread and returns the `AsyncEngine`
@@ -20,36 +21,38 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..kernels.mla_decode import set_default_backend
-from ..kernels.selfcheck import Verdict, check_fused_decode
+from ..kernels.selfcheck import Verdict
+from ..platform import current_platform
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
 from .distributed import EventChannel, shard_model
 from .llm_engine import LLMEngine
 from .model.architectures import adapt_model
 from .model.loader import load_model
-from .model.model_runner import LATENT_GROUP_SIZE, ModelRunner, cache_bytes_per_token, cache_dtype
+from .model.model_runner import ModelRunner, cache_bytes_per_token, check_decode
 from .types import EngineError
 from .warmup import Precompile, warm_up, warmup_units
 
 log = logging.getLogger(__name__)
 
-# `EngineArgs.max_num_seqs` when unset, by MLX device type. On the CPU (2 cores, demo model) 16
-# sequences decode at 254 tok/s and 64 at 275, while each stream waits 4x as long per token.
-DEFAULT_MAX_NUM_SEQS = {"gpu": 64, "cpu": 16}
-# `EngineArgs.prefill_chunk_size` when unset, by backend (args.py says why; docs/serving.md).
-DEFAULT_PREFILL_CHUNK_SIZE = {"cuda": 2048, "metal": 512, "cpu": 512}
-
 
 def with_device_defaults(args: EngineArgs) -> EngineArgs:
-    """`args` with the options left unset for the device resolved: `max_num_seqs`, `prefill_chunk_size`."""
-    kind = mx.default_device().type.name
-    backend = "cpu" if kind == "cpu" else "metal" if mx.metal.is_available() else "cuda"
+    """`args` with the options left unset resolved for this platform (`platform.DEFAULTS`):
+    `max_num_seqs`, `prefill_chunk_size`."""
+    defaults = current_platform().defaults
     return replace(
         args,
-        max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS[kind],
-        prefill_chunk_size=args.prefill_chunk_size or DEFAULT_PREFILL_CHUNK_SIZE[backend],
+        max_num_seqs=args.max_num_seqs or defaults.max_num_seqs,
+        prefill_chunk_size=args.prefill_chunk_size or defaults.prefill_chunk_size,
     )
+
+
+def engine_model(model: Any, group: mx.distributed.Group | None = None) -> Any:
+    """The model mlx-lm loaded, made the engine's: sharded across `group`'s ranks (distributed.py),
+    then adapted (architectures.py: refuses unsupported types, adapts the rest). In place, once."""
+    if group is not None:
+        shard_model(model, group)
+    return adapt_model(model)
 
 
 def load_engine(
@@ -57,44 +60,45 @@ def load_engine(
 ) -> LLMEngine:
     """An engine for `args.model` (None: the embedded demo model), checked and warmed up.
 
-    `loaded` is an already loaded (model, tokenizer) pair to reuse instead (tests load the demo
-    model once). With `group`, the model is sharded across its ranks (distributed.py). The
-    returned engine's `args` are resolved: `max_model_len` is the model's limit or less, and the
-    cache holds at least one full-length sequence.
+    `loaded` is an engine model (`engine_model`) and its tokenizer to reuse instead (tests and
+    benchmarks build several engines on one). With `group`, the model loaded is sharded across its
+    ranks. The returned engine's `args` are resolved: `max_model_len` is the model's limit or less,
+    and the cache holds at least one full-length sequence.
     """
-    warm = args.warmup == "on" or (args.warmup == "auto" and mx.default_device() == mx.gpu)
-    name = None
+    args = with_device_defaults(args)
+    warm = args.warmup == "on" or (args.warmup == "auto" and current_platform().defaults.warmup)
+    name, hub = None, None
     if loaded is None:
         from .model.demo_model import ensure_demo_model
 
         name = args.model or str(ensure_demo_model())
         if not Path(name).expanduser().exists():
-            loaded = load_model(name)  # a hub id: downloaded before compile workers read it
+            hub = load_model(name)  # a hub id: downloaded before compile workers read it
     # Compile workers (warmup.py) run while this process reads the weights.
     with Precompile.start(args, name if warm and group is None else None) as precompile:
-        engine = build_engine(args, loaded or load_model(str(name)), group)
+        if loaded is None:
+            model, tokenizer = hub or load_model(str(name))
+            loaded = engine_model(model, group), tokenizer
         precompile.join()
-    # The fused decode kernel against the reference on this model's shapes; on a failure the
-    # process decodes through the reference, and /health says so.
-    assert isinstance(engine.runner, ModelRunner)
-    decode = check_decode(engine.runner.model, engine.args)
+    # The fused decode kernel against the reference on this model's shapes, after the workers
+    # compiled its kernels; on a failure the engine decodes through the reference, and /health says so.
+    decode = check_decode(loaded[0], args)
+    engine = _assemble(args, loaded, decode, group)
     if warm:
         t0 = time.perf_counter()
         steps = warm_up(engine, warmup_units(engine.args, engine.max_model_len))
         log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
-        engine = LLMEngine(engine.runner, engine.tokenizer, engine.args)  # fresh counters, scheduler, prefix cache
-    engine.decode = decode.as_dict()
+        # Fresh counters, scheduler and prefix cache.
+        engine = LLMEngine(engine.runner, engine.tokenizer, engine.args, decode=engine.decode)
     return engine
 
 
-def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distributed.Group | None = None) -> LLMEngine:
-    """The engine for a loaded (model, tokenizer), its cache sized and its options resolved;
-    neither checked nor warmed up (`load_engine` does both)."""
-    args = with_device_defaults(args)
+def _assemble(
+    args: EngineArgs, loaded: tuple[Any, Any], decode: Verdict, group: mx.distributed.Group | None
+) -> LLMEngine:
+    """The engine for an engine model and its tokenizer, decoding as `decode` says, its cache
+    sized and the options that depend on the model resolved."""
     model, tokenizer = loaded
-    if group is not None:
-        shard_model(model, group)
-    model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
     limit: int = model.args.max_position_embeddings
     max_model_len = min(args.max_model_len or limit, limit)
     layers = len(model.model.layers)
@@ -116,6 +120,7 @@ def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distribute
     runner = ModelRunner(
         model,
         num_blocks=num_blocks,
+        decode_backend=decode.backend,
         block_size=args.block_size,
         latent_cache=args.latent_cache,
         moe_by_expert=args.moe_by_expert,
@@ -132,21 +137,7 @@ def build_engine(args: EngineArgs, loaded: tuple[Any, Any], group: mx.distribute
         per_token // layers,
         args.latent_cache.upper(),
     )
-    return LLMEngine(runner, tokenizer, resolved)
-
-
-def check_decode(model: Any, args: EngineArgs) -> Verdict:
-    """Make `args.decode_backend` the process's decode backend, then run the start-up self-check
-    (kernels/selfcheck.py) on this adapted model's shapes (a failure may switch to the reference)."""
-    set_default_backend(None if args.decode_backend == "auto" else args.decode_backend)
-    return check_fused_decode(
-        R=model.args.kv_lora_rank,
-        P=model.args.qk_rope_head_dim,
-        H=model.model.layers[0].self_attn.num_heads,
-        dtype=cache_dtype(model),
-        group_size=LATENT_GROUP_SIZE,
-        block_size=args.block_size,
-    )
+    return LLMEngine(runner, tokenizer, resolved, decode=decode.as_dict())
 
 
 def start_engine(args: EngineArgs, group: mx.distributed.Group | None = None) -> AsyncEngine:
@@ -164,11 +155,9 @@ def follow(args: EngineArgs, group: mx.distributed.Group) -> None:
 def _wire() -> None:
     """On Apple silicon, wire memory up to the recommended working set, as mlx-lm does
     (`maybe_set_recommended_wired_limit`), so macOS does not page out the model or the pool."""
-    if not (mx.default_device() == mx.gpu and mx.metal.is_available()):
-        return
-    limit = mx.device_info().get("max_recommended_working_set_size")
-    if isinstance(limit, int) and limit:
-        mx.set_wired_limit(limit)
+    platform = current_platform()
+    if platform.backend == "metal" and platform.memory:
+        mx.set_wired_limit(platform.memory)
 
 
 def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int) -> int:
@@ -192,9 +181,8 @@ def _tokens_by_memory(args: EngineArgs, bytes_per_token: int, max_model_len: int
 
 
 def _free_memory_bytes() -> int:
-    info = mx.device_info()
-    total = info.get("max_recommended_working_set_size") or info.get("total_memory") or info.get("memory_size")
-    if isinstance(total, int) and total:
+    total = current_platform().memory
+    if total:
         return max(0, total - mx.get_active_memory())
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

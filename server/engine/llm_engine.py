@@ -62,9 +62,13 @@ class _Step:
 
 
 class LLMEngine:
-    """One model's engine. `args` is resolved (`max_model_len` set): see `factory.load_engine`."""
+    """One model's engine. `args` is resolved (`max_model_len` set): see `factory.load_engine`.
+    `decode` says which decode backend the runner runs and the start-up check behind that choice
+    (`selfcheck.Verdict.as_dict()`; empty for a runner nobody checked), for /health."""
 
-    def __init__(self, runner: Runner, tokenizer: Any, args: EngineArgs) -> None:
+    def __init__(
+        self, runner: Runner, tokenizer: Any, args: EngineArgs, *, decode: dict[str, object] | None = None
+    ) -> None:
         if args.max_model_len is None:
             raise ValueError("EngineArgs.max_model_len must be resolved before building the engine")
         self.runner = runner
@@ -75,8 +79,7 @@ class LLMEngine:
         self.scheduler = Scheduler(args, self.blocks)
         self.eos_ids = set(tokenizer.eos_token_ids)
         self.token_bytes = TokenBytes(tokenizer)
-        # Which decode backend runs, and the start-up check behind that choice (set by the factory).
-        self.decode: dict[str, object] = {}
+        self.decode = decode or {}
         self.constraints = Constraints(tokenizer, runner.vocab_size, self.eos_ids)
         self.by_id: dict[str, Sequence] = {}
         self.counters = {

@@ -45,7 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 import mlx.core as mx
 from mlx.core import __version__ as MLX_VERSION  # type: ignore[attr-defined]
 
-from ..kernels.mla_decode import device_backend
+from ..platform import current_platform
 from .args import EngineArgs
 from .core.sequence import Sequence
 from .types import SamplingParams
@@ -110,22 +110,21 @@ def precompile_units() -> list[str]:
 
 
 def compile_workers(args: EngineArgs, model_dir: Path) -> int:
-    """How many compile workers to start: `args.warmup_workers`, else on CUDA as many as the host's
-    cores and the device's memory allow (the model, then per worker twice a layer's weights plus
-    `WORKER_OVERHEAD`); elsewhere none (MLX's Metal kernels ship mostly
+    """How many compile workers to start: `args.warmup_workers`, else on CUDA (`platform.DEFAULTS`)
+    as many as the host's cores and the device's memory allow (the model, then per worker twice a
+    layer's weights plus `WORKER_OVERHEAD`); elsewhere none (MLX's Metal kernels ship mostly
     precompiled in its library; on the CPU there is no warm-up by default)."""
     if args.warmup_workers is not None:
         return args.warmup_workers
-    if device_backend() != "cuda":
+    platform = current_platform()
+    if not platform.defaults.compile_workers:
         return 0
     try:
         layers = max(1, int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 1)))
     except (OSError, ValueError, AttributeError):
         return 0  # not a model directory: the loader says so, in words a user can act on
     weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    info = mx.device_info()
-    memory = int(info.get("total_memory") or info.get("memory_size") or 0)  # CUDA names it total_memory
-    by_memory = int((0.9 * memory - 1.2 * weights) // (2 * weights / layers + WORKER_OVERHEAD))
+    by_memory = int((0.9 * platform.memory - 1.2 * weights) // (2 * weights / layers + WORKER_OVERHEAD))
     return max(0, min((os.cpu_count() or 1) - 1, by_memory))
 
 
@@ -280,10 +279,9 @@ def exit_with_parent() -> None:
 def _worker(argv: list[str]) -> None:
     """A compile worker: `python -m server.engine.warmup ARGS_JSON UNIT,UNIT,...`."""
     exit_with_parent()
-    from .factory import check_decode  # the factory imports this module
     from .model.architectures import adapt_model
     from .model.loader import load_model
-    from .model.model_runner import cache_dtype
+    from .model.model_runner import cache_dtype, check_decode
 
     logging.basicConfig(level=logging.WARNING)
     args = EngineArgs(**json.loads(argv[0]))

@@ -1,7 +1,8 @@
 """Perplexity through the engine's own cache path, with the INT4 and with the bf16 latent cache.
 
 The model runs in the engine's `ModelRunner` (the engine's absorbed MLA attention, over its paged
-latent cache: `LatentCache` for "int4", `DenseLatentCache` for "bf16"). Each window's first
+latent cache: `LatentCache` for "int4", `DenseLatentCache` for "bf16"; decode through this
+device's default backend, `platform.DEFAULTS`). Each window's first
 `prefill` tokens go in as prefill chunks (they too attend over the cache they were just written
 to, dequantized); every later token is fed as a decode step, one token per sequence per step, as
 the engine decodes a completion: the true token goes in, and the step's logits give the
@@ -30,6 +31,7 @@ from ..engine.core.scheduler import StepPlan
 from ..engine.core.sequence import Sequence
 from ..engine.model.model_runner import ModelRunner
 from ..engine.types import SamplingParams
+from ..platform import current_platform
 
 Z95 = 1.959964
 
@@ -106,11 +108,18 @@ def score(
     block_size: int = 64,
 ) -> Result:
     """NLL [windows, len - prefill] of each window's tokens from position `prefill` on, decoded one
-    at a time through a `ModelRunner` with the `mode` latent cache ("int4" or "bf16")."""
+    at a time through a `ModelRunner` of `model` (an engine model: `factory.engine_model`) with the
+    `mode` latent cache ("int4" or "bf16")."""
     length = len(wins[0])
     per_seq = -(-length // block_size)
     batch = min(batch, len(wins))
-    runner = ModelRunner(model, num_blocks=batch * per_seq, block_size=block_size, latent_cache=mode)
+    runner = ModelRunner(
+        model,
+        num_blocks=batch * per_seq,
+        decode_backend=current_platform().defaults.decode_backend,
+        block_size=block_size,
+        latent_cache=mode,
+    )
     rows = []
     t0 = time.perf_counter()
     for start in range(0, len(wins), batch):
@@ -159,9 +168,11 @@ def run(
 ) -> dict[str, Any]:
     """Short windows (every token from position 1 decoded) and long windows (the last `long_last`
     tokens of `long_length`-token windows decoded, after a prefill of the rest). long_samples=0: none."""
+    from ..engine.factory import engine_model
     from ..engine.model.loader import load_model
 
     model, tokenizer = load_model(model_dir)
+    model = engine_model(model)
     tokens = load_tokens(tokenizer, data)
     report: dict[str, Any] = {"model": model_dir, "data": str(data), "tokens_in_file": len(tokens)}
     parts = [("short", length, samples, 1)]

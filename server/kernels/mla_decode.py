@@ -16,14 +16,14 @@ Shapes (B sequences, H heads, R latent width, P rope width, GS quant group, BS b
 
 Where it lives, all one step from here:
 
-- `mla_decode_append` (bottom of this file): picks the fused kernel for the default device (Metal
-  on an Apple GPU, CUDA when MLX has it), the plain-MLX CPU path (`cpu_decode.py`: the
-  reference's semantics over the packed INT4 codes, several times faster on MLX's CPU backend)
-  on the CPU, or the plain-MLX reference (`reference.py`, the semantics) otherwise, when
-  `backend="reference"`, when the process forced it
-  (`set_default_backend`, which the engine's --decode-backend sets; `selfcheck.py` does so when the fused kernel fails
-  its start-up check), or for a shape the kernel does not cover (float32 caches; Metal shapes
-  beyond its 32 KB of threadgroup memory), warning once per reason.
+- `mla_decode_append` (bottom of this file): runs the backend its caller names: a fused kernel
+  ("metal", "cuda"), the plain-MLX CPU path ("cpu", `cpu_decode.py`: the reference's semantics
+  over the packed INT4 codes, several times faster on MLX's CPU backend) or the plain-MLX
+  reference ("reference", `reference.py`, the semantics). The engine's model runner names the
+  backend its factory chose (`--decode-backend` and the start-up check of `selfcheck.py`). A
+  shape a fused kernel does not cover (float32 caches; Metal shapes beyond its 32 KB of
+  threadgroup memory) goes through the reference, with one warning per reason;
+  `mla_decode_append_fused` raises for it instead.
 - The fused kernel's three launches, `DIRECT`, `SPLIT` and `COMBINE`, are declared once below:
   buffers, template constants and the body text, which is in `mla_body.py`. Each `Dialect` of
   `dialects.py` (Metal, CUDA) supplies the primitives that body is written over.
@@ -351,42 +351,6 @@ def _warn_once(reason: str) -> None:
     log.warning("%s; decoding with the plain-MLX reference instead", reason)
 
 
-# Process-wide choice, above the device's default: `set_default_backend`, which the engine calls
-# with its --decode-backend option and which the start-up self-check sets to "reference" when the
-# fused kernel fails it.
-_override: str | None = None
-
-
-def set_default_backend(name: str | None) -> None:
-    """Make `name` the backend of every later `mla_decode_append(backend=None)`; None undoes it."""
-    global _override
-    if name not in (None, *BACKENDS):
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    _override = name
-
-
-def forced_backend() -> str | None:
-    """The backend forced by `set_default_backend`, if any."""
-    return _override
-
-
-def device_backend() -> str:
-    """The fused kernel this device runs (Metal on an Apple GPU, CUDA when MLX has it), "cpu"
-    (plain MLX over the packed codes, `cpu_decode.py`) on the CPU, else "reference"."""
-    if mx.default_device() == mx.gpu:
-        if mx.metal.is_available():
-            return "metal"
-        if mx.cuda.is_available():
-            return "cuda"
-        return "reference"
-    return "cpu"
-
-
-def default_backend() -> str:
-    """What `mla_decode_append(backend=None)` uses: the forced backend, else the device's."""
-    return forced_backend() or device_backend()
-
-
 def mla_decode_append(
     q_latent: mx.array,
     q_pe: mx.array,
@@ -397,28 +361,26 @@ def mla_decode_append(
     context_lens: mx.array,
     scale: float,
     *,
-    backend: str | None = None,
+    backend: str,
 ) -> mx.array:
-    """Attend one new token per sequence over its cached tokens plus itself, and append it.
+    """Attend one new token per sequence over its cached tokens plus itself, and append it,
+    through `backend` (one of `BACKENDS`).
 
     Shapes as in the module docstring. scores = scale * (q_latent . latent + q_pe . k_pe) over
     the context_lens[b] cached tokens and the new token (its quantized-then-dequantized latent);
     out = softmax(scores) @ latent, [B, H, R] in cache.dtype. Afterwards the cache holds the new
     token of sequence b at position context_lens[b].
     """
-    if backend not in (None, *BACKENDS):
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    chosen = backend or default_backend()
-    if chosen == "cpu":
+    if backend == "cpu":
         return mla_decode_append_cpu(q_latent, q_pe, new_latent, new_kpe, cache, block_table, context_lens, scale)
-    if chosen in FUSED:
+    if backend in FUSED:
         try:
             return mla_decode_append_fused(
-                chosen, q_latent, q_pe, new_latent, new_kpe, cache, block_table, context_lens, scale
+                backend, q_latent, q_pe, new_latent, new_kpe, cache, block_table, context_lens, scale
             )
         except NotImplementedError as exc:
-            if backend is not None:
-                raise
             # A shape the kernel does not cover (e.g. float32, or too big for Metal's 32 KB
             # of threadgroup memory): the reference computes the same thing, only slower.
             _warn_once(str(exc))

@@ -1,17 +1,17 @@
 """Start-up self-check: the fused decode kernel against the reference, on the model's own shapes.
 
-    verdict = check_fused_decode(R, P, H, dtype, group_size, block_size)
+    verdict = check_fused_decode(R, P, H, dtype, group_size, block_size, forced=None)
 
 runs one small decode step (a few sequences of mixed lengths, one crossing a split) through the
 fused kernel this device would use and through the plain-MLX reference, and compares `out` and
 the appended cache bytes. If the kernel fails to compile or run, or differs beyond tolerance, it
-logs one error with the numbers and calls `set_default_backend("reference")`, so that every
-later `mla_decode_append` of the process decodes through the reference. The returned `Verdict`
-says which backend decodes (for /health).
+logs one error with the numbers and its verdict names the reference. The returned `Verdict` says
+which backend decodes these shapes: the engine's factory hands `verdict.backend` to its model
+runner, and /health shows the verdict.
 
-Forcing (`set_default_backend`, which the engine calls with its --decode-backend option):
-"reference" (or "cpu") skips the check and decodes through that plain-MLX path; "cuda" (or "metal") runs the
-check, logs its outcome, and keeps the fused kernel even on a failure (to debug it).
+`forced` is the engine's --decode-backend option when not "auto": "reference" (or "cpu") skips
+the check and decodes through that plain-MLX path; "cuda" (or "metal") runs the check, logs its
+outcome, and keeps the fused kernel even on a failure (to debug it).
 """
 
 from __future__ import annotations
@@ -24,14 +24,9 @@ from typing import cast
 
 import mlx.core as mx
 
+from ..platform import current_platform
 from .latent_cache import LatentCache
-from .mla_decode import (
-    device_backend,
-    forced_backend,
-    mla_decode_append,
-    mla_decode_append_fused,
-    set_default_backend,
-)
+from .mla_decode import BACKENDS, mla_decode_append, mla_decode_append_fused
 from .tiles import choose_config
 
 log = logging.getLogger(__name__)
@@ -88,18 +83,29 @@ def _problem(
 
 
 def check_fused_decode(
-    R: int, P: int, H: int, dtype: mx.Dtype, group_size: int, block_size: int, *, lens: list[int] | None = None
+    R: int,
+    P: int,
+    H: int,
+    dtype: mx.Dtype,
+    group_size: int,
+    block_size: int,
+    *,
+    forced: str | None = None,
+    lens: list[int] | None = None,
 ) -> Verdict:
-    """Check the fused kernel on these shapes; on a failure make the reference the process's
-    decode backend (unless a fused backend is forced). Never raises for a kernel failure."""
-    forced = forced_backend()
+    """Which backend decodes these shapes: `forced` (one of `mla_decode.BACKENDS`), else this
+    device's, its fused kernel checked first; on a failure the reference (unless a fused backend
+    is forced). Never raises for a kernel failure."""
+    if forced not in (None, *BACKENDS):
+        raise ValueError(f"unknown backend {forced!r}; expected one of {BACKENDS}")
     if forced == "reference":
         return Verdict("reference", None, True, "forced (--decode-backend reference): no check")
     if forced == "cpu":
         return Verdict("cpu", None, True, "forced (--decode-backend cpu): plain MLX, no check")
-    candidate = forced or device_backend()
-    if candidate in ("reference", "cpu"):
-        return Verdict(candidate, None, True, f"no fused kernel on this device ({mx.default_device()}): plain MLX")
+    platform = current_platform()
+    candidate = forced or platform.defaults.decode_backend
+    if candidate == "cpu":
+        return Verdict(candidate, None, True, f"no fused kernel on this device ({platform.backend}): plain MLX")
     # Lengths 0, 1 and a block edge, and one long enough to be cut into splits.
     lens = lens or [0, 1, block_size - 1, 8 * block_size + 3]
     scale = 1.0 / math.sqrt(R + P)
@@ -112,7 +118,7 @@ def check_fused_decode(
         # Small splits, so that the split and combine launches run as well as the direct one.
         cfg = choose_config(candidate, len(lens), H, R, P, table.shape[1], block_size, group_size=group_size)
         split_cfg = replace(cfg, pps=2)
-        got = mla_decode_append(*args, got_cache, table, ctx, scale, backend=candidate)
+        got = mla_decode_append_fused(candidate, *args, got_cache, table, ctx, scale)
         again, _, _ = _problem(R, P, H, dtype, group_size, block_size, lens)
         got_split = mla_decode_append_fused(candidate, *args, again, table, ctx, scale, split_cfg)
         mx.eval(ref, got, got_split, *ref_cache.arrays(), *got_cache.arrays(), *again.arrays())
@@ -150,7 +156,6 @@ def _fail(
     if forced:
         log.error("fused MLA decode (%s) FAILED its self-check, kept because it is forced: %s", candidate, detail)
         return Verdict(candidate, candidate, False, detail, max_abs, rel, seconds)
-    set_default_backend("reference")
     log.error(
         "fused MLA decode (%s) FAILED its self-check; decoding through the plain-MLX reference for this process: %s",
         candidate,

@@ -75,11 +75,11 @@ def test_the_kernel_bench_says_what_a_machine_without_a_fused_kernel_has(capsys)
 
 def test_the_engine_bench_prefills_every_measured_prompt_in_full():
     # Its time to first token must be a prefill, never a prefix-cache hit on an earlier run.
-    from support.engine_harness import demo_model
+    from support.engine_harness import demo_engine_model
 
     from server.bench.engine import concurrency_row, make_engine
 
-    loaded = demo_model()
+    loaded = demo_engine_model()
     engine = make_engine(loaded, num_blocks=64)
     rows = [concurrency_row(engine, 2, 200, 2, loaded[0].args.vocab_size, run) for run in range(3)]
     assert engine.counters["cached_prompt_tokens"] == 0
@@ -88,7 +88,7 @@ def test_the_engine_bench_prefills_every_measured_prompt_in_full():
 
 def test_the_engine_bench_spreads_prompt_lengths_without_repeating_one(monkeypatch):
     # --length-spread: every request a length the engine has not seen (what prefill buckets are for).
-    from support.engine_harness import demo_model
+    from support.engine_harness import demo_engine_model
 
     from server.bench import engine as bench
 
@@ -97,7 +97,7 @@ def test_the_engine_bench_spreads_prompt_lengths_without_repeating_one(monkeypat
     monkeypatch.setattr(
         bench, "submit", lambda e, rid, ids, *rest: (lengths.append(len(ids)), submit(e, rid, ids, *rest))
     )
-    loaded = demo_model()
+    loaded = demo_engine_model()
     engine = bench.make_engine(loaded, num_blocks=64)
     for run in range(3):
         bench.concurrency_row(engine, 4, 100, 2, loaded[0].args.vocab_size, run, spread=64)

@@ -1,3 +1,5 @@
+import os
+
 from server.bench.report import update_section
 
 
@@ -41,12 +43,18 @@ def test_read_section(tmp_path):
     assert read_section(path, "serving") is None
 
 
-def test_device_date_and_command_line():
-    from server.bench.report import command_line, device_name, device_tag, provenance
+def test_device_date_and_command_line(monkeypatch):
+    from support.platforms import pretend
 
-    tag, name = device_tag(), device_name()
-    assert tag in ("cpu", "cuda", "metal")
-    assert name.endswith({"cpu": "(MLX CPU)", "cuda": "(MLX CUDA)", "metal": "(MLX Metal)"}[tag])
+    from server.bench.report import command_line, device_name, provenance
+
+    pretend(monkeypatch, "cuda", "NVIDIA H100 80GB HBM3")
+    assert device_name() == "NVIDIA H100 80GB HBM3 (MLX CUDA)"
+    pretend(monkeypatch, "metal", "Apple M2 Max")
+    assert device_name() == "Apple M2 Max (MLX Metal)"
+    pretend(monkeypatch, "cpu", "AMD EPYC")
+    name = device_name()
+    assert name.startswith("CPU ") and name.endswith(f", {os.cpu_count()} cores (MLX CPU)")
     assert (
         command_line("engine", ["--model", "/a b", "--write"]) == "python -m server.bench engine --model '/a b' --write"
     )

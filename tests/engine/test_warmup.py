@@ -14,11 +14,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
+from support.platforms import pretend
 
 from server.engine import warmup
 from server.engine.args import EngineArgs
 from server.engine.core.sequence import Sequence
-from server.engine.factory import build_engine, load_engine
+from server.engine.factory import engine_model, load_engine
 from server.engine.model.architectures import adapt_model
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
@@ -45,7 +46,7 @@ def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
     # The demo model: one dense layer, then three MoE layers of one kind.
     assert len(model.model.layers) == 2
     assert not hasattr(model.model.layers[0].mlp, "gate") and hasattr(model.model.layers[1].mlp, "gate")
-    engine = build_engine(EngineArgs(max_num_seqs=4, cache_tokens=64 * 8, warmup="off"), (model, tok))
+    engine = load_engine(EngineArgs(max_num_seqs=4, cache_tokens=64 * 8, warmup="off"), (engine_model(model), tok))
     assert warmup.warm_up(engine, ["prefill:16", "decode:2"]) > 0
 
 
@@ -78,14 +79,31 @@ def test_never_more_workers_than_units(tmp_path, monkeypatch):
         assert all(len(w.units) == 1 for w in pre.workers)
 
 
-def test_workers_are_only_the_default_on_cuda():
-    assert warmup.compile_workers(EngineArgs(warmup_workers=3), Path(".")) == 3
-    assert warmup.compile_workers(EngineArgs(), Path(".")) == 0  # this machine: MLX on the CPU
+@pytest.mark.parametrize("backend, some", [("cuda", True), ("metal", False), ("cpu", False)])
+def test_workers_are_only_the_default_on_cuda(monkeypatch, tmp_path, backend, some):
+    pretend(monkeypatch, backend, memory=80 << 30)
+    monkeypatch.setattr(warmup.os, "cpu_count", lambda: 16)
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 8}')
+    assert warmup.compile_workers(EngineArgs(warmup_workers=3), tmp_path) == 3
+    assert (warmup.compile_workers(EngineArgs(), tmp_path) > 0) == some
+
+
+@pytest.mark.parametrize("backend, warms", [("cuda", True), ("metal", True), ("cpu", False)])
+def test_auto_warms_up_on_a_gpu_only(monkeypatch, backend, warms):
+    from support.engine_harness import demo_engine_model, make_engine
+
+    from server.engine import factory
+
+    demo_engine_model()  # as this machine runs it
+    pretend(monkeypatch, backend)
+    ran = []
+    monkeypatch.setattr(factory, "warm_up", lambda engine, units: ran.append(units) or 0)
+    make_engine(decode_backend="cpu")  # --warmup auto; no start-up check to run
+    assert bool(ran) == warms
 
 
 def test_on_cuda_the_worker_count_follows_cores_and_memory(monkeypatch, tmp_path):
-    monkeypatch.setattr(warmup, "device_backend", lambda: "cuda")
-    monkeypatch.setattr(warmup.mx, "device_info", lambda: {"total_memory": 80 << 30})
+    pretend(monkeypatch, "cuda", memory=80 << 30)
     monkeypatch.setattr(warmup.os, "cpu_count", lambda: 16)
     assert warmup.compile_workers(EngineArgs(), tmp_path) == 0  # no config.json: the loader will say why
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 8}')

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
+from server.engine.factory import engine_model
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
 from server.engine.model.model_runner import MLP_PART_MIN_TOKENS, ModelRunner
@@ -24,7 +25,7 @@ def test_parts_come_back_in_order_with_their_values() -> None:
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
     model, _ = load_model(str(ensure_demo_model()))
-    return ModelRunner(model, num_blocks=8)
+    return ModelRunner(engine_model(model), num_blocks=8, decode_backend="cpu")
 
 
 def test_mlp_in_parts_equals_one_call(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,4 +42,4 @@ def test_mlp_in_parts_equals_one_call(runner: ModelRunner, monkeypatch: pytest.M
 
 def test_a_sharded_model_keeps_its_mlp_in_one_call() -> None:
     model, _ = load_model(str(ensure_demo_model()))
-    assert ModelRunner(model, num_blocks=8, sharded=True).mlp_parts == 1
+    assert ModelRunner(engine_model(model), num_blocks=8, decode_backend="cpu", sharded=True).mlp_parts == 1

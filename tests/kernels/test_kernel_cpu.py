@@ -20,8 +20,9 @@ from server.bench.kernel_cases import (
 )
 from server.kernels import cpu_decode
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import device_backend, mla_decode_append, set_default_backend
+from server.kernels.mla_decode import mla_decode_append
 from server.kernels.selfcheck import check_fused_decode
+from server.platform import current_platform
 
 # Lengths crossing block edges (0, 1, 63, 64, 65, 130, thousands), 1 to 128 heads (both sides of
 # DEQUANT_FROM_HEADS), R 128/256/512, both half types, quant groups 32/64/128, bad block ids.
@@ -152,12 +153,7 @@ def test_consecutive_steps_track_the_reference() -> None:
 
 
 def test_cpu_backend_is_chosen_or_forced_without_a_fused_check() -> None:
-    if mx.default_device() == mx.cpu:
-        assert device_backend() == "cpu"
+    if current_platform().backend == "cpu":
         assert check_fused_decode(128, 16, 4, mx.bfloat16, 64, 64).backend == "cpu"
-    set_default_backend("cpu")
-    try:
-        v = check_fused_decode(128, 16, 4, mx.bfloat16, 64, 64)
-        assert (v.backend, v.checked, v.ok) == ("cpu", None, True) and "forced" in v.detail
-    finally:
-        set_default_backend(None)
+    v = check_fused_decode(128, 16, 4, mx.bfloat16, 64, 64, forced="cpu")
+    assert (v.backend, v.checked, v.ok) == ("cpu", None, True) and "forced" in v.detail

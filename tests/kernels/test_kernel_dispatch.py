@@ -10,19 +10,21 @@ import pytest
 from server.bench.kernel_cases import GROUP_CASES, POISONED_CASES, SHAPE_CASES, Case, decode_inputs, filled_cache
 from server.kernels import mla_decode
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import Launch, default_backend, device_backend, mla_decode_append
+from server.kernels.mla_decode import Launch, mla_decode_append
 from server.kernels.tiles import TileConfig, choose_config, unsupported_reason
+from server.platform import current_platform
 
-on_gpu = mx.default_device() == mx.gpu
+on_gpu = current_platform().is_gpu
 
 
 @pytest.mark.skipif(on_gpu, reason="the default device is a GPU: the fused kernel is chosen")
 def test_cpu_uses_the_cpu_path() -> None:
-    assert default_backend() == "cpu"
+    backend = current_platform().defaults.decode_backend
+    assert backend == "cpu"
     cache, table = filled_cache([5, 70], 256, 64, mx.float16)
     args = decode_inputs(2, 4, 256, 64, mx.float16)
     ctx = mx.array([5, 70], mx.int32)
-    out = mla_decode_append(*args, cache, table, ctx, 0.1)
+    out = mla_decode_append(*args, cache, table, ctx, 0.1, backend=backend)
     assert out.shape == (2, 4, 256) and out.dtype == mx.float16
     assert cache.last_out is None  # only the fused kernels chain through it
 
@@ -154,7 +156,7 @@ def test_a_launch_refuses_buffers_it_does_not_declare() -> None:
         mla_decode.COMBINE.bind_template({"T": dt, "H": 1})
 
 
-@pytest.mark.skipif(device_backend() == "reference", reason="no Metal or CUDA device: the self-test's check needs one")
+@pytest.mark.skipif(not on_gpu, reason="no Metal or CUDA device: the self-test's check needs one")
 @pytest.mark.parametrize(
     "case",
     [*SHAPE_CASES, *GROUP_CASES, *POISONED_CASES],
@@ -164,4 +166,4 @@ def test_fused_kernel_matches_the_reference(case: Case) -> None:
     """On a GPU: the kernel's `out` and appended bytes against the reference (the self-test's check)."""
     from server.bench.kernel import check
 
-    assert check(device_backend(), case).ok
+    assert check(current_platform().backend, case).ok

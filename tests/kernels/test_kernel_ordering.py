@@ -38,8 +38,9 @@ import pytest
 from server.engine.model.mla_attention import AttentionBatch, PrefillChunk, mla_attention
 from server.kernels import mla_decode, reference
 from server.kernels.latent_cache import LatentCache
-from server.kernels.mla_decode import Launch, device_backend, set_default_backend
+from server.kernels.mla_decode import Launch
 from server.kernels.reference import append_slots, mla_decode_append_reference
+from server.platform import current_platform
 
 H, R, P, GS, BS = 2, 64, 16, 32, 16
 DT = mx.float16
@@ -127,16 +128,18 @@ def prefill_output(x: mx.array, cache: LatentCache, batch: AttentionBatch) -> mx
         if name == "attn_prefill":
             got.append(arrays[0])
 
-    mla_attention(ATTN, x, cache, batch, mark)
+    mla_attention(ATTN, x, cache, batch, "reference", mark)  # nothing to decode
     return got[0]
 
 
 class Engine:
     """The cache side of `ModelRunner` + `LLMEngine.step` for one layer: the same flat token
     layout (decodes first, then prefill chunks), block table (padded with 0) and context lengths,
-    one `mla_attention` call, then one `mx.eval` of its output and the cache fields."""
+    one `mla_attention` call decoding through `backend`, then one `mx.eval` of its output and the
+    cache fields."""
 
-    def __init__(self, exact: bool) -> None:
+    def __init__(self, backend: str, exact: bool) -> None:
+        self.backend = backend
         self.cache = LatentCache(NUM_BLOCKS, BS, R, P, GS, DT)
         mx.eval(*self.cache.arrays())
         self.live: list[Seq] = []
@@ -170,7 +173,7 @@ class Engine:
                 marked[name].append(arrays[0])
 
         before = [(s, s.n) for s in self.live]
-        out = mla_attention(ATTN, x, self.cache, batch, mark)
+        out = mla_attention(ATTN, x, self.cache, batch, self.backend, mark)
         mx.eval(out, *self.cache.arrays())
         self.steps += 1
         self.check_outputs(before, decodes, prefills, x, table, ctx, marked)
@@ -342,28 +345,29 @@ BACKENDS = ["reference", "inplace-standin", "device"]
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """(the parameter, the decode backend it runs)."""
     name: str = request.param
     if name == "reference":
-        set_default_backend("reference")
+        decode = "reference"
     elif name == "inplace-standin":
         kernel = inplace_standin()
         monkeypatch.setattr(mla_decode, "_kernel", kernel)
-        set_default_backend("cuda")  # the fused launcher, with the stand-in behind it
+        decode = "cuda"  # the fused launcher, with the stand-in behind it
     else:
-        if device_backend() == "reference":
-            pytest.skip("no Metal or CUDA device: the fused kernel cannot run here")
-        set_default_backend(device_backend())
-    yield name
-    set_default_backend(None)
+        decode = current_platform().defaults.decode_backend
+    yield name, decode
     if name == "inplace-standin":  # the fused launcher ran, with the stand-in behind it
         assert {"direct", "split", "combine"} & set(kernel.launched)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
-def test_cache_bytes_equal_a_recomputation_after_every_step(backend: str, scenario: Callable[[Engine], None]) -> None:
-    e = Engine(exact=backend != "device")
+def test_cache_bytes_equal_a_recomputation_after_every_step(
+    backend: tuple[str, str], scenario: Callable[[Engine], None]
+) -> None:
+    name, decode = backend
+    e = Engine(decode, exact=name != "device")
     scenario(e)
     assert e.steps >= 6
     assert e.failures == []
@@ -375,12 +379,8 @@ def test_a_kernel_given_copies_of_the_fields_is_caught(
 ) -> None:
     """Planted: the append lands in a copy (invariant 1 broken), so the cache misses it."""
     monkeypatch.setattr(mla_decode, "_kernel", inplace_standin(copy_fields=True))
-    set_default_backend("cuda")
-    try:
-        e = Engine(exact=True)
-        scenario(e)
-    finally:
-        set_default_backend(None)
+    e = Engine("cuda", exact=True)
+    scenario(e)
     assert any("differs at slots" in f for f in e.failures)
     assert any("decode out" in f or "prefill out" in f for f in e.failures)
 
@@ -394,11 +394,7 @@ def test_a_lost_reference_append_is_caught(monkeypatch: pytest.MonkeyPatch) -> N
         append(LatentCache(cache.num_blocks, cache.block_size, cache.R, cache.P, cache.group_size, cache.dtype), *args)
 
     monkeypatch.setattr(reference, "append_guarded", lost)
-    set_default_backend("reference")
-    try:
-        e = Engine(exact=True)
-        decode_then_prefix_reuse(e)
-    finally:
-        set_default_backend(None)
+    e = Engine("reference", exact=True)
+    decode_then_prefix_reuse(e)
     assert any("differs at slots" in f for f in e.failures)
     assert any("prefill out" in f for f in e.failures)  # b read a's lost appends as its prefix

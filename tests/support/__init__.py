@@ -7,6 +7,7 @@
 - `WordTokenizer`: a tiny tokenizer whose tokens are whole words (for the fake engine and tests).
 - `support.hardware`: the hardware condition under which exact-token equality tests cannot hold
   (imported on its own: it loads MLX, which the API tests do without).
+- `support.platforms.pretend`: run a test as if on another device (CUDA, Metal, the CPU).
 
 Test modules import it as `support` (pytest puts tests/ on sys.path: `pythonpath` in pyproject.toml).
 """

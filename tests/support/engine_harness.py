@@ -10,7 +10,7 @@ from mlx_lm import load
 
 from server.engine.args import EngineArgs
 from server.engine.core.sequence import Sequence
-from server.engine.factory import load_engine, with_device_defaults
+from server.engine.factory import engine_model, load_engine, with_device_defaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.types import SamplingParams, StreamDelta
@@ -18,13 +18,22 @@ from server.engine.types import SamplingParams, StreamDelta
 
 @functools.lru_cache(maxsize=1)
 def demo_model():
+    """The demo model as mlx-lm loads it (its own forward pass is the tests' reference), and its tokenizer."""
     return load(str(ensure_demo_model()))
 
 
+@functools.lru_cache(maxsize=1)
+def demo_engine_model():
+    """The demo model as the engine runs it (`factory.engine_model`), for every engine of the tests."""
+    model, tokenizer = load(str(ensure_demo_model()))
+    return engine_model(model), tokenizer
+
+
 def make_engine(num_blocks: int = 64, runner=None, model=None, **args) -> LLMEngine:
-    """The factory's engine on the demo model (or `model`) with a cache of `num_blocks` blocks;
-    `runner` replaces the model runner (the cache size is then the runner's)."""
-    loaded = demo_model() if model is None else (model, demo_model()[1])
+    """The factory's engine on the demo model (or `model`, an engine model: `factory.engine_model`)
+    with a cache of `num_blocks` blocks; `runner` replaces the model runner (the cache size is then
+    the runner's)."""
+    loaded = demo_engine_model() if model is None else (model, demo_model()[1])
     engine_args = EngineArgs(cache_tokens=num_blocks * 64, **args)
     if runner is None:
         return load_engine(engine_args, loaded)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import pytest
 
-from server.kernels.mla_decode import FUSED, default_backend
+from server.kernels.mla_decode import FUSED
+from server.platform import current_platform
 
 
 def on_fused_kernel() -> bool:
     """True when the default device runs the fused Metal or CUDA decode kernel."""
-    return default_backend() in FUSED
+    return current_platform().defaults.decode_backend in FUSED
 
 
 needs_reference_decode = pytest.mark.skipif(

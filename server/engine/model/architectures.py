@@ -42,11 +42,11 @@ from typing import Any
 import mlx.core as mx
 from mlx.nn.layers.base import Module
 
-from ...kernels.mla_decode import device_backend
+from ...platform import current_platform
 from ..types import EngineError
 from .experts import fuse_experts
 
-_ADAPTED = "_mla_family"  # set on the model the engine runs, once adapted
+_ADAPTED = "_mla_family"  # set on the model the engine runs: the family it was adapted as
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def split_kv_b_proj(kv_b_proj: Module, num_heads: int, nope: int) -> tuple[Modul
 
 def no_quantized_multilinear() -> bool:
     """MLX's CUDA backend has no quantized matmul with transpose=False (`embed_q` in prefill)."""
-    return device_backend() == "cuda"
+    return current_platform().backend == "cuda"
 
 
 def _split_view(attn: Any, scale: float) -> MLAView:
@@ -356,10 +356,9 @@ def check_supported(model: Any) -> Architecture:
 
 
 def adapt_model(model: Any) -> Any:
-    """The model the engine runs, adapted in place (idempotent). After this the model is the
+    """The model the engine runs, adapted in place from the one mlx-lm loaded: once, by the
+    factory that assembles the engine (`factory.engine_model`). After this the model is the
     engine's: mlx-lm's own forward pass is no longer meant to run on it."""
-    if getattr(model, _ADAPTED, None) is not None:
-        return model
     arch = check_supported(model)
     engine_model = arch.adapt(model)
     fuse_experts(engine_model)  # after any sharding: experts.py says why that order holds

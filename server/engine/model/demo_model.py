@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ...platform import current_platform
+
 VERSION = "5"  # the trained model (5: a 128K context, which coding agents' prompts and answers need)
 RANDOM_VERSION = "3"  # the random model
 WEIGHTS_DIR = Path(__file__).parent / "demo_weights"
@@ -125,9 +127,7 @@ def cache_root() -> Path:
 
 def demo_dtype() -> str:
     """The trained model's dtype on this machine: bf16 on a GPU, float32 on a CPU (see above)."""
-    import mlx.core as mx
-
-    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
+    return "bfloat16" if current_platform().is_gpu else "float32"
 
 
 def ensure_demo_model(root: Path | None = None, random: bool = False) -> Path:

@@ -26,13 +26,13 @@ from mlx.nn.layers.base import Module
 from mlx_lm.models import switch_layers
 from mlx_lm.models.switch_layers import SwitchGLU
 
-from ...kernels.mla_decode import device_backend
+from ...platform import current_platform
 
 # mlx-lm's own sort of (token, slot) pairs by expert and its inverse, as SwitchGLU uses them.
 _gather_sort: Callable[[mx.array, mx.array], tuple[mx.array, mx.array, mx.array]] = switch_layers._gather_sort
 _scatter_unsort: Callable[[mx.array, mx.array, tuple[int, ...]], mx.array] = switch_layers._scatter_unsort
 
-# With EngineArgs.moe_by_expert "auto", a batch on CUDA is a candidate for one expert at a time when
+# With EngineArgs.moe_by_expert "auto", a batch on CUDA (`platform.DEFAULTS`) is a candidate for one expert at a time when
 # it gives the experts at least this many rows each on average (tokens x top-k / experts).
 # Measured on the H100 (8-layer Mistral-Small-4 shape: 128 experts, top 4; docs/serving.md): one at
 # a time costs a near-constant ~25 ms a step (one launch per expert), gather_qmm grows by ~0.4 ms a
@@ -118,7 +118,7 @@ def by_expert(mlp: Any, tokens: int, mode: str) -> bool:
     experts = switch.down_proj.weight.shape[0]
     return (
         mode == "auto"
-        and device_backend() == "cuda"
+        and current_platform().defaults.moe_by_expert
         and tokens * mlp.num_experts_per_tok >= MOE_BY_EXPERT_MIN_ROWS * experts
     )
 

@@ -15,7 +15,7 @@ from .architectures import UnsupportedArchitecture, check_supported, no_quantize
 def load_model(model: str, one_layer_per_kind: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) through mlx-lm's loader; clear errors for what a user can fix, an
     architecture the engine does not serve included (architectures.py). The model is still
-    mlx-lm's (so it can be sharded); the engine adapts it (`adapt_model`) when it builds its runner.
+    mlx-lm's (so it can be sharded); the factory adapts it (`factory.engine_model`) for the engine.
 
     `one_layer_per_kind`: keep only the first layer of each kind (same parameter names, shapes and
     types) and read only those weights: a model that runs the same kernels as the whole one, in a

@@ -22,7 +22,8 @@ import mlx.core as mx
 from ...kernels.cpu_streams import run_parts
 from ...kernels.dense_cache import DenseLatentCache
 from ...kernels.latent_cache import LatentCache
-from ...kernels.mla_decode import device_backend, mla_decode_append
+from ...kernels.mla_decode import mla_decode_append
+from ...platform import current_platform
 
 
 @dataclass
@@ -60,9 +61,11 @@ def mla_attention(
     x: mx.array,
     cache: LatentCache | DenseLatentCache,
     batch: AttentionBatch,
+    decode_backend: str,
     mark: Callable[..., None] | None = None,
 ) -> mx.array:
-    """x [T, D] -> [T, D]; appends every token's latent and rope key to `cache`. `mark(name,
+    """x [T, D] -> [T, D]; appends every token's latent and rope key to `cache`. Decode tokens
+    attend through `decode_backend` (`mla_decode_append`'s; the bf16 cache has its own). `mark(name,
     *arrays)`, if given, is called after the projections, decode and prefill attention, and o_proj."""
     T = x.shape[0]
     H, nope, P = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
@@ -97,7 +100,15 @@ def mla_attention(
             )
         else:
             o = mla_decode_append(
-                q_latent, q_pe[:d], latent[:d], k_pe[:d], cache, batch.block_table, batch.context_lens, attn.scale
+                q_latent,
+                q_pe[:d],
+                latent[:d],
+                k_pe[:d],
+                cache,
+                batch.block_table,
+                batch.context_lens,
+                attn.scale,
+                backend=decode_backend,
             )
         outs.append(attn.unembed_out(o.astype(x.dtype).swapaxes(0, 1)).swapaxes(0, 1))
         if mark:
@@ -125,7 +136,7 @@ _CUDA_ROPE_ROWS = 64
 def _rope(rope: Any, x: mx.array, positions: mx.array) -> mx.array:
     """`rope(x, offset=positions)` with one offset per row of `x` [T, ...]."""
     rows = x.shape[0]
-    if rows <= _CUDA_ROPE_ROWS or device_backend() != "cuda":
+    if rows <= _CUDA_ROPE_ROWS or current_platform().backend != "cuda":
         out: mx.array = rope(x, offset=positions)
         return out
     step = _CUDA_ROPE_ROWS
@@ -216,7 +227,7 @@ def _prefill_attention(
     S, n = chunk.start + chunk.length, chunk.length
     latent, k_pe = cache.read(chunk.block_ids, S)
     queries = mx.concatenate([q_nope, q_pe], axis=-1).swapaxes(0, 1)  # [H, n, nope + P]
-    cpu = mx.default_device() == mx.cpu
+    cpu = current_platform().backend == "cpu"
     layout, front = chunk.layout, 0
     if layout is not None:
         # Zero latents expand to zero keys and values (the projections have no bias): the padding

@@ -1,7 +1,9 @@
 """Runs one scheduled step through the model: flat token batch in, logits of sampled rows out.
 
-The model's modules and weights are mlx-lm's (`mistral4`, `deepseek_v3`); only the attention is
-ours (`mla_attention`), over one `LatentCache` per layer.
+The model's modules and weights are mlx-lm's (`mistral4`, `deepseek_v3`), adapted for the engine
+(`architectures.adapt_model`, which the factory runs); only the attention is ours
+(`mla_attention`), over one `LatentCache` per layer, decoding through the backend the runner is
+given (`check_decode` is the start-up check the factory chooses it by).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import numpy as np
 from ...kernels.cpu_streams import num_cpu_streams, run_parts
 from ...kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
 from ...kernels.latent_cache import LatentCache, latent_bytes_per_token
-from ...kernels.mla_decode import device_backend
+from ...kernels.selfcheck import Verdict, check_fused_decode
+from ...platform import current_platform
+from ..args import EngineArgs
 from ..core.scheduler import StepPlan
 from ..core.sequence import Sequence
-from .architectures import adapt_model
 from .experts import by_expert, pays_one_at_a_time, run_by_expert
 from .mla_attention import (
     AttentionBatch,
@@ -46,6 +49,20 @@ def cache_bytes_per_token(model: Any, latent_cache: str = "int4") -> int:
     if latent_cache == "bf16":
         per_layer = dense_bytes_per_token(args.kv_lora_rank, args.qk_rope_head_dim)
     return len(model.model.layers) * per_layer
+
+
+def check_decode(model: Any, args: EngineArgs) -> Verdict:
+    """The start-up self-check (kernels/selfcheck.py) on this adapted model's decode shapes, for
+    `args.decode_backend`; the verdict names the backend a runner of the model decodes through."""
+    return check_fused_decode(
+        R=model.args.kv_lora_rank,
+        P=model.args.qk_rope_head_dim,
+        H=model.model.layers[0].self_attn.num_heads,
+        dtype=cache_dtype(model),
+        group_size=LATENT_GROUP_SIZE,
+        block_size=args.block_size,
+        forced=None if args.decode_backend == "auto" else args.decode_backend,
+    )
 
 
 Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and times there
@@ -96,20 +113,24 @@ class ModelRunner:
         self,
         model: Any,
         num_blocks: int,
+        decode_backend: str,
         block_size: int = 64,
         latent_cache: str = "int4",
         moe_by_expert: str = "auto",
         prefill_buckets: str = "auto",
         sharded: bool = False,
     ) -> None:
-        """`sharded`: the model is split across tensor-parallel ranks, so its layers all-reduce."""
-        model = adapt_model(model)  # architectures.py: refuses unsupported types, adapts the rest
+        """`model`: adapted (`architectures.adapt_model`). `decode_backend`: what its decode
+        attention runs through (`mla_decode.BACKENDS`). `sharded`: the model is split across
+        tensor-parallel ranks, so its layers all-reduce."""
         args = model.args
         self.model = model
+        self.decode_backend = decode_backend
         self.moe_by_expert = moe_by_expert
+        platform = current_platform()
         # On the CPU the MLP runs its tokens in parts on several CPU streams (cores); not when the
         # layers all-reduce: each rank must issue its collectives in one order.
-        self.mlp_parts = num_cpu_streams() if mx.default_device() == mx.cpu and not sharded else 1
+        self.mlp_parts = num_cpu_streams() if platform.backend == "cpu" and not sharded else 1
         self.inner = model.model
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -118,7 +139,7 @@ class ModelRunner:
         qk_dim = args.qk_nope_head_dim + args.qk_rope_head_dim
         self.prefill_buckets = prefill_buckets == "on" or (
             prefill_buckets == "auto"
-            and device_backend() == "cuda"
+            and platform.defaults.prefill_buckets
             and cudnn_prefill(qk_dim, args.v_head_dim, self.dtype)
         )
         rp = getattr(args, "rope_parameters", None) or {}
@@ -194,7 +215,7 @@ class ModelRunner:
         part (a profiler evaluates and times there: see server/bench/profile.py)."""
         h = self.inner.embed_tokens(tokens)
         for layer, cache in zip(self.inner.layers, self.caches, strict=False):
-            a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, mark)
+            a = mla_attention(layer.self_attn, layer.input_layernorm(h), cache, batch, self.decode_backend, mark)
             h = h + a
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), mark)
         h = self.inner.norm(h[rows])

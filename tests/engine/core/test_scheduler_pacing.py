@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from support.platforms import pretend
 
 from server.engine.args import EngineArgs
 from server.engine.core.block_manager import BlockManager
@@ -94,9 +95,11 @@ def test_the_pacer_never_goes_below_one_block():
     assert p.limit == 64
 
 
-def test_device_defaults_resolve_only_what_is_unset():
+@pytest.mark.parametrize("backend, resolved", [("cpu", (16, 512)), ("metal", (64, 512)), ("cuda", (64, 2048))])
+def test_device_defaults_resolve_only_what_is_unset(monkeypatch, backend, resolved):
+    pretend(monkeypatch, backend)
     args = with_device_defaults(EngineArgs())
-    assert (args.max_num_seqs, args.prefill_chunk_size) == (16, 512)  # this machine: MLX on the CPU
+    assert (args.max_num_seqs, args.prefill_chunk_size) == resolved
     kept = with_device_defaults(EngineArgs(max_num_seqs=3, prefill_chunk_size=100))
     assert (kept.max_num_seqs, kept.prefill_chunk_size) == (3, 100)
     s = Scheduler(EngineArgs(max_num_seqs=2), BlockManager(8, 4))  # a chunk size nobody resolved

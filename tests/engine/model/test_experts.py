@@ -83,11 +83,13 @@ def test_the_engine_gives_the_same_tokens_one_expert_at_a_time() -> None:
     from mlx_lm.models.switch_layers import SwitchLinear
     from support.engine_harness import make_engine, prompt, run_until_idle, submit
 
+    from server.engine.factory import engine_model
     from server.engine.model.demo_model import ensure_demo_model
     from server.engine.model.loader import load_model
 
     model, _ = load_model(str(ensure_demo_model()))
     nn.quantize(model, group_size=64, bits=4, class_predicate=lambda _, m: isinstance(m, SwitchLinear))
+    model = engine_model(model)
     outputs = []
     for mode in ("on", "off"):
         engine = make_engine(num_blocks=64, model=model, moe_by_expert=mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from support.platforms import pretend
 
 from server.engine.model.architectures import adapt_model
 from server.engine.model.demo_model import ensure_demo_model
@@ -19,7 +20,7 @@ def test_experts_go_one_at_a_time_from_three_rows_each_on_cuda(monkeypatch: pyte
     mlp = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "switch_mlp"))
     experts, k = mlp.switch_mlp.down_proj.weight.shape[0], mlp.num_experts_per_tok
     monkeypatch.setitem(mlp.switch_mlp.down_proj, "scales", mx.zeros((1,)))  # as if quantized
-    monkeypatch.setattr(moe, "device_backend", lambda: "cuda")
+    pretend(monkeypatch, "cuda")
     rows_3 = -(-3 * experts // k)  # fewest tokens giving 3 rows per expert
     assert moe.by_expert(mlp, rows_3, "auto")
     assert not moe.by_expert(mlp, rows_3 - 1, "auto")

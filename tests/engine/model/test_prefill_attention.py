@@ -5,10 +5,12 @@ real query sees."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from support.engine_harness import make_engine, prompt, run_until_idle, submit
+from support.engine_harness import demo_engine_model, make_engine, prompt, run_until_idle, submit
+from support.platforms import pretend
 
 from server.engine.model.mla_attention import SdpaLayout, cudnn_prefill, sdpa_bucket, sdpa_layout, sdpa_mask
-from server.kernels.mla_decode import device_backend
+from server.engine.model.model_runner import ModelRunner
+from server.platform import current_platform
 
 
 def test_buckets_are_few_tight_and_stable():
@@ -72,7 +74,9 @@ def test_padded_attention_equals_the_exact_one(n, S, masked):
     np.testing.assert_allclose(np.array(got), np.array(exact), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("option, padded", [("on", True), ("off", False), ("auto", device_backend() == "cuda")])
+@pytest.mark.parametrize(
+    "option, padded", [("on", True), ("off", False), ("auto", current_platform().defaults.prefill_buckets)]
+)
 def test_the_option_decides_whether_the_runner_pads_each_chunk(option, padded):
     engine = make_engine(prefill_buckets=option)
     submit(engine, "a", prompt(100), max_tokens=2)
@@ -100,9 +104,14 @@ def test_only_heads_cudnn_takes_are_padded_by_default():
 def test_auto_pads_on_cuda_only_where_cudnn_takes_the_heads(monkeypatch):
     from server.engine.model import model_runner
 
-    monkeypatch.setattr(model_runner, "device_backend", lambda: "cuda")
-    assert not make_engine(prefill_buckets="auto").runner.prefill_buckets  # the demo model is float32
+    model = demo_engine_model()[0]  # as this machine runs it
+
+    def pads() -> bool:
+        return ModelRunner(model, num_blocks=4, decode_backend="cpu", prefill_buckets="auto").prefill_buckets
+
+    pretend(monkeypatch, "cuda")
+    assert not pads()  # the demo model here is float32
     monkeypatch.setattr(model_runner, "cudnn_prefill", lambda qk, v, dtype: (qk, v, dtype) == (48, 32, mx.float32))
-    assert make_engine(prefill_buckets="auto").runner.prefill_buckets  # its head sizes reach the rule
-    monkeypatch.setattr(model_runner, "device_backend", lambda: "metal")
-    assert not make_engine(prefill_buckets="auto").runner.prefill_buckets
+    assert pads()  # its head sizes reach the rule
+    pretend(monkeypatch, "metal")
+    assert not pads()
