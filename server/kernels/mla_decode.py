@@ -68,7 +68,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import mlx.core as mx
 
@@ -191,25 +191,19 @@ class _KernelFn(Protocol):
 def _kernel(backend: str, launch: Launch, smem: int) -> _KernelFn:
     header, source = DIALECTS[backend].render(launch.body, launch.defines)
     name, inputs, outputs = launch.kernel_name, launch.input_names, launch.output_names
-    if backend == "cuda":
-        kernel = mx.fast.cuda_kernel(
-            name=name,
-            input_names=inputs,
-            output_names=outputs,
-            source=source,
-            header=header,
-            ensure_row_contiguous=True,
-            shared_memory=smem,
-        )
-    else:
-        kernel = mx.fast.metal_kernel(
-            name=name,
-            input_names=inputs,
-            output_names=outputs,
-            source=source,
-            header=header,
-            ensure_row_contiguous=True,
-        )
+    # The same declaration for both; only CUDA takes its shared memory size here (Metal sizes
+    # threadgroup memory from the source).
+    extra: dict[str, Any] = {"shared_memory": smem} if backend == "cuda" else {}
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    kernel = make(
+        name=name,
+        input_names=inputs,
+        output_names=outputs,
+        source=source,
+        header=header,
+        ensure_row_contiguous=True,
+        **extra,
+    )
     return cast(_KernelFn, kernel)
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,8 +30,6 @@ from server.api.chat.protocol import (
 from server.api.generation import ChoiceState, Generation, Service, run
 from server.api.protocol import Usage
 from server.engine.types import StreamDelta, TokenLogprob
-
-logger = logging.getLogger(__name__)
 
 
 class ChatService(Service):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +20,6 @@ from server.api.errors import APIError
 from server.api.generation import Generation, Service, run
 from server.api.protocol import Usage
 from server.engine.types import TokenLogprob
-
-logger = logging.getLogger(__name__)
 
 
 class CompletionService(Service):
