@@ -185,6 +185,12 @@ class Usage(BaseModel):
         )
 
 
+def template_tool_call(call_id: str, name: str, arguments: object) -> dict[str, Any]:
+    """An assistant's tool call as chat templates take it (OpenAI's shape), whichever API the
+    conversation came through; `arguments` an object where it parses (templates serialize it)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def without_none(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if value is not None}
 

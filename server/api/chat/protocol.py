@@ -26,6 +26,7 @@ from server.api.protocol import (
     JsonSchemaFormat,
     StrictRequest,
     Usage,
+    template_tool_call,
     without_none,
 )
 from server.engine.types import OutputConstraint, ToolSpec
@@ -120,12 +121,7 @@ class ChatMessage(StrictRequest):
             message["name"] = self.name
         if self.tool_calls:
             message["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)},
-                }
-                for c in self.tool_calls
+                template_tool_call(c.id, c.function.name, _json_or_text(c.function.arguments)) for c in self.tool_calls
             ]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
