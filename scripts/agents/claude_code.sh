@@ -4,7 +4,9 @@
 # the engine. Not part of CI or the README's commands: it needs npm and the network, and on a
 # small CPU the first request's prefill (Claude Code's ~40K-token prompt) takes minutes.
 #
-#   scripts/agents/claude_code.sh [prompt]
+#   scripts/agents/claude_code.sh [prompt [claude options...]]
+# e.g. `... "Say hello" --tools Read --system-prompt "You are terse."` for a short prompt (a CPU
+# shared with other work may need that: Claude Code's default one takes long to prefill there).
 # env: AGENTS_DIR (npm prefix, default /tmp/mla-agents), PORT (default 8765), PYTHON (default python)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,6 +14,7 @@ AGENTS_DIR=${AGENTS_DIR:-/tmp/mla-agents}
 PORT=${PORT:-8765}
 PYTHON=${PYTHON:-python}
 PROMPT=${1:-Say hello in one short sentence.}
+shift || true
 LOG=$(mktemp -t claude-code-server.XXXXXX.log)
 
 [ -x "$AGENTS_DIR/node_modules/.bin/claude" ] || npm install --prefix "$AGENTS_DIR" @anthropic-ai/claude-code
@@ -35,8 +38,8 @@ export API_TIMEOUT_MS=1800000  # a long prompt's first prefill on a CPU outlasts
 
 start=$(date +%s)
 status=0
-"$AGENTS_DIR/node_modules/.bin/claude" -p "$PROMPT" || status=$?
+"$AGENTS_DIR/node_modules/.bin/claude" -p "$PROMPT" "$@" || status=$?
 echo "claude exited with $status after $(($(date +%s) - start)) s"
 echo "requests the server served (server log: $LOG):"
-grep -E 'POST /v1/messages' "$LOG" || true
+grep -E 'POST /v1/messages|message: ' "$LOG" || true
 exit "$status"
