@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -23,8 +23,10 @@ from server.api.chat.protocol import ChatCompletionRequest, ChatCompletionRespon
 from server.api.chat.serving import ChatService
 from server.api.completions.protocol import CompletionRequest, CompletionResponse
 from server.api.completions.serving import CompletionService
-from server.api.errors import ERROR_RESPONSES, APIError, install_error_handlers
+from server.api.errors import ANTHROPIC_ERROR_RESPONSES, ERROR_RESPONSES, APIError, install_error_handlers
 from server.api.guard import BodySizeLimit, default_max_request_bytes
+from server.api.messages.protocol import CountTokensResponse, MessageResponse, MessagesRequest, PromptRequest
+from server.api.messages.serving import MessagesService
 from server.api.metrics import CONTENT_TYPE, Metrics
 from server.api.protocol import HealthStatus, ModelCard, ModelList
 from server.api.responses.protocol import DeletedResponse, ResponseObject, ResponseRequest
@@ -58,19 +60,31 @@ def get_responses(request: Request) -> ResponsesService:
     return responses
 
 
+def get_messages(request: Request) -> MessagesService:
+    messages: MessagesService = request.app.state.messages
+    return messages
+
+
 def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
+    x_api_key: Annotated[str | None, Depends(APIKeyHeader(name="x-api-key", auto_error=False))],
 ) -> None:
+    """The key as OpenAI's clients send it (bearer) or as Anthropic's do (x-api-key)."""
     api_key: str | None = request.app.state.api_key
     if api_key is None:
         return
+    given = credentials.credentials if credentials else x_api_key
     # Bytes, not str: compare_digest refuses non-ASCII strings, and a header may hold any byte.
-    sent = credentials.credentials.encode("utf-8", "surrogateescape") if credentials else b""
+    sent = given.encode("utf-8", "surrogateescape") if given is not None else b""
     if not secrets.compare_digest(sent, api_key.encode()):
         client = request.client.host if request.client else "unknown client"
-        log.warning("rejected a request from %s: %s API key", client, "wrong" if credentials else "missing")
-        raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+        log.warning("rejected a request from %s: %s API key", client, "wrong" if given is not None else "missing")
+        raise APIError(
+            401,
+            "Incorrect or missing API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
+            code="invalid_api_key",
+        )
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
@@ -113,6 +127,22 @@ async def delete_response(
     response_id: str, service: Annotated[ResponsesService, Depends(get_responses)]
 ) -> DeletedResponse:
     return service.delete(response_id)
+
+
+@v1.post("/messages", response_model=MessageResponse, responses=ANTHROPIC_ERROR_RESPONSES)
+async def messages(
+    body: MessagesRequest, request: Request, service: Annotated[MessagesService, Depends(get_messages)]
+) -> Response | MessageResponse:
+    """Anthropic's Messages API. Non-streaming: a message. With "stream": true: its named SSE events."""
+    return await service.create(body, request)
+
+
+@v1.post("/messages/count_tokens", response_model=CountTokensResponse, responses=ANTHROPIC_ERROR_RESPONSES)
+async def count_message_tokens(
+    body: PromptRequest, service: Annotated[MessagesService, Depends(get_messages)]
+) -> CountTokensResponse:
+    """The prompt tokens /v1/messages would count for the same messages, system and tools."""
+    return await service.count_tokens(body)
 
 
 def _card(request: Request, engine: EngineClient) -> ModelCard:
@@ -164,7 +194,8 @@ def create_app(
 ) -> FastAPI:
     """An app serving `engine` under its `model_name`.
 
-    With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never does.
+    With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>` (or Anthropic's
+    `x-api-key: <api_key>`); /health never does.
     Bodies over `max_request_bytes` (default: sized from the context) get 413; with
     `allowed_hosts`, other Host headers get 400. CORS is off unless `cors_origins` names origins
     ("*" for any). /v1/responses keeps the last `stored_responses` stored responses. Leaving the
@@ -191,6 +222,8 @@ def create_app(
     app.state.chat = ChatService(engine, app.state.metrics, max_n)
     app.state.completions = CompletionService(engine, app.state.metrics, max_n)
     app.state.responses = ResponsesService(engine, app.state.metrics, ResponseStore(stored_responses))
+
+    app.state.messages = MessagesService(engine, app.state.metrics, max_n)
     install_error_handlers(app)
     limit = max_request_bytes or default_max_request_bytes(engine.max_model_len)
     app.add_middleware(BodySizeLimit, max_bytes=limit)

@@ -1,5 +1,7 @@
-"""Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: the one place
-where any failure becomes an HTTP status and an error body.
+"""The one place where any failure becomes an HTTP status and an error body, in the shape of the
+API the request came through: OpenAI's {"error": {"message", "type", "param", "code"}}, or on the
+Anthropic Messages routes (/v1/messages...) Anthropic's {"type": "error", "error": {"type",
+"message"}}.
 
 `to_api_error` maps every exception a request can meet; the app's exception handlers and the
 stream's error event both use it. Every failure a client can cause maps to a 4xx; anything else
@@ -16,11 +18,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.messages.protocol import AnthropicErrorInfo, AnthropicErrorResponse
 from server.api.protocol import ErrorInfo, ErrorResponse
 from server.engine.types import EngineError, EngineOverloaded, InvalidRequest, PromptTooLong, RequestTimeout
 
 # Seconds an overloaded server asks a client to wait before retrying.
 RETRY_AFTER_S = 1
+
+# Routes whose errors take Anthropic's shape.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+# Anthropic's error type for each status it documents; any other 5xx is an api_error. 503 is
+# what this server sends when the engine cannot serve (or timed out): a transient failure, which
+# Anthropic words as overloaded_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 class APIError(Exception):
@@ -47,8 +66,15 @@ class APIError(Exception):
     def body_json(self) -> str:
         return ErrorResponse(error=self.info).model_dump_json()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        fallback = "invalid_request_error" if self.status < 500 else "api_error"
+        info = AnthropicErrorInfo(type=_ANTHROPIC_TYPES.get(self.status, fallback), message=self.info.message)
+        return AnthropicErrorResponse(error=info).model_dump()
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as a response to a request for `path` (its API picks the body's shape)."""
+        body = self.anthropic_body() if path.startswith(ANTHROPIC_PREFIX) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -113,11 +139,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status in (400, 401, 404, 413, 429, 500, 503)
 }
 
+# The same, in Anthropic's shape, for the /v1/messages routes.
+ANTHROPIC_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {**response, "model": AnthropicErrorResponse} for status, response in ERROR_RESPONSES.items()
+}
+
 
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         # For a 500, Starlette re-raises after this response, so the server logs the traceback.
-        return to_api_error(exc).response()
+        return to_api_error(exc).response(request.url.path)
 
     for kind in (APIError, RequestValidationError, EngineError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)

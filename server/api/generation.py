@@ -40,6 +40,7 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     def add(self, delta: StreamDelta) -> None:
         self.text.append(delta.text)
@@ -51,6 +52,7 @@ class ChoiceState:
         self.completion_tokens = delta.completion_tokens
         self.cached_tokens = delta.cached_tokens
         self.finish_reason = delta.finish_reason or self.finish_reason
+        self.stop_sequence = delta.stop_sequence or self.stop_sequence
 
 
 class Generation:
@@ -197,6 +199,13 @@ class Service:
 
     def admit(self, model: str, choices: int) -> RequestTimer:
         """Refuse a request for another model or for too many choices; else start its timer."""
+        self.check_model(model)
+        if choices > self.max_n:
+            raise APIError(400, f"n: at most {self.max_n} choices per request on this server (--max-n)", param="n")
+        return self.metrics.timer()
+
+    def check_model(self, model: str) -> None:
+        """Refuse a request for a model this server does not serve."""
         if model != self.engine.model_name:
             raise APIError(
                 404,
@@ -204,6 +213,3 @@ class Service:
                 param="model",
                 code="model_not_found",
             )
-        if choices > self.max_n:
-            raise APIError(400, f"n: at most {self.max_n} choices per request on this server (--max-n)", param="n")
-        return self.metrics.timer()

@@ -76,4 +76,4 @@ class BodySizeLimit:
             f"the request body is larger than this server's limit of {self.max_bytes} bytes (--max-request-bytes)",
             code="request_too_large",
         )
-        await error.response()(scope, receive, send)
+        await error.response(scope["path"])(scope, receive, send)

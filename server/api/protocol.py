@@ -8,6 +8,7 @@ ignore unknown fields, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -82,13 +83,14 @@ def output_constraint(
     )
 
 
-def template_tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
-    """An assistant's tool call as chat templates take it: arguments as an object when they are
-    JSON (templates serialize them), else as the text the client sent."""
-    try:
-        parsed: object = json.loads(arguments)
-    except ValueError:
-        parsed = arguments
+def template_tool_call(call_id: str, name: str, arguments: str | dict[str, Any]) -> dict[str, Any]:
+    """An assistant's tool call as chat templates take it (OpenAI's shape), whichever API the
+    conversation came through: arguments as an object (templates serialize them), parsed when
+    they came as JSON text, else as the text the client sent."""
+    parsed: object = arguments
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(arguments)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
 
 

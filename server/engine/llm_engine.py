@@ -242,6 +242,7 @@ class LLMEngine:
                 finish_reason=finish,
                 logprobs=lp,
                 tool_calls=seq.output.pop_tool_calls(),
+                stop_sequence=seq.output.stop_sequence,
             )
         )
         if finish:

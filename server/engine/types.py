@@ -95,9 +95,10 @@ class ToolCallDelta:
 class StreamDelta:
     """Text and tokens produced since the previous delta of the same request.
 
-    `finish_reason` is None until the last delta: "stop" (EOS or a stop string), "length", or
-    "tool_calls" (the reply ended with tool calls). `text` never contains a stop string, a
-    partial multi-byte character, or tool-call syntax (calls come as `tool_calls`).
+    `finish_reason` is None until the last delta: "stop" (EOS or a stop string, then named in
+    `stop_sequence`), "length", or "tool_calls" (the reply ended with tool calls). `text` never
+    contains a stop string, a partial multi-byte character, or tool-call syntax (calls come as
+    `tool_calls`).
     """
 
     text: str
@@ -108,6 +109,7 @@ class StreamDelta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    stop_sequence: str | None = None
 
 
 class EngineError(Exception):

@@ -197,7 +197,7 @@ def test_405_names_the_allowed_methods_and_the_document_lists_errors_sent(engine
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(responses)
 
 
-def test_the_document_requires_the_bearer_key_only_when_the_server_has_one(engine):
+def test_the_document_requires_the_key_only_when_the_server_has_one(engine):
     def security(app):
         document = app.openapi()
         post = document["paths"]["/v1/chat/completions"]["post"]
@@ -205,8 +205,11 @@ def test_the_document_requires_the_bearer_key_only_when_the_server_has_one(engin
 
     assert security(create_app(engine)) == (None, None)
     assert security(create_app(engine, api_key=KEY)) == (
-        [{"HTTPBearer": []}],
-        {"HTTPBearer": {"type": "http", "scheme": "bearer"}},
+        [{"HTTPBearer": []}, {"APIKeyHeader": []}],  # either one: a bearer token or Anthropic's x-api-key
+        {
+            "HTTPBearer": {"type": "http", "scheme": "bearer"},
+            "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        },
     )
 
 

@@ -101,6 +101,7 @@ class FakeEngine:
                     completion_tokens=output.num_tokens,
                     finish_reason=finish,
                     logprobs=self._logprobs(token, params),
+                    stop_sequence=output.stop_sequence,
                 )
                 if finish:
                     done = True

@@ -36,7 +36,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stop = stop  # non-empty strings: the API layer's validation guarantees it
-        self._stopped = False
+        self._stop_hit: str | None = None  # the stop string that ended the text
         self._pending = ""  # released text that may be the start of a stop string
 
         context = list(prompt_ids[-_PROMPT_CONTEXT:]) if prompt_ids else []
@@ -51,11 +51,16 @@ class IncrementalDetokenizer:
     @property
     def stopped(self) -> bool:
         """A stop string was completed; nothing from it onwards is ever emitted."""
-        return self._stopped
+        return self._stop_hit is not None
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that was completed (the first in the text, if several were)."""
+        return self._stop_hit
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text that is now safe to emit (may be "")."""
-        if self._stopped:
+        if self.stopped:
             return ""
         self._ids.append(token_id)
         new = self._window_text()
@@ -73,12 +78,12 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Flush everything held back; call once when the sequence ends without a stop string."""
-        if self._stopped:
+        if self.stopped:
             return ""
         new = self._window_text()
         text = self._filter_stop(new[self._released :])
         self._released = len(new)
-        if not self._stopped:
+        if not self.stopped:
             text += self._pending
         self._pending = ""
         return text
@@ -100,11 +105,11 @@ class IncrementalDetokenizer:
         if not self._stop or not text:
             return text
         buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := buf.find(s)) >= 0]
         if hits:
-            self._stopped = True
+            at, self._stop_hit = min(hits)
             self._pending = ""
-            return buf[: min(hits)]
+            return buf[:at]
         hold = held_tail(buf, self._stop)
         self._pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]
@@ -140,6 +145,11 @@ class TokenStream:
             self._tools = ToolCallStream(tokenizer, c.parallel_tool_calls)
         self._calls: list[ToolCallDelta] = []
         self._ids: list[int] = []  # output so far, for a detokenizer restarted after a tool section
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the output, if one did."""
+        return self._detokenizer.stop_sequence
 
     def pop_tool_calls(self) -> list[ToolCallDelta] | None:
         """Tool-call pieces released since the last call, or None."""
