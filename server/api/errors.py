@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.api.messages.protocol import AnthropicErrorInfo, AnthropicErrorResponse
 from server.api.protocol import ErrorInfo, ErrorResponse
@@ -148,7 +149,22 @@ ANTHROPIC_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         # For a 500, Starlette re-raises after this response, so the server logs the traceback.
-        return to_api_error(exc).response(request.url.path)
+        error = to_api_error(exc)
+        if error.status == 405:
+            error.headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return error.response(request.url.path)
 
     for kind in (APIError, RequestValidationError, EngineError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path. Starlette's 405 names only the first
+    route that matched the path, and a path may have several (GET and DELETE /v1/responses/{id})."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match is not Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
