@@ -1,12 +1,13 @@
-"""Plain data that crosses the boundary between the serving layer and the engine.
+"""Plain data that crosses the boundary between the engine and its callers.
 
 Nothing here imports MLX or HTTP code: the API layer builds `SamplingParams`, the engine
-streams `StreamDelta`s back.
+streams `StreamDelta`s back; offline callers (warm-up, benchmarks, evaluation, tests) collect
+them as `RequestOutput`s (`LLMEngine.generate`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -100,6 +101,61 @@ class StreamDelta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCallDelta] | None = None
+
+
+# Where the engine hands a request's deltas, and the error that ends it instead (if one does).
+Emit = Callable[[StreamDelta | Exception], None]
+
+
+@dataclass
+class RequestOutput:
+    """One request's output as it streams in: an `Emit` (`LLMEngine.add_request`), and what
+    `LLMEngine.generate` returns. `error` is what ended it instead of a finish reason: a refusal,
+    an abort, a failed step."""
+
+    request_id: str
+    deltas: list[StreamDelta] = field(default_factory=list)
+    error: Exception | None = None
+
+    def __call__(self, item: StreamDelta | Exception) -> None:
+        assert not self.finished, f"request {self.request_id!r} emitted after its end"
+        if isinstance(item, Exception):
+            self.error = item
+        else:
+            self.deltas.append(item)
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.finish_reason is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.deltas[-1].finish_reason if self.deltas else None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """One entry per token of the text, where the request asked for `logprobs`."""
+        return [lp for d in self.deltas for lp in d.logprobs or []]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.deltas[-1].prompt_tokens if self.deltas else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.deltas[-1].completion_tokens if self.deltas else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.deltas[-1].cached_tokens if self.deltas else 0
 
 
 class EngineError(Exception):

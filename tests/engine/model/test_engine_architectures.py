@@ -23,11 +23,10 @@ from mlx_lm.models import (
     minicpm3,
     youtu_llm,
 )
-from support.engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
+from support.engine_harness import demo_model, make_engine, prompt
 from support.hardware import needs_reference_decode
 from support.reference_loop import greedy_reference
 
-from server.engine.core.sequence import Sequence
 from server.engine.model.architectures import (
     REFUSED,
     SUPPORTED_ARCHITECTURES,
@@ -231,14 +230,8 @@ def test_greedy_matches_reference_loop_in_a_mixed_batch(family):
     prompts = [prompt(n, seed=3 + i) for i, n in enumerate(LENGTHS)]
     expected = [greedy_reference(model, ids, 12) for ids in prompts]
     engine = make_engine(num_blocks=16, model=model, prefill_chunk_size=64, max_num_batched_tokens=96)
-    outs = []
-    for i, ids in enumerate(prompts):
-        outs.append(Collector())
-        engine.add(
-            Sequence(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), emit=outs[-1])
-        )
-    run_until_idle(engine)
-    assert [o.tokens for o in outs] == expected
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
 
 
 def test_every_family_is_tested_and_adapts_once():
