@@ -29,7 +29,8 @@ class OutputConstraint:
     `json_schema` (response_format json_schema) or `json_object` (any JSON object); with `tools`
     and `tool_choice` "required" or a tool's name, the output must be a call (or calls, when
     `parallel_tool_calls`) of the offered tools in the model's own tool-call syntax, with
-    arguments that validate against the tool's schema.
+    arguments that validate against the tool's schema. With `tokens`, the output is exactly those
+    token ids, whatever the rest says (scoring a given text: server/eval/perplexity.py).
     """
 
     json_schema: dict[str, Any] | None = None
@@ -37,6 +38,7 @@ class OutputConstraint:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "none" | "auto" | "required" | the name of one of `tools`
     parallel_tool_calls: bool = True
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass

@@ -1,19 +1,21 @@
 """The engine's offline API (`LLMEngine.add_request` / `generate`, server/engine/llm_engine.py): the
 same outputs as the async client the server uses, each prompt its own output in order, refusals
-and aborts as the output's error, and usage numbers."""
+and aborts as the output's error, usage numbers, and outputs forced to given tokens."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
 
+import mlx.core as mx
 import pytest
-from support.engine_harness import make_engine, prompt, submit
+from support.engine_harness import demo_model, make_engine, prompt, submit
 from support.hardware import needs_reference_decode
+from support.reference_loop import int4_latent_cache
 
 from server.engine.args import EngineArgs
 from server.engine.factory import start_engine
-from server.engine.types import InvalidRequest, RequestOutput, SamplingParams, StreamDelta
+from server.engine.types import InvalidRequest, OutputConstraint, RequestOutput, SamplingParams, StreamDelta
 
 PROMPTS = [prompt(n, seed=i) for i, n in enumerate((150, 7, 64, 30))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -103,3 +105,24 @@ def test_an_output_ends_once():
     refused(InvalidRequest("no"))
     with pytest.raises(AssertionError):
         refused(InvalidRequest("again"))
+
+
+@needs_reference_decode
+def test_an_output_forced_to_given_tokens_is_those_tokens_with_the_models_logprobs():
+    model, _ = demo_model()
+    ids = PROMPTS[3]
+    forced = prompt(6, seed=9)
+    engine = make_engine(num_blocks=32)
+    params = SamplingParams(
+        temperature=0.0, logprobs=True, max_tokens=6, constraint=OutputConstraint(tokens=tuple(forced))
+    )
+    out = engine.generate([ids], params)[0]
+    assert out.token_ids == forced and out.finish_reason == "stop"
+    # mlx-lm's forward over prompt + forced tokens (INT4 latent): the log-softmax at each forced one.
+    with int4_latent_cache(model) as cache:
+        logits = model(mx.array([ids + forced[:-1]]), cache=cache)[0, len(ids) - 1 :].astype(mx.float32)
+    want = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[mx.arange(6), mx.array(forced)]
+    got = mx.array([lp.logprob for lp in out.logprobs])
+    assert got.shape == (6,) and mx.allclose(got, want, atol=1e-3).item(), (got, want)
+    wrong = engine.generate([ids], SamplingParams(max_tokens=2, constraint=OutputConstraint(tokens=(1, 10**9))))[0]
+    assert isinstance(wrong.error, InvalidRequest) and "out of range" in str(wrong.error)
