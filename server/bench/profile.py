@@ -15,11 +15,12 @@ Evaluating after every part removes the overlap a single graph has, so the parts
 than `step`; read them as shares. Each scenario runs twice before it is timed (MLX's CUDA backend
 compiles kernels on first use of each shape), then `--reps` times; medians are reported.
 
-Scenarios: `prefill:N@S` (one chunk of N prompt tokens after S cached tokens: an earlier request
-of those S tokens left them in the prefix cache, so S is a multiple of the block size) and
-`decode:B@S` (B sequences decoding one token each after S cached tokens: prompts of S tokens,
-prefilled first, S >= 1), comma-separated. The cached tokens are computed for real, which takes
-longer than the step itself (a minute for the defaults on the 2-core CPU).
+Scenarios: `prefill:N@S` (one chunk of N prompt tokens after S cached tokens) and `decode:B@S`
+(B sequences decoding one token each after S cached tokens, S >= 1), comma-separated. The cached
+tokens are computed for real: a request of them first leaves them in the prefix cache (so a
+prefill's S is a multiple of the block size); a decode's B prompts of S tokens then recompute
+their last block together and draw their first token. That takes longer than the step itself
+(a minute more for the defaults on the 2-core CPU).
 
     python -m server.bench profile --scenarios prefill:2048@0,prefill:2048@8192,decode:1@1024,decode:16@1024
 """
@@ -45,7 +46,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
 from server.engine.sample.sampling import SamplerState, sample
-from server.engine.types import RequestOutput, SamplingParams
+from server.engine.types import SamplingParams
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 DEFAULT_SCENARIOS = "prefill:2048@0,prefill:512@0,prefill:2048@8192,decode:1@1024,decode:16@1024,decode:64@1024"
@@ -79,21 +80,21 @@ def build_plan(engine: LLMEngine, kind: str, n: int, s: int, seed: int) -> StepP
     (see the module's docstring); prompts of another `seed` share no prefix with these."""
     vocab = engine.runner.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    if kind == "prefill":
-        ids = _ids(s + n, seed, vocab)
-        if s:
-            engine.generate([ids[:s]], params)  # leaves them in the prefix cache
-        engine.add_request(ids, params)
-    else:
-        outs = [RequestOutput(f"d{i}") for i in range(n)]
-        for i, out in enumerate(outs):
-            engine.add_request(_ids(s, 1000 * seed + i, vocab), replace(params, max_tokens=2), out.request_id, out)
-        while not all(out.deltas or out.error for out in outs):
-            engine.step()  # prefill until every sequence has drawn its first token
+    prompts = [_ids(s + n, seed, vocab)] if kind == "prefill" else [_ids(s, 1000 * seed + i, vocab) for i in range(n)]
+    if s:
+        engine.generate([p[:s] for p in prompts], params)  # leaves their full blocks in the prefix cache
+    for p in prompts:
+        engine.add_request(p, replace(params, max_tokens=2))  # a decode's sequences stay for the step
+    if kind == "decode":
+        engine.step()  # each prompt's last block again, all in one step: each draws its first token
     plan = engine.scheduler.schedule()
-    shape = (len(plan.decodes), [(seq.num_computed, k) for seq, k in plan.prefills])
-    if shape != ((0, [(s, n)]) if kind == "prefill" else (n, [])):
-        raise SystemExit(f"{kind}:{n}@{s} planned as {shape}: see --help for what a scenario can be")
+    got = (
+        len(plan.decodes),
+        {seq.num_computed for seq in plan.decodes},
+        [(q.num_computed, k) for q, k in plan.prefills],
+    )
+    if got != ((0, set(), [(s, n)]) if kind == "prefill" else (n, {s}, [])):
+        raise SystemExit(f"{kind}:{n}@{s} planned as {got}: see --help for the steps a scenario can be")
     return plan
 
 
@@ -187,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [s for s in args.scenarios.split(",") if s]
     parsed = [parse_scenario(s) for s in scenarios]
     need = max(n * (s + 64) if k == "decode" else s + n + 64 for k, n, s in parsed)
-    # Room for any scenario's step in one chunk (a prefill's N, a decode batch), and no less than the default.
-    step_tokens = max(EngineArgs.max_num_batched_tokens, *(n for _, n, _ in parsed))
+    # Room in one step for any scenario's chunk (a prefill's N; a decode's B last blocks), and no
+    # less than the default.
+    block = EngineArgs.block_size
+    step_tokens = max(EngineArgs.max_num_batched_tokens, *(n if k == "prefill" else n * block for k, n, _ in parsed))
     started = utc_now()
     loaded = load_model(args.model or str(ensure_demo_model()))
     engine = load_engine(
