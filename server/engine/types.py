@@ -144,7 +144,7 @@ class RequestOutput:
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
-        """One entry per token of the text, where the request asked for `logprobs`."""
+        """One entry per output token but an EOS that ended it, where the request asked for `logprobs`."""
         return [lp for d in self.deltas for lp in d.logprobs or []]
 
     @property

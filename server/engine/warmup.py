@@ -74,7 +74,7 @@ def warmup_units(args: EngineArgs, max_model_len: int) -> list[str]:
 def warm_up(engine: LLMEngine, units: list[str]) -> int:
     """Run each unit through the engine's own steps, one after another; the steps it took.
     `prefill:N` is one prompt of N tokens (a first chunk of N, then a decode step), `decode:B`
-    B prompts of 8 tokens that decode three steps together."""
+    B prompts of 8 tokens that decode three steps together; EOS ends none of them early."""
     vocab = engine.runner.vocab_size
     first = engine.counters["steps"]
     for unit in units:
@@ -83,7 +83,7 @@ def warm_up(engine: LLMEngine, units: list[str]) -> int:
         lengths, max_tokens = ([n], 2) if kind == "prefill" else ([8] * n, 4)
         prompts = [[(7 + 31 * seed + 17 * i) % vocab for i in range(length)] for seed, length in enumerate(lengths)]
         t0, before = time.perf_counter(), engine.counters["steps"]
-        engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         # First uses compile kernels on MLX's GPU backends: this line says what a shape costs.
         log.info("warm-up %s: %d steps in %.1f s", unit, engine.counters["steps"] - before, time.perf_counter() - t0)
     return engine.counters["steps"] - first

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
-from support.engine_harness import demo_model
+from support.engine_harness import ScriptedRunner, demo_model, make_engine
 
 from server.engine import warmup
 from server.engine.args import EngineArgs
@@ -46,11 +46,27 @@ def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
     assert len(engine.generate([[5, 9, 13, 200, 17]], params)[0].token_ids) == 3
 
 
-def test_warm_up_runs_every_units_step_shape_through_the_runner():
+class EosRunner(ScriptedRunner):
+    """A model that draws EOS whenever it can."""
+
+    def run(self, plan) -> mx.array:
+        rows = super().run(plan).shape[0]
+        return mx.broadcast_to(
+            mx.where(mx.arange(self.vocab_size) == demo_model()[1].eos_token_id, 10.0, 0.0), (rows, self.vocab_size)
+        )
+
+
+@pytest.mark.parametrize("model", ["demo", "eos"])
+def test_warm_up_runs_every_units_step_shape_through_the_runner(model):
     """Each `prefill:N` unit a step that prefills one chunk of exactly N tokens, each `decode:B` a
-    step that decodes B sequences together; every step counted, and nothing left running."""
-    args = EngineArgs(max_num_seqs=8, cache_tokens=64 * 16, prefill_chunk_size=128, warmup="off")
-    engine = build_engine(args, demo_model())
+    step that decodes B sequences together, also where the model would end every output at once
+    (and no step is built before the last one's draws are back); every step counted, and nothing
+    left running."""
+    args = dict(max_num_seqs=8, prefill_chunk_size=128, warmup="off")
+    if model == "demo":
+        engine = build_engine(EngineArgs(cache_tokens=64 * 16, **args), demo_model())
+    else:
+        engine = make_engine(num_blocks=16, runner=EosRunner(), async_scheduling="off", **args)
     units = warmup.warmup_units(engine.args, engine.max_model_len)
     assert units == ["prefill:16", "prefill:128", "decode:1", "decode:2", "decode:4", "decode:8"]
     shapes = []
