@@ -20,7 +20,6 @@ from typing import Any
 
 from server.bench.report import device_name, utc_now
 from server.engine.args import EngineArgs
-from server.engine.core.sequence import Sequence
 from server.engine.factory import load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.types import OutputConstraint, SamplingParams, StreamDelta
@@ -68,7 +67,7 @@ def run_level(
         params = SamplingParams(max_tokens=output_len, temperature=1.0, seed=i, ignore_eos=True)
         if i < constrained:
             params.constraint = OutputConstraint(json_schema=SCHEMA)
-        engine.add(Sequence(f"c{constrained}-{i}", list(prompt), params, emit=emitter(i)))
+        engine.add_request(prompt, params, emit=emitter(i))
     start = time.perf_counter()
     while engine.has_work and min(counts) == 0:
         engine.step()

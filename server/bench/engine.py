@@ -21,7 +21,6 @@ from typing import Any
 
 from server.bench.report import DOCS, headed, update_section, utc_now
 from server.engine.args import EngineArgs
-from server.engine.core.sequence import Sequence
 from server.engine.factory import engine_model, load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
@@ -58,8 +57,7 @@ def submit(engine: LLMEngine, rid: str, ids: list[int], max_tokens: int, times: 
     def emit(delta: StreamDelta | Exception) -> None:
         times[rid].append(time.perf_counter())
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    engine.add(Sequence(rid, ids, params, emit=emit))
+    engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), rid, emit)
 
 
 def run_all(engine: LLMEngine) -> None:

@@ -1,7 +1,7 @@
 """`python -m server.bench profile`: where one engine step's time goes.
 
-Builds the engine through the server's factory, lays out sequences in the paged cache (their
-cached latents are whatever the pool holds: only the shapes matter), and times single steps:
+Builds the engine through the server's factory, runs each scenario's requests through it up to
+the step to time, takes that step's plan from the engine's scheduler, and times single runs of it:
 
 - `step`: the step as the engine runs it (host preparation, model, sampling, one evaluation);
 - `host`: turning the plan into arrays (token ids, positions, block tables, slots);
@@ -16,7 +16,11 @@ than `step`; read them as shares. Each scenario runs twice before it is timed (M
 compiles kernels on first use of each shape), then `--reps` times; medians are reported.
 
 Scenarios: `prefill:N@S` (one chunk of N prompt tokens after S cached tokens) and `decode:B@S`
-(B sequences decoding one token each after S cached tokens), comma-separated.
+(B sequences decoding one token each after S cached tokens, S >= 1), comma-separated. The cached
+tokens are computed for real: a request of them first leaves them in the prefix cache (so a
+prefill's S is a multiple of the block size); a decode's B prompts of S tokens then recompute
+their last block together and draw their first token. That takes longer than the step itself
+(a minute more for the defaults on the 2-core CPU).
 
     python -m server.bench profile --scenarios prefill:2048@0,prefill:2048@8192,decode:1@1024,decode:16@1024
 """
@@ -28,6 +32,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,6 @@ import mlx.core as mx
 from server.bench.report import device_name, headed, update_section, utc_now
 from server.engine.args import EngineArgs
 from server.engine.core.scheduler import StepPlan
-from server.engine.core.sequence import Sequence
 from server.engine.factory import engine_model, load_engine
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
@@ -68,28 +72,31 @@ def parse_scenario(text: str) -> tuple[str, int, int]:
     return kind, int(n), int(s or 0)
 
 
-def _sequence(engine: LLMEngine, rid: str, cached: int, new: int, vocab: int, seed: int) -> Sequence:
-    """A running sequence with `cached` tokens in the cache and `new` more to run, blocks allocated."""
-    ids = [(seed * 7919 + i * 104729) % vocab for i in range(cached + new)]
-    seq = Sequence(rid, ids, SamplingParams(max_tokens=1, temperature=0.0), emit=lambda item: None)
-    if not engine.blocks.grow(seq, cached + new):
-        raise SystemExit(f"cache too small for {rid}: raise --cache-tokens")
-    seq.num_computed = cached
-    return seq
+def _ids(n: int, seed: int, vocab: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % vocab for i in range(n)]
 
 
-def build_plan(engine: LLMEngine, kind: str, n: int, s: int) -> StepPlan:
+def build_plan(engine: LLMEngine, kind: str, n: int, s: int, seed: int) -> StepPlan:
+    """The scenario's step as the engine's scheduler plans it, its cached tokens computed first
+    (see the module's docstring); prompts of another `seed` share no prefix with these."""
     vocab = engine.runner.vocab_size
-    for seq in list(engine.scheduler.running):
-        engine.blocks.release(seq)
-    engine.scheduler.running.clear()
-    if kind == "prefill":
-        seq = _sequence(engine, "p", s, n, vocab, 1)
-        engine.scheduler.running.append(seq)
-        return StepPlan(prefills=[(seq, n)])
-    seqs = [_sequence(engine, f"d{i}", s, 1, vocab, i) for i in range(n)]
-    engine.scheduler.running.extend(seqs)
-    return StepPlan(decodes=[(seq, 1) for seq in seqs])
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompts = [_ids(s + n, seed, vocab)] if kind == "prefill" else [_ids(s, 1000 * seed + i, vocab) for i in range(n)]
+    if s:
+        engine.generate([p[:s] for p in prompts], params)  # leaves their full blocks in the prefix cache
+    for p in prompts:
+        engine.add_request(p, replace(params, max_tokens=2))  # a decode's sequences stay for the step
+    if kind == "decode":
+        engine.step()  # each prompt's last block again, all in one step: each draws its first token
+    plan = engine.scheduler.schedule()
+    got = (
+        len(plan.decodes),
+        {seq.num_computed for seq, _ in plan.decodes},
+        [(q.num_computed, k) for q, k in plan.prefills],
+    )
+    if got != ((0, set(), [(s, n)]) if kind == "prefill" else (n, {s}, [])):
+        raise SystemExit(f"{kind}:{n}@{s} planned as {got}: see --help for the steps a scenario can be")
+    return plan
 
 
 def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -> dict[str, float]:
@@ -129,14 +136,16 @@ def time_step(engine: LLMEngine, plan: StepPlan, samplers: list[SamplerState]) -
 def profile(engine: LLMEngine, scenarios: list[str], reps: int) -> list[dict[str, Any]]:
     out = []
     vocab = engine.runner.vocab_size
-    for text in scenarios:
+    for seed, text in enumerate(scenarios):
         kind, n, s = parse_scenario(text)
-        plan = build_plan(engine, kind, n, s)
+        plan = build_plan(engine, kind, n, s, seed)
         rows = len(plan.decodes) + (1 if plan.prefills else 0)
         samplers = [SamplerState(SamplingParams(temperature=0.0), [1], vocab) for _ in range(rows)]
         for _ in range(2):  # compile and allocate
             time_step(engine, plan, samplers)
         runs = [time_step(engine, plan, samplers) for _ in range(reps)]
+        for seq, _ in [*plan.decodes, *plan.prefills]:
+            engine.abort(seq.request_id)
         keys = sorted({k for r in runs for k in r})
         med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
         tokens = plan.num_tokens
@@ -178,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     scenarios = [s for s in args.scenarios.split(",") if s]
-    need = max(n * (s + 64) if k == "decode" else s + n + 64 for k, n, s in map(parse_scenario, scenarios))
+    parsed = [parse_scenario(s) for s in scenarios]
+    need = max(n * (s + 64) if k == "decode" else s + n + 64 for k, n, s in parsed)
+    # Room in one step for any scenario's chunk (a prefill's N; a decode's B last blocks), and no
+    # less than the default.
+    block = EngineArgs.block_size
+    step_tokens = max(EngineArgs.max_num_batched_tokens, *(n if k == "prefill" else n * block for k, n, _ in parsed))
     started = utc_now()
     model, tokenizer = load_model(args.model or str(ensure_demo_model()))
     engine = load_engine(
@@ -186,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             cache_tokens=args.cache_tokens or need + 1024,
             max_num_seqs=256,
+            max_num_batched_tokens=step_tokens,
+            prefill_chunk_size=step_tokens,
+            async_scheduling="off",  # each step read back before the next: the plan sees its draws
             moe_by_expert=args.moe_by_expert,
         ),
         (engine_model(model), tokenizer),

@@ -17,15 +17,16 @@ import signal
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import mlx.core as mx
 
-from .core.sequence import Sequence
 from .distributed import AddRequest, Event, EventChannel, with_fixed_seed
 from .llm_engine import LLMEngine
 from .types import (
+    Emit,
     EngineError,
     EngineOverloaded,
     EngineShutdown,
@@ -125,13 +126,8 @@ class AsyncEngine:
             )
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[StreamDelta | Exception] = asyncio.Queue()
-        seq = Sequence(
-            request_id,
-            list(prompt_ids),
-            params,
-            emit=partial(_deliver, loop, deltas),
-        )
-        self._inbox.put(("add", seq))
+        request = AddRequest(request_id, list(prompt_ids), params)
+        self._inbox.put(("add", (request, partial(_deliver, loop, deltas))))
         self._in_flight += 1
         done = False
         try:
@@ -185,7 +181,7 @@ class AsyncEngine:
         """Each turn: this turn's events (requests added, aborted, expired; the stop), shared with
         every other rank when serving tensor-parallel, applied, then one step."""
         progressed = True
-        local: dict[str, Sequence] = {}  # added here, not yet handed to the engine
+        local: dict[str, Emit] = {}  # where the requests added here, not yet in the engine, stream
         while True:
             # Sleep on the inbox when idle, and when the last step could run nothing.
             events = self._events(engine, local, block=not (engine.has_work and progressed))
@@ -233,7 +229,7 @@ class AsyncEngine:
         if not self._stopping.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _events(self, engine: LLMEngine, local: dict[str, Sequence], block: bool) -> list[Event]:
+    def _events(self, engine: LLMEngine, local: dict[str, Emit], block: bool) -> list[Event]:
         """The inbox's requests and aborts, the requests past their deadline, and the stop."""
         events: list[Event] = []
         try:
@@ -241,12 +237,12 @@ class AsyncEngine:
             while True:
                 kind, payload = item
                 if kind == "add":
-                    seq: Sequence = payload
+                    request, emit = payload
+                    local[request.request_id] = emit
                     if self._channel is not None:
-                        seq.params = with_fixed_seed(seq.params)
-                    local[seq.request_id] = seq
-                    self._deadlines[seq.request_id] = time.monotonic() + self.args.request_timeout
-                    events.append(("add", AddRequest(seq.request_id, seq.prompt_ids, seq.params)))
+                        request = replace(request, params=with_fixed_seed(request.params))
+                    self._deadlines[request.request_id] = time.monotonic() + self.args.request_timeout
+                    events.append(("add", request))
                 elif kind == "abort":
                     events.append(("abort", payload))
                 item = self._inbox.get_nowait()
@@ -264,17 +260,16 @@ class AsyncEngine:
         return events
 
 
-def apply_events(engine: LLMEngine, events: list[Event], local: dict[str, Sequence]) -> bool:
+def apply_events(engine: LLMEngine, events: list[Event], local: dict[str, Emit]) -> bool:
     """Apply one turn's events to `engine`, the same on every rank; True when told to stop.
-    A request added on this rank (rank 0) streams to its client; on other ranks it streams to
-    nobody."""
+    A request added on this rank (rank 0) streams to its client (`local`); on other ranks it
+    streams to nobody."""
     for kind, payload in events:
         if kind == "add":
             request: AddRequest = payload
-            seq = local.pop(request.request_id, None) or Sequence(
-                request.request_id, request.prompt_ids, request.params, emit=_ignore
+            engine.add_request(
+                request.prompt_ids, request.params, request.request_id, local.pop(request.request_id, None)
             )
-            engine.add(seq)
         elif kind == "abort":
             aborted = engine.abort(payload)
             if aborted is not None:  # its generator (if still open) ends with this error
@@ -303,7 +298,3 @@ def _deliver(
     raising here would kill the engine thread for every other request)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(deltas.put_nowait, item)
-
-
-def _ignore(_: object) -> None:
-    """`Sequence.emit` returns nothing; the loop's handle is not needed."""

@@ -1,4 +1,12 @@
-"""The step loop: schedule, run the model, sample, stream each sequence's new text.
+"""The engine: requests in (`add_request`), the step loop (schedule, run the model, sample,
+stream each sequence's new text), outputs back (`generate`).
+
+    engine = load_engine(EngineArgs(...))                         # factory.py
+    outputs = engine.generate([prompt_ids, ...], SamplingParams(...))  # add all, step until idle
+
+    rid = engine.add_request(prompt_ids, params, emit=on_delta)   # or step by hand: benchmarks,
+    while engine.has_work:                                        # the async engine's thread
+        engine.step()
 
 Everything here runs on the engine thread; `emit` callbacks hand deltas to other threads.
 
@@ -19,6 +27,7 @@ of, may be published before the steps that write them have run.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +42,16 @@ from .output.token_bytes import TokenBytes
 from .sample.constraints import Constraints
 from .sample.logits_processors import logits_processors
 from .sample.sampling import Draw, SampleResult, SamplerState, sample
-from .types import EngineError, InvalidRequest, StreamDelta, TokenLogprob, fit_to_context
+from .types import (
+    Emit,
+    EngineError,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    StreamDelta,
+    TokenLogprob,
+    fit_to_context,
+)
 
 
 class Runner(Protocol):
@@ -90,10 +108,21 @@ class LLMEngine:
             "preemptions": 0,
         }
         self._in_flight: _Step | None = None  # queued, draws not read back (see step)
+        self._request_ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        """Admit a request, or emit the reason it cannot run (an `EngineError`) as its only item."""
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        emit: Emit | None = None,
+    ) -> str:
+        """Admit a request; its id (`request_id`, or a new one). Its deltas go to `emit` (None:
+        nowhere); a request that cannot run (an `EngineError`) emits the reason as its only item."""
+        if request_id is None:
+            request_id = self._new_request_id()
+        seq = Sequence(request_id, list(prompt_ids), params, emit=emit or _ignore)
         try:
             if not seq.prompt_ids:
                 raise InvalidRequest("the prompt is empty", param="messages")
@@ -104,10 +133,25 @@ class LLMEngine:
             seq.sampler.constraint = self.constraints.build(seq.params.constraint)
         except EngineError as exc:
             seq.emit(exc)
-            return
+            return request_id
         seq.output = TokenStream(self.tokenizer, seq.prompt_ids, seq.params, self.eos_ids)
         self.by_id[seq.request_id] = seq
         self.scheduler.add(seq)
+        return request_id
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Add every prompt (with `params`, or one of `params` each), step until the engine has
+        no work left, and return their outputs in prompt order."""
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        outputs = [RequestOutput(self._new_request_id()) for _ in prompts]
+        for prompt_ids, p, out in zip(prompts, each, outputs, strict=True):
+            self.add_request(prompt_ids, p, out.request_id, out)
+        while self.has_work:
+            self.step()
+        return outputs
+
+    def _new_request_id(self) -> str:
+        return f"engine-{next(self._request_ids)}"
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.by_id.pop(request_id, None)
@@ -268,3 +312,7 @@ class LLMEngine:
             "decode": self.decode,
             **self.counters,
         }
+
+
+def _ignore(_: StreamDelta | Exception) -> None:
+    """The `emit` of a request nobody reads (warm-up; on tensor-parallel ranks other than 0)."""

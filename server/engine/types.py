@@ -1,12 +1,13 @@
-"""Plain data that crosses the boundary between the serving layer and the engine.
+"""Plain data that crosses the boundary between the engine and its callers.
 
 Nothing here imports MLX or HTTP code: the API layer builds `SamplingParams`, the engine
-streams `StreamDelta`s back.
+streams `StreamDelta`s back; offline callers (warm-up, benchmarks, evaluation, tests) collect
+them as `RequestOutput`s (`LLMEngine.generate`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -36,7 +37,8 @@ class OutputConstraint:
     `json_schema` (response_format json_schema) or `json_object` (any JSON object); with `tools`
     and `tool_choice` "required" or a tool's name, the output must be a call (or calls, when
     `parallel_tool_calls`) of the offered tools in the model's own tool-call syntax, with
-    arguments that validate against the tool's schema.
+    arguments that validate against the tool's schema. With `tokens`, the output is exactly those
+    token ids, whatever the rest says (scoring a given text: server/eval/perplexity.py).
     """
 
     json_schema: dict[str, Any] | None = None
@@ -44,6 +46,7 @@ class OutputConstraint:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"  # "none" | "auto" | "required" | the name of one of `tools`
     parallel_tool_calls: bool = True
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -110,6 +113,61 @@ class StreamDelta:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCallDelta] | None = None
     stop_sequence: str | None = None
+
+
+# Where the engine hands a request's deltas, and the error that ends it instead (if one does).
+Emit = Callable[[StreamDelta | Exception], None]
+
+
+@dataclass
+class RequestOutput:
+    """One request's output as it streams in: an `Emit` (`LLMEngine.add_request`), and what
+    `LLMEngine.generate` returns. `error` is what ended it instead of a finish reason: a refusal,
+    an abort, a failed step."""
+
+    request_id: str
+    deltas: list[StreamDelta] = field(default_factory=list)
+    error: Exception | None = None
+
+    def __call__(self, item: StreamDelta | Exception) -> None:
+        assert not self.finished, f"request {self.request_id!r} emitted after its end"
+        if isinstance(item, Exception):
+            self.error = item
+        else:
+            self.deltas.append(item)
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.finish_reason is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.deltas[-1].finish_reason if self.deltas else None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """One entry per output token but an EOS that ended it, where the request asked for `logprobs`."""
+        return [lp for d in self.deltas for lp in d.logprobs or []]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.deltas[-1].prompt_tokens if self.deltas else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.deltas[-1].completion_tokens if self.deltas else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.deltas[-1].cached_tokens if self.deltas else 0
 
 
 class EngineError(Exception):

@@ -3,7 +3,7 @@ ready, so MLX compiles its kernels first; on CUDA, worker processes compile the 
 them in parallel beforehand.
 
     units = warmup_units(args, max_model_len)    # ["prefill:16", ..., "decode:1", "decode:2", ...]
-    steps = warm_up(engine, units)               # through engine.step, in this process
+    steps = warm_up(engine, units)               # through engine.generate, in this process
     with Precompile.start(args, model) as pre:   # compile workers, while this process loads
         ...
         pre.join()                               # wait; their kernels join this process's cache
@@ -47,7 +47,6 @@ from mlx.core import __version__ as MLX_VERSION  # type: ignore[attr-defined]
 
 from ..platform import current_platform
 from .args import EngineArgs
-from .core.sequence import Sequence
 from .types import SamplingParams
 
 if TYPE_CHECKING:
@@ -73,29 +72,21 @@ def warmup_units(args: EngineArgs, max_model_len: int) -> list[str]:
 
 
 def warm_up(engine: LLMEngine, units: list[str]) -> int:
-    """Run each unit through the engine's own step, one after another; the steps it took."""
+    """Run each unit through the engine's own steps, one after another; the steps it took.
+    `prefill:N` is one prompt of N tokens (a first chunk of N, then a decode step), `decode:B`
+    B prompts of 8 tokens that decode three steps together; EOS ends none of them early."""
     vocab = engine.runner.vocab_size
-    steps = 0
-
-    def submit(rid: str, n: int, max_tokens: int) -> None:
-        ids = [(7 + 31 * len(rid) + 17 * i) % vocab for i in range(n)]
-        engine.add(Sequence(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), emit=lambda item: None))
-
+    first = engine.counters["steps"]
     for unit in units:
         kind, size = unit.split(":")
         n = int(size)
-        if kind == "prefill":  # a first chunk of n tokens, then a decode step
-            submit(f"warm-prefill-{n}", n + 1, 2)
-        else:  # n sequences that decode in the same steps
-            for i in range(n):
-                submit(f"warm-decode-{n}-{i}", 8, 4)
-        t0, before = time.perf_counter(), steps
-        while engine.has_work:
-            engine.step()
-            steps += 1
+        lengths, max_tokens = ([n], 2) if kind == "prefill" else ([8] * n, 4)
+        prompts = [[(7 + 31 * seed + 17 * i) % vocab for i in range(length)] for seed, length in enumerate(lengths)]
+        t0, before = time.perf_counter(), engine.counters["steps"]
+        engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         # First uses compile kernels on MLX's GPU backends: this line says what a shape costs.
-        log.info("warm-up %s: %d steps in %.1f s", unit, steps - before, time.perf_counter() - t0)
-    return steps
+        log.info("warm-up %s: %d steps in %.1f s", unit, engine.counters["steps"] - before, time.perf_counter() - t0)
+    return engine.counters["steps"] - first
 
 
 def kernel_cache_dir() -> Path:

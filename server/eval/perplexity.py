@@ -1,13 +1,12 @@
-"""Perplexity through the engine's own cache path, with the INT4 and with the bf16 latent cache.
+"""Perplexity through the engine itself, with the INT4 and with the bf16 latent cache.
 
-The model runs in the engine's `ModelRunner` (the engine's absorbed MLA attention, over its paged
-latent cache: `LatentCache` for "int4", `DenseLatentCache` for "bf16"; decode through this
-device's default backend, `platform.DEFAULTS`). Each window's first
-`prefill` tokens go in as prefill chunks (they too attend over the cache they were just written
-to, dequantized); every later token is fed as a decode step, one token per sequence per step, as
-the engine decodes a completion: the true token goes in, and the step's logits give the
-log-probability of the next true token. So every scored token attends over the cache as the
-engine stores it.
+Each window is one request to an engine (the engine's absorbed MLA attention, over its paged
+latent cache: `LatentCache` for "int4", `DenseLatentCache` for "bf16"): its first `prefill` tokens
+are the prompt, prefilled in chunks (they too attend over the cache they were just written to,
+dequantized), and the rest its output, forced token by token (`OutputConstraint.tokens`), so
+every later token is fed as a decode step, as the engine decodes a completion. Each output
+token's logprob (of the raw logits, before the forcing mask) is the log-probability of the true
+token after the true prefix. So every scored token attends over the cache as the engine stores it.
 
 Statistics, per cache mode: perplexity exp(mean NLL) over the scored tokens, with mlx_lm.perplexity's
 standard error (the token-level delta method: ppl * sd(NLL) / sqrt(tokens)) and a 95% interval
@@ -24,14 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import numpy as np
 
-from ..engine.core.scheduler import StepPlan
-from ..engine.core.sequence import Sequence
-from ..engine.model.model_runner import ModelRunner
-from ..engine.types import SamplingParams
-from ..platform import current_platform
+from ..engine.args import EngineArgs
+from ..engine.factory import load_engine
+from ..engine.types import OutputConstraint, SamplingParams
 
 Z95 = 1.959964
 
@@ -94,12 +90,8 @@ def ratio(a: Result, b: Result) -> tuple[float, float, float]:
     return math.exp(m), math.exp(m - half), math.exp(m + half)
 
 
-def _noop(item: object) -> None:
-    pass
-
-
 def score(
-    model: Any,
+    loaded: tuple[Any, Any],
     wins: list[list[int]],
     mode: str,
     prefill: int = 1,
@@ -108,51 +100,38 @@ def score(
     block_size: int = 64,
 ) -> Result:
     """NLL [windows, len - prefill] of each window's tokens from position `prefill` on, decoded one
-    at a time through a `ModelRunner` of `model` (an engine model: `factory.engine_model`) with the
-    `mode` latent cache ("int4" or "bf16")."""
+    at a time by an engine over `loaded` (an engine model, `factory.engine_model`, and its
+    tokenizer), with the `mode` latent cache ("int4" or "bf16") and `batch` windows running at once."""
     length = len(wins[0])
-    per_seq = -(-length // block_size)
     batch = min(batch, len(wins))
-    runner = ModelRunner(
-        model,
-        num_blocks=batch * per_seq,
-        decode_backend=current_platform().defaults.decode_backend,
+    args = EngineArgs(
+        max_model_len=length,
+        max_num_seqs=batch,
+        prefill_chunk_size=chunk,
+        cache_tokens=batch * -(-length // block_size) * block_size,
         block_size=block_size,
         latent_cache=mode,
+        enable_prefix_caching=False,  # every window's every token computed
+        warmup="off",
     )
-    rows = []
+    engine = load_engine(args, loaded)
+    params = [
+        SamplingParams(
+            max_tokens=length - prefill,
+            temperature=0.0,
+            logprobs=True,
+            ignore_eos=True,
+            constraint=OutputConstraint(tokens=tuple(w[prefill:])),
+        )
+        for w in wins
+    ]
     t0 = time.perf_counter()
-    for start in range(0, len(wins), batch):
-        group = wins[start : start + batch]
-        seqs = []
-        for j, w in enumerate(group):
-            seq = Sequence(f"ppl-{start + j}", w[:prefill], SamplingParams(max_tokens=length), emit=_noop)
-            seq.block_table = list(range(j * per_seq, (j + 1) * per_seq))
-            seqs.append(seq)
-        nll = np.zeros((len(group), length - prefill), np.float64)
-        for j, seq in enumerate(seqs):  # prefill, a chunk at a time; the last chunk scores token `prefill`
-            while seq.num_computed < prefill:
-                n = min(chunk, prefill - seq.num_computed)
-                logits = runner.run(StepPlan(prefills=[(seq, n)]))
-                mx.eval(logits, *runner.cache_arrays())
-                seq.num_computed += n
-            nll[j, 0] = _nll(logits, [group[j][prefill]])[0]
-        for k in range(prefill, length - 1):  # feed token k, score token k + 1
-            for seq, w in zip(seqs, group, strict=True):
-                seq.append(w[k])
-            logits = runner.run(StepPlan(decodes=[(seq, 1) for seq in seqs]))
-            nll[:, k + 1 - prefill] = _nll(logits, [w[k + 1] for w in group])
-            for seq in seqs:
-                seq.num_computed += 1
-        rows.append(nll)
-    return Result(mode, np.concatenate(rows), time.perf_counter() - t0)
-
-
-def _nll(logits: mx.array, targets: list[int]) -> np.ndarray:
-    """-log p(target) per row of float32 logits [N, V]."""
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logp, mx.array(targets, mx.int32)[:, None], axis=-1)[:, 0]
-    return -np.array(picked, dtype=np.float64)
+    outputs = engine.generate([w[:prefill] for w in wins], params)
+    seconds = time.perf_counter() - t0
+    for out in outputs:
+        if out.error is not None:
+            raise out.error
+    return Result(mode, -np.array([[lp.logprob for lp in out.logprobs] for out in outputs], np.float64), seconds)
 
 
 def run(
@@ -183,7 +162,7 @@ def run(
         if not wins:
             report[name] = {"error": f"the file has fewer than {win_len} tokens"}
             continue
-        results = {m: score(model, wins, m, prefill=prefill, batch=batch) for m in modes}
+        results = {m: score((model, tokenizer), wins, m, prefill=prefill, batch=batch) for m in modes}
         part: dict[str, Any] = {
             "window": win_len,
             "windows": len(wins),

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -102,3 +103,29 @@ def test_the_engine_bench_spreads_prompt_lengths_without_repeating_one(monkeypat
     for run in range(3):
         bench.concurrency_row(engine, 4, 100, 2, loaded[0].args.vocab_size, run, spread=64)
     assert len(set(lengths)) == 12 and min(lengths) == 100 and max(lengths) < 164
+
+
+def test_the_profile_times_the_step_each_scenario_names_after_computing_its_cached_tokens():
+    from support.engine_harness import demo_model
+
+    from server.bench import profile
+    from server.engine.args import EngineArgs
+    from server.engine.factory import build_engine
+
+    args = EngineArgs(cache_tokens=64 * 32, max_num_seqs=8, max_num_batched_tokens=512, async_scheduling="off")
+    engine = build_engine(replace(args, prefill_chunk_size=512), demo_model())
+    planned = []  # each plan as built: (decodes' cached tokens and outputs, prefills' cached prompt and chunk)
+    build = profile.build_plan
+
+    def recording(*a):
+        plan = build(*a)
+        decodes = [(s.num_computed, len(s.output_ids)) for s in plan.decodes]
+        planned.append((decodes, [(s.num_cached_prompt, s.num_computed, n) for s, n in plan.prefills]))
+        return plan
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(profile, "build_plan", recording)
+        rows = profile.profile(engine, ["prefill:64@128", "decode:4@64", "prefill:32@0"], reps=1)
+    assert [r["tokens"] for r in rows] == [64, 4, 32]
+    assert planned == [([], [(128, 128, 64)]), ([(64, 1)] * 4, []), ([], [(0, 0, 32)])]
+    assert not engine.has_work and engine.blocks.num_free == len(engine.blocks.blocks)

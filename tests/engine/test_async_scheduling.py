@@ -11,7 +11,6 @@ import time
 import jsonschema
 from support.engine_harness import ScriptedRunner, make_engine, prompt, run_until_idle, submit
 
-from server.engine.core.sequence import Sequence
 from server.engine.types import EngineError, OutputConstraint, SamplingParams
 
 EOS = 2  # the demo model's </s>
@@ -41,7 +40,7 @@ def outputs(mode: str, **engine_args):
     run_until_idle(engine)
     assert engine.blocks.num_free == len(engine.blocks.blocks)
     summary = {
-        rid: (c.tokens, c.finish_reason, c.deltas[-1].cached_tokens, [d.logprobs for d in c.deltas])
+        rid: (c.token_ids, c.finish_reason, c.deltas[-1].cached_tokens, [d.logprobs for d in c.deltas])
         for rid, c in runs.items()
     }
     return summary, engine.counters
@@ -78,7 +77,7 @@ def test_steps_are_built_ahead_of_read_backs():
         order.clear()
         engine = make_engine(runner=Recording(), async_scheduling=mode)
         params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
-        engine.add(Sequence("r", prompt(8), params, emit=lambda item: order.append("emit")))
+        engine.add_request(prompt(8), params, emit=lambda item: order.append("emit"))
         run_until_idle(engine)
         assert order == expected, mode
 
@@ -89,8 +88,8 @@ def test_a_sequence_ended_by_a_draw_still_pending_streams_nothing_more_and_frees
     a = submit(engine, "a", prompt(10), max_tokens=20)
     b = submit(engine, "b", prompt(10, seed=1), max_tokens=30, ignore_eos=True)
     run_until_idle(engine)
-    assert a.tokens == [40, 41, EOS] and a.finish_reason == "stop"  # step 4 ran it in vain; dropped
-    assert b.tokens == [50] * 30 and b.finish_reason == "length"
+    assert a.token_ids == [40, 41, EOS] and a.finish_reason == "stop"  # step 4 ran it in vain; dropped
+    assert b.token_ids == [50] * 30 and b.finish_reason == "length"
     assert engine.counters["generated_tokens"] == 33
     assert engine.blocks.num_free == len(engine.blocks.blocks)
 
@@ -103,7 +102,7 @@ def test_a_sequence_that_has_drawn_its_last_token_is_not_run_again():
     a = submit(engine, "a", prompt(63), max_tokens=2, ignore_eos=True)
     b = submit(engine, "b", prompt(10, seed=1), max_tokens=20, ignore_eos=True)
     run_until_idle(engine)
-    assert a.tokens == [100] * 2 and b.tokens == [100] * 20
+    assert a.token_ids == [100] * 2 and b.token_ids == [100] * 20
     assert engine.counters["preemptions"] == 0
 
 
@@ -114,10 +113,10 @@ def test_an_abort_while_a_step_is_in_flight_streams_nothing_after_it():
     for _ in range(5):
         engine.step()
     engine.abort("r")
-    seen = len(out.tokens)
+    seen = len(out.token_ids)
     run_until_idle(engine)
-    assert len(out.tokens) == seen and out.finish_reason is None
-    assert len(keep.tokens) == 10
+    assert len(out.token_ids) == seen and out.finish_reason is None
+    assert len(keep.token_ids) == 10
     assert engine.blocks.num_free == len(engine.blocks.blocks)
 
 
@@ -158,7 +157,7 @@ def test_after_a_failed_step_no_prefix_registered_when_it_was_built_is_reused():
     engine.step()  # queued: its two full blocks are registered before the device has run it
     assert engine.blocks.cached
     engine.fail_all(EngineError("internal engine error: RuntimeError"))  # as AsyncEngine on a failed step
-    assert failed.errors and not engine.blocks.cached
+    assert failed.error is not None and not engine.blocks.cached
     again = submit(engine, "b", ids, max_tokens=1)
     run_until_idle(engine)
     assert again.deltas[-1].cached_tokens == 0

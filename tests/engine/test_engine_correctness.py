@@ -24,7 +24,7 @@ def test_greedy_matches_reference_loop(buckets):
     engine = make_engine(prefill_chunk_size=128, prefill_buckets=buckets)
     out = submit(engine, "a", ids, max_tokens=24, ignore_eos=True)
     run_until_idle(engine)
-    assert out.tokens == expected
+    assert out.token_ids == expected
     assert out.finish_reason == "length"
 
 
@@ -46,7 +46,7 @@ def test_same_tokens_alone_and_in_a_staggered_batch(buckets):
         engine.step()
         others.append(submit(engine, f"o{i}", prompt(200 - 20 * i, seed=10 + i), max_tokens=30, ignore_eos=True))
     run_until_idle(engine)
-    assert mine.tokens == alone.tokens
+    assert mine.token_ids == alone.token_ids
     assert all(o.finish_reason == "length" for o in others)
 
 
@@ -62,5 +62,5 @@ def test_preempted_request_output_equals_unpreempted():
     outs = [submit(tight, f"r{i}", p, max_tokens=60, ignore_eos=True) for i, p in enumerate(ids)]
     run_until_idle(tight)
     assert tight.counters["preemptions"] > 0
-    assert [o.tokens for o in outs] == [r.tokens for r in ref]
+    assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
     assert tight.blocks.num_free == 7

@@ -55,7 +55,7 @@ def test_second_turn_prefills_only_the_new_tokens():
 
     # Reused: every full block of what the first turn cached (prompt and the outputs that went
     # back through the model) that the second prompt repeats token for token.
-    cached_first = first_ids + first.tokens[:-1]
+    cached_first = first_ids + first.token_ids[:-1]
     common = next(
         (i for i, (a, b) in enumerate(zip(cached_first, second_ids, strict=False)) if a != b), len(cached_first)
     )
@@ -96,7 +96,7 @@ def test_seeded_sampling_is_the_same_in_any_batch():
     crowded.step()
     b = submit(crowded, "x", ids, max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
     run_until_idle(crowded)
-    assert a.tokens == b.tokens
+    assert a.token_ids == b.token_ids
 
 
 def test_stop_string_across_token_boundaries_is_never_streamed():
@@ -107,7 +107,7 @@ def test_stop_string_across_token_boundaries_is_never_streamed():
     run_until_idle(engine)
     text = free.text
     # A stop string that spans two generated tokens: the end of one and the start of the next.
-    pieces = [tok.decode([t]) for t in free.tokens]
+    pieces = [tok.decode([t]) for t in free.token_ids]
     cut = next(i for i in range(5, len(pieces) - 1) if pieces[i].strip() and pieces[i + 1].strip())
     stop = pieces[cut][-1] + pieces[cut + 1][:1]
     start = text.index(stop)
@@ -126,7 +126,7 @@ def test_utf8_streams_never_split_a_character():
     engine = make_engine(runner=ScriptedRunner({"u": ids}))
     out = submit(engine, "u", prompt(5), max_tokens=len(ids), ignore_eos=True)
     run_until_idle(engine)
-    assert out.tokens == ids
+    assert out.token_ids == ids
     assert len(out.deltas) == len(ids) and any(d.text == "" for d in out.deltas)
     assert all("\ufffd" not in d.text for d in out.deltas)
     assert out.text == text
@@ -138,7 +138,7 @@ def test_timed_out_request_frees_its_blocks():
     engine.step()
     apply_events(engine, [("expire", "slow")], {})  # what the engine thread sends at the deadline
     engine.step()
-    assert out.errors and "timed out" in str(out.errors[0])
+    assert out.error is not None and "timed out" in str(out.error)
     assert engine.blocks.num_free == len(engine.blocks.blocks)
 
 

@@ -7,9 +7,9 @@ import json
 import jsonschema
 import pytest
 from mlx_lm.tool_parsers import mistral
-from support.engine_harness import Collector, ScriptedRunner, make_engine, run_until_idle, submit
+from support.engine_harness import ScriptedRunner, make_engine, run_until_idle, submit
 
-from server.engine.types import InvalidRequest, OutputConstraint, ToolSpec
+from server.engine.types import InvalidRequest, OutputConstraint, RequestOutput, ToolSpec
 
 PERSON = {
     "type": "object",
@@ -49,7 +49,7 @@ def chat(engine, text: str, tools: tuple[ToolSpec, ...] = ()) -> list[int]:
     )
 
 
-def calls(out: Collector) -> list[dict]:
+def calls(out: RequestOutput) -> list[dict]:
     """The deltas' tool calls reassembled by index, as a client does."""
     merged: dict[int, dict] = {}
     for delta in out.deltas:
@@ -98,11 +98,11 @@ def test_json_object(engine):
 
 def test_invalid_schema_is_invalid_request_before_any_token(engine):
     out = submit(engine, "bad", chat(engine, "x"), constraint=OutputConstraint(json_schema={"type": "nope"}))
-    assert not out.deltas and len(out.errors) == 1
-    assert isinstance(out.errors[0], InvalidRequest) and "nope" in str(out.errors[0])
-    assert out.errors[0].param == "response_format"
+    assert not out.deltas and out.finished
+    assert isinstance(out.error, InvalidRequest) and "nope" in str(out.error)
+    assert out.error.param == "response_format"
     out = submit(engine, "bad2", chat(engine, "x"), constraint=OutputConstraint(tools=TOOLS, tool_choice="missing"))
-    assert isinstance(out.errors[0], InvalidRequest) and out.errors[0].param == "tool_choice"
+    assert isinstance(out.error, InvalidRequest) and out.error.param == "tool_choice"
     assert not engine.has_work
 
 
@@ -117,7 +117,7 @@ def test_max_tokens_mid_object_is_length(engine):
         constraint=OutputConstraint(json_schema=PERSON),
     )
     run_until_idle(engine)
-    assert out.finish_reason == "length" and len(out.tokens) == 5
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
     assert out.text.startswith('{"name"') and out.text.count('"') < 7
 
 
@@ -162,12 +162,12 @@ def test_streamed_calls_equal_the_parsed_reply_under_the_same_seed(engine):
         submit(engine, f"s{k}", p, temperature=1.0, max_tokens=200, seed=42, constraint=constraint) for k in range(2)
     )
     run_until_idle(engine)
-    assert first.tokens == second.tokens
+    assert first.token_ids == second.token_ids
     strip = [{k: c[k] for k in ("name", "arguments")} for c in calls(first)]
     assert strip == [{k: c[k] for k in ("name", "arguments")} for c in calls(second)]
     # The whole reply, parsed at once by mlx-lm's parser, gives the same calls; their arguments
     # are the model's own JSON text.
-    text = engine.tokenizer.decode(first.tokens, skip_special_tokens=False).removesuffix("</s>")
+    text = engine.tokenizer.decode(first.token_ids, skip_special_tokens=False).removesuffix("</s>")
     sections = [part for part in text.split("[TOOL_CALLS]") if part]
     parsed = [mistral.parse_tool_call(part) for part in sections]
     assert [(c["name"], json.loads(c["arguments"])) for c in strip] == [(c["name"], c["arguments"]) for c in parsed]
@@ -205,7 +205,7 @@ def test_mixed_batch_free_rows_are_unchanged(engine):
     run_until_idle(engine)
     for i, out in enumerate(mixed):
         if i % 2:
-            assert out.tokens == alone.tokens and out.text == alone.text
+            assert out.token_ids == alone.token_ids and out.text == alone.text
         else:
             jsonschema.validate(json.loads(out.text), PERSON)
             assert all(d.logprobs and len(d.logprobs[0].top) == 2 for d in out.deltas)
@@ -217,7 +217,7 @@ def test_seeded_constrained_output_repeats_and_stop_strings_apply(engine):
     a, b = (submit(engine, f"r{k}", p, temperature=1.0, seed=11, max_tokens=200, constraint=c) for k in range(2))
     stopped = submit(engine, "stop", p, temperature=1.0, seed=11, max_tokens=200, constraint=c, stop=['"age"'])
     run_until_idle(engine)
-    assert a.tokens == b.tokens and a.text == b.text
+    assert a.token_ids == b.token_ids and a.text == b.text
     assert stopped.finish_reason == "stop" and a.text.startswith(stopped.text) and '"age"' not in stopped.text
 
 
@@ -237,7 +237,7 @@ def test_tool_choice_none_never_calls():
     none = submit(engine, "none", p, max_tokens=5, constraint=OutputConstraint(tools=TOOLS, tool_choice="none"))
     auto = submit(engine, "auto", p, max_tokens=50, constraint=OutputConstraint(tools=TOOLS))
     run_until_idle(engine)
-    assert start[0] not in none.tokens and not calls(none) and none.finish_reason == "length"
+    assert start[0] not in none.token_ids and not calls(none) and none.finish_reason == "length"
     assert auto.finish_reason == "tool_calls" and auto.text == ""
     assert [(c["name"], json.loads(c["arguments"])) for c in calls(auto)] == [
         ("get_weather", {"city": "Oslo", "unit": "c"})

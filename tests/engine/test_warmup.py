@@ -14,11 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.switch_layers import SwitchLinear
+from support.engine_harness import ScriptedRunner, demo_engine_model, demo_model, make_engine
 from support.platforms import pretend
 
 from server.engine import warmup
 from server.engine.args import EngineArgs
-from server.engine.core.sequence import Sequence
 from server.engine.factory import engine_model, load_engine
 from server.engine.model.architectures import adapt_model
 from server.engine.model.demo_model import ensure_demo_model
@@ -27,11 +27,7 @@ from server.engine.types import SamplingParams
 
 
 def greedy(engine, prompt: list[int], n: int = 6) -> list[int]:
-    seq = Sequence("g", prompt, SamplingParams(max_tokens=n, temperature=0.0), emit=lambda item: None)
-    engine.add(seq)
-    while engine.has_work:
-        engine.step()
-    return seq.output_ids
+    return engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0))[0].token_ids
 
 
 def test_warmup_units_stay_few_and_within_the_limits():
@@ -47,7 +43,47 @@ def test_one_layer_per_kind_keeps_the_first_layer_of_each_kind_and_runs():
     assert len(model.model.layers) == 2
     assert not hasattr(model.model.layers[0].mlp, "gate") and hasattr(model.model.layers[1].mlp, "gate")
     engine = load_engine(EngineArgs(max_num_seqs=4, cache_tokens=64 * 8, warmup="off"), (engine_model(model), tok))
-    assert warmup.warm_up(engine, ["prefill:16", "decode:2"]) > 0
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    assert len(engine.generate([[5, 9, 13, 200, 17]], params)[0].token_ids) == 3
+
+
+class EosRunner(ScriptedRunner):
+    """A model that draws EOS whenever it can."""
+
+    def run(self, plan) -> mx.array:
+        rows = super().run(plan).shape[0]
+        return mx.broadcast_to(
+            mx.where(mx.arange(self.vocab_size) == demo_model()[1].eos_token_id, 10.0, 0.0), (rows, self.vocab_size)
+        )
+
+
+@pytest.mark.parametrize("model", ["demo", "eos"])
+def test_warm_up_runs_every_units_step_shape_through_the_runner(model):
+    """Each `prefill:N` unit a step that prefills one chunk of exactly N tokens, each `decode:B` a
+    step that decodes B sequences together, also where the model would end every output at once
+    (and no step is built before the last one's draws are back); every step counted, and nothing
+    left running."""
+    args = dict(max_num_seqs=8, prefill_chunk_size=128, warmup="off")
+    if model == "demo":
+        engine = load_engine(EngineArgs(cache_tokens=64 * 16, **args), demo_engine_model())
+    else:
+        engine = make_engine(num_blocks=16, runner=EosRunner(), async_scheduling="off", **args)
+    units = warmup.warmup_units(engine.args, engine.max_model_len)
+    assert units == ["prefill:16", "prefill:128", "decode:1", "decode:2", "decode:4", "decode:8"]
+    shapes = []
+    run = engine.runner.run
+
+    def recording(plan):
+        shapes.append((len(plan.decodes), [n for _, n in plan.prefills]))
+        return run(plan)
+
+    engine.runner.run = recording
+    steps = warmup.warm_up(engine, units)
+    for unit in units:
+        kind, n = unit.split(":")
+        assert ((0, [int(n)]) if kind == "prefill" else (int(n), [])) in shapes, unit
+    assert steps == len(shapes) == engine.counters["steps"]
+    assert not engine.has_work and engine.blocks.num_free == len(engine.blocks.blocks)
 
 
 def test_compile_workers_run_every_unit_and_the_engine_still_serves(caplog, tmp_path, monkeypatch):

@@ -20,11 +20,10 @@ TEXT = (
 
 def test_bf16_cache_matches_mlx_lm_forward_and_int4_stays_close():
     model, tok = demo_model()
-    engine_model = demo_engine_model()[0]
     wins = windows(tok.encode(TEXT), 96, 2)
     assert len(wins) == 2
-    dense = score(engine_model, wins, "bf16", prefill=1, batch=2)
-    int4 = score(engine_model, wins, "int4", prefill=40, batch=2, chunk=16)  # prefill in chunks, then decode
+    dense = score(demo_engine_model(), wins, "bf16", prefill=1, batch=2)
+    int4 = score(demo_engine_model(), wins, "int4", prefill=40, batch=2, chunk=16)  # prefill in chunks, then decode
     x = mx.array(wins)
     ref = nn.losses.cross_entropy(model(x[:, :-1]).astype(mx.float32), x[:, 1:], reduction="none")
     ref_np = np.array(ref, dtype=np.float64)

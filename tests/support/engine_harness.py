@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import mlx.core as mx
 from mlx_lm import load
 
 from server.engine.args import EngineArgs
-from server.engine.core.sequence import Sequence
 from server.engine.factory import engine_model, load_engine, with_device_defaults
 from server.engine.llm_engine import LLMEngine
 from server.engine.model.demo_model import ensure_demo_model
-from server.engine.types import SamplingParams, StreamDelta
+from server.engine.types import RequestOutput, SamplingParams
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,31 +65,11 @@ class ScriptedRunner:
         return []
 
 
-@dataclass
-class Collector:
-    deltas: list[StreamDelta] = field(default_factory=list)
-    errors: list[Exception] = field(default_factory=list)
-
-    def __call__(self, item) -> None:
-        (self.errors if isinstance(item, Exception) else self.deltas).append(item)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [t for d in self.deltas for t in d.token_ids]
-
-    @property
-    def text(self) -> str:
-        return "".join(d.text for d in self.deltas)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.deltas[-1].finish_reason if self.deltas else None
-
-
-def submit(engine: LLMEngine, request_id: str, prompt_ids: list[int], **params) -> Collector:
+def submit(engine: LLMEngine, request_id: str, prompt_ids: list[int], **params) -> RequestOutput:
+    """Add a request (greedy unless `temperature` says otherwise); its output fills in as the engine steps."""
     params.setdefault("temperature", 0.0)
-    out = Collector()
-    engine.add(Sequence(request_id, list(prompt_ids), SamplingParams(**params), emit=out))
+    out = RequestOutput(request_id)
+    engine.add_request(prompt_ids, SamplingParams(**params), request_id, out)
     return out
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from ..types import SamplingParams, StreamDelta
+from ..types import Emit, SamplingParams
 
 if TYPE_CHECKING:
     from ..output.detokenizer import TokenStream
@@ -28,7 +27,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[StreamDelta | Exception], None]
+    emit: Emit
     arrival: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)

@@ -8,8 +8,12 @@ tied embeddings). `mla_attention` reads the absorbed form of a layer's attention
 `embed_q` / `unembed_out` (the two halves of `kv_b_proj`, as mlx-lm's `MultiLinear`), `rope`,
 `scale`, `o_proj` and the head sizes.
 
-One adapter per architecture family turns the model mlx-lm loaded (mlx-lm's classes and
-`sanitize` stay the source of truth for the weights) into that shape, in place, once:
+Each family is one `Architecture` entry of `REGISTRY`, which holds everything model-specific the
+engine needs; a new model type is one entry. Its adapter turns the model mlx-lm loaded (mlx-lm's
+classes and `sanitize` stay the source of truth for the weights) into that shape, in place, once;
+its hooks answer what the runner and the loader would otherwise ask of the model's class: how a
+MoE layer routes (`route`), a query scale by position (`attn_scale`), and which modules of a
+decoder layer are attentions (`attentions`). The adapters:
 
 - `mistral4`, `deepseek_v3` (Kimi K2 configs say `kimi_k2`), `glm4_moe_lite`: mlx-lm's own
   attention already has the absorbed form; nothing to do.
@@ -25,6 +29,10 @@ One adapter per architecture family turns the model mlx-lm loaded (mlx-lm's clas
   two engine layers (two latent caches) and carries the MoE output from the first to the second.
   Its q and latent scales (`mla_scale_q_lora`, `mla_scale_kv_lora`) go into the view; the scaled
   latent is what the cache holds, as in mlx-lm.
+
+And the hooks that differ from the defaults: `mistral4` routes through mlx-lm's
+`mistral4_expert_select` over a plain linear router (the others' `MoEGate` routes itself), and
+scales queries by position (`llama_4_scaling_beta`); `longcat_flash` has two attentions per layer.
 
 Refused at load, by name and with the reason (no silent dense fallback): hybrids whose other
 layers use linear attention (`kimi_linear`, `kimi_k3`, `bailing_hybrid`, `bailing_moe_v3`),
@@ -49,12 +57,39 @@ from .experts import fuse_experts
 _ADAPTED = "_mla_family"  # set on the model the engine runs: the family it was adapted as
 
 
+# A MoE layer's routing of tokens [T, D]: (expert indices [T, k], their weights [T, k]).
+Route = Callable[[Any, mx.array], tuple[mx.array, mx.array]]
+# A per-token query scale [T, 1, 1] from the tokens' positions [T].
+PositionScale = Callable[[mx.array], mx.array]
+
+
+def _gate_routes(mlp: Any, x: mx.array) -> tuple[mx.array, mx.array]:
+    """deepseek_v3's `MoEGate` (and its kin's) returns the routing itself."""
+    routed: tuple[mx.array, mx.array] = mlp.gate(x)
+    return routed
+
+
+def _no_attn_scale(args: Any) -> PositionScale | None:
+    return None
+
+
+def _one_attention(layer: Any) -> list[Any]:
+    return [layer.self_attn]
+
+
 @dataclass(frozen=True)
 class Architecture:
     family: str  # mlx-lm's module (mlx_lm.models.<family>) whose Model class it adapts
     model_types: tuple[str, ...]  # config.json `model_type` values that load into that module
     checkpoints: str  # real checkpoints it covers, for the docs
     adapt: Callable[[Any], Any]  # mlx-lm's Model -> the model the engine runs (may be the same)
+    # How a MoE layer (one with `switch_mlp`) picks experts, where the runner runs the experts
+    # itself (one at a time, or part by part for a profiler) instead of calling the layer.
+    route: Route = _gate_routes
+    # The model's query scale by position, from its args (the adapted model's `args`); None: none.
+    attn_scale: Callable[[Any], PositionScale | None] = _no_attn_scale
+    # The attention modules of one of mlx-lm's decoder layers, before `adapt`.
+    attentions: Callable[[Any], list[Any]] = _one_attention
 
 
 class UnsupportedArchitecture(EngineError):
@@ -63,6 +98,34 @@ class UnsupportedArchitecture(EngineError):
 
 def _keep(model: Any) -> Any:
     return model
+
+
+def _mistral4_route(mlp: Any, x: mx.array) -> tuple[mx.array, mx.array]:
+    """mistral4: a plain linear router, whose scores mlx-lm's `mistral4_expert_select` turns into
+    a routing (as its MoE layer does)."""
+    from mlx_lm.models.mistral4 import mistral4_expert_select
+
+    a = mlp.args
+    routed: tuple[mx.array, mx.array] = mistral4_expert_select(
+        mlp.gate(x), mlp.num_experts_per_tok, a.n_group, a.topk_group, a.routed_scaling_factor, a.norm_topk_prob
+    )
+    return routed
+
+
+def _llama4_attn_scale(args: Any) -> PositionScale | None:
+    """mistral4's query scale 1 + beta * log(1 + floor(pos / original_max)), where its rope
+    parameters name a `llama_4_scaling_beta`."""
+    rope = getattr(args, "rope_parameters", None) or {}
+    if "llama_4_scaling_beta" not in rope:
+        return None
+    beta: float = rope["llama_4_scaling_beta"]
+    original_max: int = rope["original_max_position_embeddings"]
+
+    def scale(positions: mx.array) -> mx.array:
+        s = 1 + beta * mx.log(1 + mx.floor(positions.astype(mx.float32) / original_max))
+        return s[:, None, None]
+
+    return scale
 
 
 def _text_model(model: Any) -> Any:
@@ -250,6 +313,10 @@ class _Block(Module):
         self.post_attention_layernorm = post
 
 
+def _two_attentions(layer: Any) -> list[Any]:
+    return list(layer.self_attn)
+
+
 def _adapt_longcat_flash(model: Any) -> Any:
     """LongCat-Flash: each decoder layer becomes two engine layers (two latent caches)."""
     blocks = []
@@ -297,7 +364,14 @@ REFUSED: dict[str, str] = {
 REGISTRY: dict[str, Architecture] = {
     a.family: a
     for a in (
-        Architecture("mistral4", ("mistral4",), "Mistral Small 4 (and the embedded demo model)", _keep),
+        Architecture(
+            "mistral4",
+            ("mistral4",),
+            "Mistral Small 4 (and the embedded demo model)",
+            _keep,
+            route=_mistral4_route,
+            attn_scale=_llama4_attn_scale,
+        ),
         Architecture(
             "deepseek_v3",
             ("deepseek_v3", "kimi_k2", "joyai_llm_flash"),
@@ -316,7 +390,11 @@ REGISTRY: dict[str, Architecture] = {
         Architecture("minicpm3", ("minicpm3",), "MiniCPM3-4B", _adapt_minicpm3),
         Architecture("youtu_llm", ("youtu_llm",), "Youtu-LLM", _adapt_youtu_llm),
         Architecture(
-            "longcat_flash", ("longcat_flash",), "LongCat-Flash-Chat, LongCat-Flash-Thinking", _adapt_longcat_flash
+            "longcat_flash",
+            ("longcat_flash",),
+            "LongCat-Flash-Chat, LongCat-Flash-Thinking",
+            _adapt_longcat_flash,
+            attentions=_two_attentions,
         ),
     )
 }

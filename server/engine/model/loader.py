@@ -9,7 +9,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..types import EngineError
-from .architectures import UnsupportedArchitecture, check_supported, no_quantized_multilinear
+from .architectures import Architecture, UnsupportedArchitecture, check_supported, no_quantized_multilinear
 
 
 def load_model(model: str, one_layer_per_kind: bool = False) -> tuple[Any, Any]:
@@ -31,12 +31,12 @@ def load_model(model: str, one_layer_per_kind: bool = False) -> tuple[Any, Any]:
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise EngineError(f"could not load model {model!r}: {exc}") from exc
     try:
-        check_supported(model_obj)
+        architecture = check_supported(model_obj)
     except UnsupportedArchitecture as exc:
         raise UnsupportedArchitecture(f"model {model!r}: {exc}") from None
     if one_layer_per_kind:
         _keep_one_layer_per_kind(model_obj)
-    _unquantize_absorbed_on_cuda(model_obj)
+    _unquantize_absorbed_on_cuda(model_obj, architecture)
     mx.eval(model_obj.parameters())
     return model_obj, tokenizer
 
@@ -55,7 +55,7 @@ def _keep_one_layer_per_kind(model: Any) -> None:
     model.model.layers = kept
 
 
-def _unquantize_absorbed_on_cuda(model: Any) -> None:
+def _unquantize_absorbed_on_cuda(model: Any, architecture: Architecture) -> None:
     """MLX's CUDA backend has no quantized matmul for `embed_q`/`unembed_out` (transpose=False).
     (Models that keep `kv_b_proj` whole get float halves when the engine splits it.)"""
     if not no_quantized_multilinear():
@@ -63,7 +63,7 @@ def _unquantize_absorbed_on_cuda(model: Any) -> None:
     from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 
     for layer in model.model.layers:
-        attns = layer.self_attn if isinstance(layer.self_attn, list) else [layer.self_attn]  # longcat_flash: two
+        attns = architecture.attentions(layer)
         for attn, name in ((a, n) for a in attns for n in ("embed_q", "unembed_out") if "embed_q" in a):
             q = getattr(attn, name)
             if isinstance(q, QuantizedMultiLinear):

@@ -47,13 +47,7 @@ class AttentionBatch:
     block_table: mx.array | None  # int32 [num_decodes, max_blocks]
     context_lens: mx.array | None  # int32 [num_decodes]
     prefills: list[PrefillChunk]
-    attn_scale: mx.array | None  # [T, 1, 1] llama-4 query scale, or None
-
-
-def llama4_attn_scale(positions: mx.array, beta: float, original_max: int) -> mx.array:
-    """[T, 1, 1]: mistral4's query scale 1 + beta * log(1 + floor(pos / original_max))."""
-    s = 1 + beta * mx.log(1 + mx.floor(positions.astype(mx.float32) / original_max))
-    return s[:, None, None]
+    attn_scale: mx.array | None  # [T, 1, 1] the model's query scale by position (mistral4), or None
 
 
 def mla_attention(

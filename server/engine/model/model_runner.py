@@ -3,7 +3,9 @@
 The model's modules and weights are mlx-lm's (`mistral4`, `deepseek_v3`), adapted for the engine
 (`architectures.adapt_model`, which the factory runs); only the attention is ours
 (`mla_attention`), over one `LatentCache` per layer, decoding through the backend the runner is
-given (`check_decode` is the start-up check the factory chooses it by).
+given (`check_decode` is the start-up check the factory chooses it by). What differs by model type
+(how a MoE layer routes, a query scale by position) the runner asks of the model's `Architecture`
+(architectures.py), never of its classes.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from ...platform import current_platform
 from ..args import EngineArgs
 from ..core.scheduler import StepPlan
 from ..core.sequence import Sequence
+from .architectures import Route, check_supported
 from .experts import by_expert, pays_one_at_a_time, run_by_expert
 from .mla_attention import (
     AttentionBatch,
     PrefillChunk,
     cudnn_prefill,
-    llama4_attn_scale,
     mla_attention,
     sdpa_layout,
 )
@@ -71,24 +73,17 @@ Mark = Callable[..., None]  # mark(name, *arrays): a profiler evaluates and time
 MLP_PART_MIN_TOKENS = 32
 
 
-def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str) -> mx.array:
-    """The layer's MLP over [T, D]; with `mark`, the MoE's router, routed experts and shared
-    experts are split apart (as mlx-lm computes them) so a profiler can time each."""
+def _mlp(mlp: Any, x: mx.array, mark: Mark | None, moe_by_expert: str, route: Route) -> mx.array:
+    """The layer's MLP over [T, D]; with `mark`, the MoE's router (the architecture's `route`),
+    routed experts and shared experts are split apart (as mlx-lm computes them) so a profiler can
+    time each."""
     one_at_a_time = by_expert(mlp, x.shape[0], moe_by_expert)
     if (mark is None and not one_at_a_time) or not hasattr(mlp, "switch_mlp"):
         y: mx.array = mlp(x[None])[0]
         if mark:
             mark("dense_mlp", y)
         return y
-    if type(mlp.gate).__name__ in ("Linear", "QuantizedLinear"):  # mistral4: a plain linear router
-        from mlx_lm.models.mistral4 import mistral4_expert_select
-
-        a = mlp.args
-        inds, scores = mistral4_expert_select(
-            mlp.gate(x), mlp.num_experts_per_tok, a.n_group, a.topk_group, a.routed_scaling_factor, a.norm_topk_prob
-        )
-    else:  # deepseek_v3's MoEGate
-        inds, scores = mlp.gate(x)
+    inds, scores = route(mlp, x)
     if mark:
         mark("router", inds)
     chosen = np.asarray(inds) if one_at_a_time else None  # waits for the router
@@ -126,6 +121,7 @@ class ModelRunner:
         args = model.args
         self.model = model
         self.decode_backend = decode_backend
+        self.architecture = check_supported(model)
         self.moe_by_expert = moe_by_expert
         platform = current_platform()
         # On the CPU the MLP runs its tokens in parts on several CPU streams (cores); not when the
@@ -142,12 +138,7 @@ class ModelRunner:
             and platform.defaults.prefill_buckets
             and cudnn_prefill(qk_dim, args.v_head_dim, self.dtype)
         )
-        rp = getattr(args, "rope_parameters", None) or {}
-        self.llama4 = (
-            (rp["llama_4_scaling_beta"], rp["original_max_position_embeddings"])
-            if args.model_type == "mistral4" and "llama_4_scaling_beta" in rp
-            else None
-        )
+        self.attn_scale = self.architecture.attn_scale(args)
         self.caches: list[LatentCache | DenseLatentCache] = [
             DenseLatentCache(num_blocks, block_size, args.kv_lora_rank, args.qk_rope_head_dim)
             if latent_cache == "bf16"
@@ -202,8 +193,8 @@ class ModelRunner:
             prefills=chunks,
             attn_scale=None,
         )
-        if self.llama4:
-            batch.attn_scale = llama4_attn_scale(batch.positions, *self.llama4)
+        if self.attn_scale is not None:
+            batch.attn_scale = self.attn_scale(batch.positions)
         ids = mx.array(tokens, mx.int32)
         if drawn is not None:
             on_device = [i for i, (seq, _) in enumerate(plan.decodes) if seq.pending is not None]
@@ -231,12 +222,13 @@ class ModelRunner:
         must go in one call (`tokens_in_parts = False`)."""
         T = x.shape[0]
         n = min(self.mlp_parts, T // MLP_PART_MIN_TOKENS)
+        route = self.architecture.route
         if n < 2 or not getattr(mlp, "tokens_in_parts", True):
-            return _mlp(mlp, x, mark, self.moe_by_expert)
+            return _mlp(mlp, x, mark, self.moe_by_expert, route)
         bounds = [T * i // n for i in range(n + 1)]
 
         def part(a: int, b: int) -> Callable[[], mx.array]:
-            return lambda: _mlp(mlp, x[a:b], mark, self.moe_by_expert)
+            return lambda: _mlp(mlp, x[a:b], mark, self.moe_by_expert, route)
 
         return mx.concatenate(run_parts([part(a, b) for a, b in itertools.pairwise(bounds)]))
 

@@ -14,6 +14,7 @@ Grammars come from `OutputConstraint`: a JSON schema (`json_schema`), any JSON o
 (`json_object`), or calls of the offered tools in the model's own tool-call syntax
 (`tool_choice` "required" or a tool's name; see `tool_calls.ToolSyntax`). `tool_choice` "none"
 bans the tool-call start token by a fixed mask. EOS is allowed only where the grammar accepts.
+Given `tokens`, each step's mask allows only the next of them: the output is that token sequence.
 """
 
 from __future__ import annotations
@@ -34,20 +35,27 @@ _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 
 class TokenConstraint:
-    """One sequence's constraint: a grammar matcher, or a fixed mask (banned tokens only)."""
+    """One sequence's constraint: a grammar matcher, a fixed mask (banned tokens only), or the
+    tokens the output must be (`forced`)."""
 
-    def __init__(self, matcher: llg.LLMatcher | None, fixed: np.ndarray | None) -> None:
+    def __init__(self, matcher: llg.LLMatcher | None, fixed: np.ndarray | None, forced: tuple[int, ...] = ()) -> None:
         self.matcher = matcher
         self.fixed = fixed  # int32 [W]: the row of a constraint without a grammar
+        self.forced = forced
+        self.consumed = 0  # tokens consumed so far: with `forced`, the next draw is forced[consumed]
 
     def consume(self, token_id: int) -> None:
         """Advance past a sampled token (always one the mask allowed)."""
+        self.consumed += 1
         if self.matcher is not None and not self.matcher.is_stopped():
             self.matcher.consume_token(token_id)
 
     @property
     def done(self) -> bool:
-        """The grammar is complete and admits nothing more: the output ends here."""
+        """The grammar is complete and admits nothing more, or every forced token is out: the
+        output ends here."""
+        if self.forced:
+            return self.consumed == len(self.forced)
         return self.matcher is not None and (self.matcher.is_stopped() or self.matcher.is_error())
 
 
@@ -66,10 +74,7 @@ class Constraints:
         self._ll: llg.LLTokenizer | None = None
         self._executor: llg.LLExecutor | None = None
         self.syntax: ToolSyntax | None = tool_syntax(tokenizer)
-        eos_only = np.zeros((self.words,), dtype=np.uint32)
-        for t in self._eos_ids:
-            eos_only[t >> 5] |= np.uint32(1 << (t & 31))
-        self._eos_only = eos_only.view(np.int32)
+        self._eos_only = self._allowing(self._eos_ids)
 
     @property
     def ll_tokenizer(self) -> llg.LLTokenizer:
@@ -88,6 +93,11 @@ class Constraints:
         an invalid schema or tool choice, with llguidance's message."""
         if constraint is None:
             return None
+        if constraint.tokens:
+            bad = [t for t in constraint.tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"forced token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            return TokenConstraint(None, None, constraint.tokens)
         lark = self.grammar(constraint)
         if lark is None:
             banned = self.banned(constraint)
@@ -163,7 +173,9 @@ class Constraints:
         for i, c in enumerate(constraints):
             if c is None:
                 continue
-            if c.fixed is not None:
+            if c.forced:
+                masks[i] = self._allowing([c.forced[c.consumed]])
+            elif c.fixed is not None:
                 masks[i] = c.fixed
             elif c.matcher is not None:
                 if c.matcher.is_error():  # cannot happen with masked sampling; end it cleanly
@@ -175,6 +187,13 @@ class Constraints:
             assert self._executor is not None
             llg_np.fill_next_token_bitmask_par(self._executor, jobs, masks)
         return masks
+
+    def _allowing(self, tokens: list[int]) -> np.ndarray:
+        """The mask row (int32 [W]) that allows `tokens` and nothing else."""
+        row = np.zeros((self.words,), dtype=np.uint32)
+        for t in tokens:
+            row[t >> 5] |= np.uint32(1 << (t & 31))
+        return row.view(np.int32)
 
 
 def _json_rule(schema: dict[str, Any]) -> str:

@@ -6,8 +6,10 @@ architectures with the list of supported ones."""
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models import (
@@ -23,14 +25,14 @@ from mlx_lm.models import (
     minicpm3,
     youtu_llm,
 )
-from support.engine_harness import Collector, demo_model, make_engine, prompt, run_until_idle
+from support.engine_harness import demo_engine_model, demo_model, make_engine, prompt
 from support.hardware import needs_reference_decode
 from support.reference_loop import greedy_reference
 
-from server.engine.core.sequence import Sequence
 from server.engine.factory import engine_model
 from server.engine.model.architectures import (
     REFUSED,
+    REGISTRY,
     SUPPORTED_ARCHITECTURES,
     UnsupportedArchitecture,
     adapt_model,
@@ -39,6 +41,7 @@ from server.engine.model.architectures import (
 )
 from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
+from server.engine.model.model_runner import ModelRunner
 from server.engine.types import EngineError, SamplingParams
 
 VOCAB = 1024
@@ -232,14 +235,8 @@ def test_greedy_matches_reference_loop_in_a_mixed_batch(family):
     prompts = [prompt(n, seed=3 + i) for i, n in enumerate(LENGTHS)]
     expected = [greedy_reference(model, ids, 12) for ids in prompts]
     engine = make_engine(num_blocks=16, model=engine_model(model), prefill_chunk_size=64, max_num_batched_tokens=96)
-    outs = []
-    for i, ids in enumerate(prompts):
-        outs.append(Collector())
-        engine.add(
-            Sequence(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), emit=outs[-1])
-        )
-    run_until_idle(engine)
-    assert [o.tokens for o in outs] == expected
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
 
 
 def test_every_family_is_tested_and_keeps_its_family_once_adapted():
@@ -252,11 +249,53 @@ def test_every_family_is_tested_and_keeps_its_family_once_adapted():
     assert check_supported(adapted).family == "kimi_k25"
 
 
+@pytest.mark.parametrize("family", ["mistral4", "deepseek_v3", "glm4_moe_lite", "kimi_k25", "kimi_vl", "deepseek_v2"])
+def test_the_architectures_router_routes_as_the_models_own_moe_layer(family):
+    """Where the runner routes a MoE layer itself (experts one at a time, a profiler's parts), it
+    routes through the architecture's `route`: the layer's own output."""
+    model = demo_engine_model()[0] if family == "mistral4" else engine_model(TINY[family]())
+    runner = ModelRunner(model, num_blocks=2, decode_backend="cpu")
+    mlp = next(layer.mlp for layer in runner.inner.layers if hasattr(layer.mlp, "switch_mlp"))
+    x = mx.random.normal((7, runner.model.args.hidden_size), key=mx.random.key(1)).astype(runner.dtype)
+    parts: list[str] = []
+    split = runner._mlp(mlp, x, lambda name, *arrays: parts.append(name))
+    assert "router" in parts and "experts" in parts
+    assert mx.allclose(split, mlp(x[None])[0], atol=1e-4).item()
+
+
+def test_mistral4_scales_queries_by_position_as_mlx_lm_does():
+    from mlx_lm.models.ministral3 import _get_llama_4_attn_scale
+
+    args = demo_model()[0].args
+    rope = args.rope_parameters
+    want = _get_llama_4_attn_scale(1000, 0, rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"])
+    got = REGISTRY["mistral4"].attn_scale(args)(mx.arange(1000))
+    assert got.shape == (1000, 1, 1) and mx.allclose(got.reshape(-1), want.reshape(-1)).item()
+    assert got[255].item() == 1.0 and got[256].item() > 1.0  # the demo's step at 256 positions
+    without = {k: v for k, v in rope.items() if k != "llama_4_scaling_beta"}
+    assert REGISTRY["mistral4"].attn_scale(SimpleNamespace(rope_parameters=without)) is None
+    assert all(a.attn_scale(args) is None for a in REGISTRY.values() if a.family != "mistral4")
+
+
+@pytest.mark.parametrize("build", [tiny_deepseek_v3, tiny_longcat_flash])
+def test_on_cuda_the_loader_unquantizes_every_attentions_absorbed_halves(build, monkeypatch):
+    """MLX's CUDA backend has no quantized matmul for `embed_q` / `unembed_out`: the loader makes
+    them float in each of a layer's attentions, as its architecture lists them (longcat: two)."""
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+
+    from server.engine.model import loader
+
+    model = build()
+    nn.quantize(model, 32, 4, class_predicate=lambda _, m: isinstance(m, MultiLinear))
+    assert any(isinstance(m, QuantizedMultiLinear) for _, m in model.named_modules())
+    monkeypatch.setattr(loader, "no_quantized_multilinear", lambda: True)
+    loader._unquantize_absorbed_on_cuda(model, check_supported(model))
+    assert not [name for name, m in model.named_modules() if isinstance(m, QuantizedMultiLinear)]
+
+
 def test_kv_b_proj_split_matches_the_whole_projection():
     """The split halves give the per-head keys and values mlx-lm's whole kv_b_proj gives, also
     from a 4-bit kv_b_proj (dequantized, split, requantized with the same bits and group size)."""
-    import mlx.nn as nn
-
     H, nope, v, R = 4, 64, 64, 128
     mx.random.seed(1)
     whole = nn.Linear(R, H * (nope + v), bias=False)
@@ -346,7 +385,6 @@ def test_refusals_cover_every_mla_type_not_served():
 
     root = pathlib.Path(mlx_lm.models.__file__).parent
     mla = {p.stem for p in root.glob("*.py") if "kv_lora_rank" in p.read_text()}
-    from server.engine.model.architectures import REGISTRY
 
     assert mla - set(REGISTRY) <= set(REFUSED), mla - set(REGISTRY) - set(REFUSED)
 

@@ -95,5 +95,5 @@ def test_the_engine_gives_the_same_tokens_one_expert_at_a_time() -> None:
         engine = make_engine(num_blocks=64, model=model, moe_by_expert=mode)
         got = [submit(engine, f"r{i}", prompt(40 + 30 * i, seed=i), max_tokens=8, ignore_eos=True) for i in range(3)]
         run_until_idle(engine)
-        outputs.append([c.tokens for c in got])
+        outputs.append([c.token_ids for c in got])
     assert outputs[0] == outputs[1] and all(len(t) == 8 for t in outputs[0])

@@ -92,7 +92,7 @@ def test_greedy_tokens_are_the_same_through_a_masked_tail():
         engine = make_engine(prefill_buckets=option, prefill_chunk_size=1024, max_num_batched_tokens=1024)
         outs.append(submit(engine, "a", prompt(1030, seed=3), max_tokens=12, ignore_eos=True))
         run_until_idle(engine)
-    assert outs[0].tokens == outs[1].tokens and len(outs[0].tokens) == 12
+    assert outs[0].token_ids == outs[1].token_ids and len(outs[0].token_ids) == 12
 
 
 def test_only_heads_cudnn_takes_are_padded_by_default():
