@@ -106,20 +106,22 @@ def test_the_engine_bench_spreads_prompt_lengths_without_repeating_one(monkeypat
 
 
 def test_the_profile_times_the_step_each_scenario_names_after_computing_its_cached_tokens():
-    from support.engine_harness import demo_model
+    from support.engine_harness import demo_engine_model
 
     from server.bench import profile
     from server.engine.args import EngineArgs
-    from server.engine.factory import build_engine
+    from server.engine.factory import load_engine
 
-    args = EngineArgs(cache_tokens=64 * 32, max_num_seqs=8, max_num_batched_tokens=512, async_scheduling="off")
-    engine = build_engine(replace(args, prefill_chunk_size=512), demo_model())
+    args = EngineArgs(
+        cache_tokens=64 * 32, max_num_seqs=8, max_num_batched_tokens=512, async_scheduling="off", warmup="off"
+    )
+    engine = load_engine(replace(args, prefill_chunk_size=512), demo_engine_model())
     planned = []  # each plan as built: (decodes' cached tokens and outputs, prefills' cached prompt and chunk)
     build = profile.build_plan
 
     def recording(*a):
         plan = build(*a)
-        decodes = [(s.num_computed, len(s.output_ids)) for s in plan.decodes]
+        decodes = [(s.num_computed, len(s.output_ids)) for s, _ in plan.decodes]
         planned.append((decodes, [(s.num_cached_prompt, s.num_computed, n) for s, n in plan.prefills]))
         return plan
 

@@ -33,8 +33,8 @@ def hand(engine, seqs, tokens: list[list[int]]) -> None:
 def test_every_token_handed_is_appended_and_streamed_in_order():
     engine, (a, b), (out_a, out_b) = decoding(a={"max_tokens": 20}, b={"max_tokens": 20})
     hand(engine, [a, b], [[40, 41, 42], [50]])
-    assert out_a.tokens == [100, 40, 41, 42] and [d.completion_tokens for d in out_a.deltas] == [1, 2, 3, 4]
-    assert out_b.tokens == [100, 50]
+    assert out_a.token_ids == [100, 40, 41, 42] and [d.completion_tokens for d in out_a.deltas] == [1, 2, 3, 4]
+    assert out_b.token_ids == [100, 50]
     assert a.num_pending == b.num_pending == 0 and a.status is b.status is Status.RUNNING
     assert engine.counters["generated_tokens"] == 6
 
@@ -44,9 +44,9 @@ def test_the_first_token_that_ends_the_output_ends_it_there():
         a={"max_tokens": 20}, b={"max_tokens": 3}, c={"max_tokens": 20, "ignore_eos": True}
     )
     hand(engine, [a, b, c], [[40, EOS, 42], [50, 51, 52], [60, EOS, 62]])
-    assert out_a.tokens == [100, 40, EOS] and out_a.finish_reason == "stop"
-    assert out_b.tokens == [100, 50, 51] and out_b.finish_reason == "length"
-    assert out_c.tokens == [100, 60, EOS, 62] and out_c.finish_reason is None
+    assert out_a.token_ids == [100, 40, EOS] and out_a.finish_reason == "stop"
+    assert out_b.token_ids == [100, 50, 51] and out_b.finish_reason == "length"
+    assert out_c.token_ids == [100, 60, EOS, 62] and out_c.finish_reason is None
     assert a.status is b.status is Status.FINISHED and a.output_ids == [100, 40, EOS]
     assert a.num_pending == b.num_pending == 0
     assert engine.counters["generated_tokens"] == 3 + 3 + 4

@@ -35,7 +35,7 @@ def test_a_block_of_generated_tokens_is_published_once_the_step_writing_it_is_re
     out = submit(engine, "g", prompt(P), max_tokens=70, ignore_eos=True)
     while engine.has_work:
         engine.step()
-        read = len(out.tokens)  # the step that drew the last of them wrote the position before it
+        read = len(out.token_ids)  # the step that drew the last of them wrote the position before it
         assert len(engine.blocks.cached) == max(P // 64, (P + read - 1) // 64), read
     assert len(engine.blocks.cached) == 3
 
@@ -46,7 +46,7 @@ def test_a_failed_step_leaves_no_block_of_generated_tokens_it_writes_registered(
     out = submit(engine, "g", prompt(P), max_tokens=70, ignore_eos=True)
     with pytest.raises(RuntimeError, match="LU factorization failed"):
         run_until_idle(engine)
-    assert len(out.tokens) == LAST - P + 1  # every token of the third block was read back
+    assert len(out.token_ids) == LAST - P + 1  # every token of the third block was read back
     assert len(engine.blocks.cached) == 2  # the prompt's blocks, published when their step was built
     engine.fail_all(EngineError("internal engine error: RuntimeError"))  # as AsyncEngine does
-    assert out.errors and not engine.blocks.cached
+    assert out.error is not None and not engine.blocks.cached

@@ -62,4 +62,4 @@ def test_a_kernel_that_fails_its_check_leaves_the_engine_on_the_reference(
     decoded.clear()
     out = submit(engine, "a", prompt(20), max_tokens=4, ignore_eos=True)
     run_until_idle(engine)
-    assert len(out.tokens) == 4 and set(decoded) == {"reference"}
+    assert len(out.token_ids) == 4 and set(decoded) == {"reference"}
