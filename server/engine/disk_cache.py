@@ -66,8 +66,11 @@ def default_directory() -> Path:
 def default_max_bytes(directory: Path) -> int:
     """32 GiB (about 30 contexts of 100K tokens of a 36-layer INT4 model), or a tenth of the free
     space of `directory`'s file system where that is less, so the tier never fills a small disk."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:  # not made yet: its file system
+        probe = probe.parent
     try:
-        free = shutil.disk_usage(directory).free
+        free = shutil.disk_usage(probe).free
     except OSError:
         return DEFAULT_MAX_BYTES
     return min(DEFAULT_MAX_BYTES, free // 10)

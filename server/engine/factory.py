@@ -104,7 +104,7 @@ def _disk_tier(engine: LLMEngine, name: str, hub: tuple[Any, Any] | None) -> Dis
     """The disk tier `engine.args` ask for, for the model loaded from `name`; None when off."""
     args = engine.args
     directory = Path(args.disk_cache_dir).expanduser() if args.disk_cache_dir else default_directory()
-    max_bytes = args.disk_cache_bytes
+    max_bytes = default_max_bytes(directory) if args.disk_cache_bytes is None else args.disk_cache_bytes
     if max_bytes == 0:
         return None
     model_dir = Path(name).expanduser()
@@ -118,10 +118,7 @@ def _disk_tier(engine: LLMEngine, name: str, hub: tuple[Any, Any] | None) -> Dis
         f"{a.dtype}{a.shape[1:]}" for a in runner.cache_arrays()
     )
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        cache = DiskCache(
-            directory, default_max_bytes(directory) if max_bytes is None else max_bytes, runner.block_nbytes
-        )
+        cache = DiskCache(directory, max_bytes, runner.block_nbytes)
     except OSError as exc:
         log.warning("prefix cache disk tier off: %s: %s", directory, exc)
         return None
