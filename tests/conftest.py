@@ -1,13 +1,20 @@
 """Shared fixtures: a real uvicorn server for any ASGI app, on a free local port, in this process.
 
-(A server in a child process, `python -m server` or a program, is `support.RemoteServer`.)"""
+(A server in a child process, `python -m server` or a program, is `support.RemoteServer`.)
+
+The prefix cache's disk tier is off in tests unless a test turns it on, and never writes under the
+user's cache directory: a test's cached-token counts must not depend on what an earlier test or
+run left on disk (`disk_tier_off`, and the environment its child servers inherit)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +27,22 @@ from server.engine import EngineArgs
 from server.engine.async_engine import AsyncEngine
 from server.engine.factory import start_engine
 from server.engine.types import EngineClient
+
+_DISK_TIER_DIR = tempfile.mkdtemp(prefix="mla-test-disk-tier-")
+os.environ["MLA_SERVER_DISK_CACHE_DIR"] = _DISK_TIER_DIR  # child servers (`support.RemoteServer`)
+os.environ["MLA_SERVER_DISK_CACHE_BYTES"] = "0"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def disk_tier_off() -> Iterator[None]:
+    """In-process engines: the tier's defaults, off and in a temporary directory; an engine whose
+    arguments set `disk_cache_bytes` and `disk_cache_dir` has one."""
+    from server.engine import factory
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(factory, "default_directory", lambda: Path(_DISK_TIER_DIR))
+        mp.setattr(factory, "default_max_bytes", lambda directory: 0)
+        yield
 
 
 @pytest.fixture

@@ -44,6 +44,8 @@ SAMPLES = {
     "latent_cache": ('"bf16"', "bf16", "bf16"),
     "max_prefill_tokens_per_step": ("256", "256", 256),
     "target_step_ms": ("30.0", "30.0", 30.0),
+    "disk_cache_dir": ('"/var/cache/mla"', "/var/cache/mla", "/var/cache/mla"),
+    "disk_cache_bytes": ("1073741824", "1073741824", 1073741824),
 }
 
 

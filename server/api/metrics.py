@@ -1,7 +1,7 @@
 """/metrics in Prometheus text format (prometheus-client), named after vLLM's metrics.
 
-Engine counts (requests running and waiting, cache usage, prefix-cache hits, preemptions, prompt
-and generation tokens) are read from `engine.stats()` at scrape time, so the engine keeps one set
+Engine counts (requests running and waiting, cache usage, prefix-cache hits by tier, the disk
+tier's bytes, preemptions, prompt and generation tokens) are read from `engine.stats()` at scrape time, so the engine keeps one set
 of counters; the latencies a client sees (time to first token, inter-token latency, end-to-end)
 are timed here, per request, by a `RequestTimer`.
 """
@@ -97,6 +97,29 @@ class _EngineCollector(Collector):
         yield gauge("kv_cache_usage_perc", "Share of latent cache blocks in use (1 = full)", "cache_usage")
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prompt_tokens")
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", "cached_prompt_tokens")
+        by_tier = CounterMetricFamily(
+            PREFIX + "prefix_cache_hits_by_tier",
+            "Prompt tokens found in the prefix cache, by tier",
+            labels=["model_name", "tier"],
+        )
+        disk_hits = float(stats.get("cached_prompt_tokens_disk", 0))
+        by_tier.add_metric([model, "memory"], float(stats.get("cached_prompt_tokens", 0)) - disk_hits)
+        by_tier.add_metric([model, "disk"], disk_hits)
+        yield by_tier
+        yield gauge("disk_cache_bytes", "Bytes of the prefix cache's disk tier", "disk_cache_bytes")
+        yield counter(
+            "disk_cache_bytes_written", "Bytes written to the prefix cache's disk tier", "disk_cache_bytes_written"
+        )
+        yield counter(
+            "disk_cache_writes_dropped",
+            "Blocks not written to the disk tier: its writer's queue was full, or the write failed",
+            "disk_cache_writes_dropped",
+        )
+        yield counter(
+            "disk_cache_files_rejected",
+            "Disk tier files removed unread: torn, truncated, corrupted or another model's",
+            "disk_cache_files_rejected",
+        )
         yield counter("num_preemptions", "Sequences preempted to free cache blocks", "preemptions")
         yield counter("prompt_tokens", "Prompt tokens of admitted requests", "prompt_tokens")
         yield counter("generation_tokens", "Tokens generated", "generated_tokens")

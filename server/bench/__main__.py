@@ -1,4 +1,4 @@
-"""`python -m server.bench {serve,side-by-side,engine,profile,constrained,kernel} ...`: every benchmark of this project.
+"""`python -m server.bench {serve,side-by-side,engine,profile,constrained,disk-tier,kernel} ...`: every benchmark of this project.
 
 Each subcommand keeps its own flags (`python -m server.bench SUBCOMMAND --help`) and is imported
 only when it runs, so the load generator needs neither MLX nor a GPU.
@@ -26,6 +26,9 @@ SUBCOMMANDS = {
     "profile": Subcommand("server.bench.profile", "where one engine step's time goes (attention, MoE, host, ...)"),
     "constrained": Subcommand(
         "server.bench.constrained", "decode tok/s with 0, 16 and 64 of 64 requests under a json_schema grammar"
+    ),
+    "disk-tier": Subcommand(
+        "server.bench.disk_tier", "second-turn TTFT warm, from the disk tier and cold; decode tok/s with it on and off"
     ),
     "kernel": Subcommand("server.bench.kernel", "check the fused MLA decode kernel against the reference, time it"),
 }

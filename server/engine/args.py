@@ -115,6 +115,16 @@ class EngineArgs:
         **one_of("int4", "bf16"),
     )
     enable_prefix_caching: bool = True
+    # disk_cache.py; unset bytes: 32 GiB, or a tenth of the disk's free space where that is less.
+    disk_cache_dir: str | None = option(
+        None, "directory of the prefix cache's disk tier (unset: prefix-cache/ under the server's cache directory)"
+    )
+    disk_cache_bytes: int | None = option(
+        None,
+        "most bytes the prefix cache's disk tier keeps, least recently used evicted; 0 turns it off "
+        "(unset: 32 GiB or a tenth of the disk's free space, whichever is less)",
+        **NON_NEGATIVE,
+    )
     request_timeout: float = option(600.0, "seconds a request may run before it is ended", **POSITIVE)
     # A turn normally takes one step; the first waits for every rank to load.
     rank_timeout: float = option(

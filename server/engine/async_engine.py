@@ -208,6 +208,7 @@ class AsyncEngine:
                 log.exception("engine step failed; failing the requests in flight")
                 engine.fail_all(EngineError(f"internal engine error: {type(exc).__name__}"))
         engine.fail_all(EngineShutdown("server is shutting down"))
+        engine.close()
 
     def _watch_ranks(self) -> None:
         """A dead rank can leave a collective waiting forever, the turn's exchange or an all-reduce

@@ -1,6 +1,10 @@
 """The one way to build an engine: load and adapt the model, choose its decode backend, size the
 cache, assemble the parts, warm up.
 
+The prefix cache's disk tier (disk_cache.py) is attached last, only to an engine whose model was
+loaded from a directory here (its files are the model's identity), and never under tensor
+parallelism (every rank would have to read the same blocks at the same step).
+
 `load_engine(args)` returns a synchronous `LLMEngine` on the calling thread (tests, benchmarks);
 `start_engine(args)` runs the same on a dedicated engine thread and returns the `AsyncEngine`
 client the server uses (it is ready, and /health answers, only once `load_engine` returned).
@@ -25,8 +29,9 @@ from ..kernels.selfcheck import Verdict
 from ..platform import current_platform
 from .args import EngineArgs
 from .async_engine import AsyncEngine, run_follower
+from .disk_cache import DiskCache, default_directory, default_max_bytes, model_fingerprint
 from .distributed import EventChannel, shard_model
-from .llm_engine import LLMEngine
+from .llm_engine import DiskTier, LLMEngine
 from .model.architectures import adapt_model
 from .model.loader import load_model
 from .model.model_runner import ModelRunner, cache_bytes_per_token, check_decode
@@ -88,9 +93,37 @@ def load_engine(
         t0 = time.perf_counter()
         steps = warm_up(engine, warmup_units(engine.args, engine.max_model_len))
         log.info("warm-up: %d steps over the step shapes in %.1f s", steps, time.perf_counter() - t0)
-        # Fresh counters, scheduler and prefix cache.
-        engine = LLMEngine(engine.runner, engine.tokenizer, engine.args, decode=engine.decode)
+    disk = _disk_tier(engine, name, hub) if name is not None and group is None else None
+    if warm or disk is not None:
+        # Fresh counters, scheduler and prefix cache; the disk tier only now, so warm-up writes none.
+        engine = LLMEngine(engine.runner, engine.tokenizer, engine.args, decode=engine.decode, disk=disk)
     return engine
+
+
+def _disk_tier(engine: LLMEngine, name: str, hub: tuple[Any, Any] | None) -> DiskTier | None:
+    """The disk tier `engine.args` ask for, for the model loaded from `name`; None when off."""
+    args = engine.args
+    directory = Path(args.disk_cache_dir).expanduser() if args.disk_cache_dir else default_directory()
+    max_bytes = default_max_bytes(directory) if args.disk_cache_bytes is None else args.disk_cache_bytes
+    if max_bytes == 0:
+        return None
+    model_dir = Path(name).expanduser()
+    if hub is not None:
+        from mlx_lm.utils import hf_repo_to_path
+
+        model_dir = Path(hf_repo_to_path(name))  # type: ignore[no-untyped-call]  # the snapshot load_model read
+    runner = engine.runner
+    assert isinstance(runner, ModelRunner)
+    layout = f"{args.latent_cache}:{runner.dtype}:{args.block_size}:" + ",".join(
+        f"{a.dtype}{a.shape[1:]}" for a in runner.cache_arrays()
+    )
+    try:
+        cache = DiskCache(directory, max_bytes, runner.block_nbytes)
+    except OSError as exc:
+        log.warning("prefix cache disk tier off: %s: %s", directory, exc)
+        return None
+    log.info("prefix cache disk tier: %s, %.1f GiB at most", directory, cache.max_bytes / 2**30)
+    return DiskTier(cache, model_fingerprint(model_dir, layout))
 
 
 def _assemble(

@@ -23,20 +23,35 @@ Prefix-cache publication (`BlockManager.commit`) happens here, when a block's co
 
 A failed step drops every registration (`fail_all`): prompt blocks, and those a sequence lets go
 of, may be published before the steps that write them have run.
+
+The disk tier (`DiskTier`, over disk_cache.py), when there is one:
+
+- writes prompt blocks only: the blocks a later request can hit (a conversation's next turn, an
+  agent's resent context) are those of prompts, and a turn's generated tokens come back as the
+  next turn's prompt, written then; generated blocks are most of what a server computes and
+  rarely hit. A step that computes prompt blocks not on disk yet also gathers their bytes
+  (`export_blocks`, evaluated with the step); its read back hands them to the background writer.
+- reads before admission: a request whose prompt continues past its cached prefix in blocks on
+  disk waits, out of the scheduler, while the reader thread reads them; then its blocks are
+  published into free pool blocks (`BlockManager.adopt`), written there (`import_blocks`: lazy,
+  evaluated with the next step), and the request is scheduled as usual, finding them as hits.
 """
 
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from .args import EngineArgs
 from .core.block_manager import BlockManager
 from .core.scheduler import Scheduler, StepPlan
 from .core.sequence import Sequence, Status
+from .disk_cache import DiskCache, block_keys
 from .output.detokenizer import TokenStream
 from .output.token_bytes import TokenBytes
 from .sample.constraints import Constraints
@@ -65,6 +80,37 @@ class Runner(Protocol):
 
     def cache_arrays(self) -> list[mx.array]: ...
 
+    def export_blocks(self, block_ids: list[int]) -> mx.array: ...
+
+    def import_blocks(self, block_ids: list[int], data: np.ndarray) -> None: ...
+
+
+@dataclass
+class DiskTier:
+    """The engine's disk tier: the files, and the model fingerprint its keys start from."""
+
+    cache: DiskCache
+    fingerprint: bytes
+
+
+@dataclass
+class _Loading:
+    """A request waiting for its blocks from disk: blocks `first`.. of its prompt, being read."""
+
+    seq: Sequence
+    first: int
+    payloads: Future[list[bytes]]
+
+
+@dataclass
+class _Save:
+    """Prompt blocks a step computes, for the disk tier: keys, token ids, and their bytes
+    (`ModelRunner.export_blocks`, evaluated with the step)."""
+
+    keys: list[bytes]
+    chunks: list[tuple[int, ...]]
+    data: mx.array
+
 
 @dataclass
 class _Step:
@@ -77,6 +123,7 @@ class _Step:
     outputs: list[mx.array]  # what the step must evaluate besides the cache: the draws (and logprobs)
     # (sequence, positions it has computed with this step): what its read back may publish.
     reached: list[tuple[Sequence, int]]
+    save: _Save | None = None
 
 
 class LLMEngine:
@@ -85,7 +132,13 @@ class LLMEngine:
     (`selfcheck.Verdict.as_dict()`; empty for a runner nobody checked), for /health."""
 
     def __init__(
-        self, runner: Runner, tokenizer: Any, args: EngineArgs, *, decode: dict[str, object] | None = None
+        self,
+        runner: Runner,
+        tokenizer: Any,
+        args: EngineArgs,
+        *,
+        decode: dict[str, object] | None = None,
+        disk: DiskTier | None = None,
     ) -> None:
         if args.max_model_len is None:
             raise ValueError("EngineArgs.max_model_len must be resolved before building the engine")
@@ -106,9 +159,15 @@ class LLMEngine:
             "cached_prompt_tokens": 0,
             "generated_tokens": 0,
             "preemptions": 0,
+            "cached_prompt_tokens_disk": 0,
         }
         self._in_flight: _Step | None = None  # queued, draws not read back (see step)
         self._request_ids = itertools.count()
+        self.disk = disk if args.enable_prefix_caching else None
+        self._loading: dict[str, _Loading] = {}  # by request id, in arrival order
+        # Request id -> (its cached prompt tokens in memory, those read from disk) when its disk
+        # blocks were published, until its first step counts its hits by tier.
+        self._disk_hits: dict[str, tuple[int, int]] = {}
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -136,7 +195,8 @@ class LLMEngine:
             return request_id
         seq.output = TokenStream(self.tokenizer, seq.prompt_ids, seq.params, self.eos_ids)
         self.by_id[seq.request_id] = seq
-        self.scheduler.add(seq)
+        if not self._read_from_disk(seq):
+            self.scheduler.add(seq)
         return request_id
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
@@ -155,7 +215,10 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.by_id.pop(request_id, None)
-        if seq is not None:
+        self._disk_hits.pop(request_id, None)
+        if seq is not None and self._loading.pop(request_id, None) is not None:
+            seq.status = Status.FINISHED  # never scheduled: no blocks to give back
+        elif seq is not None:
             self.scheduler.finish(seq)
         return seq
 
@@ -166,9 +229,84 @@ class LLMEngine:
             seq.emit(error)
         self.blocks.forget_prefixes()  # some blocks are published before their step has run
 
+    def close(self) -> None:
+        """Write what the disk tier has queued (at shutdown)."""
+        if self.disk is not None:
+            self.disk.cache.close()
+
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or self._in_flight is not None
+        return self.scheduler.has_work or self._in_flight is not None or bool(self._loading)
+
+    # -- the disk tier ----------------------------------------------------------------------
+    def _read_from_disk(self, seq: Sequence) -> bool:
+        """Start reading the blocks of `seq`'s prompt that follow its cached prefix from disk, if
+        the next one is there; True if `seq` now waits for them (`_publish_loaded`)."""
+        if self.disk is None:
+            return False
+        bs = self.runner.block_size
+        full = (len(seq.token_ids) - 1) // bs  # as `match_prefix`: at least one token left to compute
+        first = len(self.blocks.match_prefix(seq.token_ids))
+        if first >= full:
+            return False
+        keys = block_keys(self.disk.fingerprint, seq.token_ids, full, bs)[first:]
+        if not self.disk.cache.contains(keys[0]):
+            return False
+        chunks = [tuple(seq.token_ids[i * bs : (i + 1) * bs]) for i in range(first, full)]
+        self._loading[seq.request_id] = _Loading(seq, first, self.disk.cache.load(keys, chunks))
+        return True
+
+    def _publish_loaded(self, idle: bool) -> None:
+        """Put the blocks read for waiting requests into the pool and schedule those requests.
+        With nothing else to run (`idle`: no step in flight), wait for the first read to end."""
+        if not self._loading:
+            return
+        if idle and not self.scheduler.has_work:
+            wait([x.payloads for x in self._loading.values()], return_when=FIRST_COMPLETED)
+        for rid, loading in list(self._loading.items()):
+            if not loading.payloads.done():
+                continue
+            del self._loading[rid]
+            seq, payloads = loading.seq, loading.payloads.result()
+            cached = len(self.blocks.match_prefix(seq.token_ids))
+            end = loading.first + len(payloads)
+            # Blocks before `first` evicted since the read began: these would hang off nothing.
+            if loading.first <= cached < end:
+                first, ids = self.blocks.adopt(seq.token_ids, end - cached)
+                if ids:
+                    rows = payloads[first - loading.first : first - loading.first + len(ids)]
+                    self.runner.import_blocks(ids, np.frombuffer(b"".join(rows), np.uint8).reshape(len(ids), -1))
+                    bs = self.runner.block_size
+                    self._disk_hits[rid] = (first * bs, len(ids) * bs)
+            self.scheduler.add(seq)
+
+    def _saves(self, prefills: list[tuple[Sequence, int]], committed: list[int]) -> _Save | None:
+        """The prompt blocks a step's prefills computed and published (each from its
+        `committed` count on) that are not on disk yet, their bytes gathered after the step."""
+        if self.disk is None:
+            return None
+        bs = self.runner.block_size
+        keys: list[bytes] = []
+        chunks: list[tuple[int, ...]] = []
+        block_ids: list[int] = []
+        for (seq, _), first in zip(prefills, committed, strict=True):
+            last = seq.num_committed_blocks
+            if last <= first:
+                continue
+            seq_keys = block_keys(self.disk.fingerprint, seq.token_ids, last, bs)
+            for i in range(first, last):
+                if not self.disk.cache.contains(seq_keys[i]):
+                    keys.append(seq_keys[i])
+                    chunks.append(tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+                    block_ids.append(seq.block_table[i])
+        return _Save(keys, chunks, self.runner.export_blocks(block_ids)) if keys else None
+
+    def _write_saves(self, save: _Save) -> None:
+        """Hand a step's gathered prompt blocks to the disk tier's writer (the step has run)."""
+        assert self.disk is not None
+        rows = np.array(save.data)
+        for key, chunk, row in zip(save.keys, save.chunks, rows, strict=True):
+            self.disk.cache.put(key, chunk, row)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> bool:
@@ -188,6 +326,7 @@ class LLMEngine:
         if previous is not None and any(s.sampler and s.sampler.constraint for s, _ in previous.samples):
             self._read_back(previous)
             previous = None
+        self._publish_loaded(idle=previous is None)
         built = self._build()
         if previous is not None:
             self._read_back(previous)
@@ -214,6 +353,8 @@ class LLMEngine:
             if seq.num_computed == seq.num_cached_prompt and not seq.output_ids:
                 self.counters["prompt_tokens"] += len(seq.prompt_ids)
                 self.counters["cached_prompt_tokens"] += seq.num_cached_prompt
+                in_memory, from_disk = self._disk_hits.pop(seq.request_id, (0, 0))
+                self.counters["cached_prompt_tokens_disk"] += min(from_disk, max(0, seq.num_cached_prompt - in_memory))
         logits = self.runner.run(plan)
         rows = [self._sampler(seq) for seq, n in samples for _ in range(n)]
         result = None
@@ -231,16 +372,22 @@ class LLMEngine:
                 seq.num_pending += n
                 seq.pending = (result.tokens, row - 1)
         self.scheduler.advance(plan)
+        committed = [seq.num_committed_blocks for seq, _ in plan.prefills]
         for seq, _ in plan.prefills:  # the prompt blocks it writes (a decode writes none)
             self.blocks.commit(seq, len(seq.prompt_ids))
+        save = self._saves(plan.prefills, committed)
+        if save is not None:
+            outputs.append(save.data)
         reached = [(seq, seq.num_computed) for seq, _ in plan.decodes + plan.prefills]
-        return _Step(plan, samples, result, outputs, reached)
+        return _Step(plan, samples, result, outputs, reached, save)
 
     def _read_back(self, step: _Step) -> None:
         """Wait for a step's draws; stream them, end what they end, and publish the blocks the
         step has finished writing (see the module docstring)."""
         if step.result is not None:
             self._append([seq for seq, _ in step.samples], step.result)
+        if step.save is not None:
+            self._write_saves(step.save)
         for seq, reached in step.reached:
             if seq.status is Status.RUNNING:  # else it let go of its blocks since
                 self.blocks.commit(seq, reached)
@@ -311,6 +458,7 @@ class LLMEngine:
             "cache_usage": round(self.blocks.usage(), 4),
             "decode": self.decode,
             **self.counters,
+            **(self.disk.cache.stats() if self.disk is not None else {}),
         }
 
 

@@ -123,15 +123,20 @@ class StatsEngine:
             "cache_usage": 0.25,
             "prompt_tokens": 100,
             "cached_prompt_tokens": 40,
+            "cached_prompt_tokens_disk": 15,
             "preemptions": 5,
             "generated_tokens": 77,
+            "disk_cache_bytes": 4096,
+            "disk_cache_bytes_written": 8192,
+            "disk_cache_writes_dropped": 1,
+            "disk_cache_files_rejected": 2,
         }
 
 
 def samples(metrics: Metrics) -> dict[str, float]:
     text = metrics.render().decode()
     return {
-        s.name: s.value
+        s.name + (f"{{tier={s.labels['tier']}}}" if "tier" in s.labels else ""): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
         if s.labels.get("model_name") == "m"
@@ -146,6 +151,12 @@ def test_engine_counters_are_exported_under_vllm_names():
         "mla:kv_cache_usage_perc": 0.25,
         "mla:prefix_cache_queries_total": 100,
         "mla:prefix_cache_hits_total": 40,
+        "mla:prefix_cache_hits_by_tier_total{tier=memory}": 25,
+        "mla:prefix_cache_hits_by_tier_total{tier=disk}": 15,
+        "mla:disk_cache_bytes": 4096,
+        "mla:disk_cache_bytes_written_total": 8192,
+        "mla:disk_cache_writes_dropped_total": 1,
+        "mla:disk_cache_files_rejected_total": 2,
         "mla:num_preemptions_total": 5,
         "mla:prompt_tokens_total": 100,
         "mla:generation_tokens_total": 77,

@@ -8,7 +8,7 @@ import pytest
 
 from server.bench.__main__ import SUBCOMMANDS, main
 
-NAMES = ("serve", "side-by-side", "engine", "profile", "constrained", "kernel")
+NAMES = ("serve", "side-by-side", "engine", "profile", "constrained", "disk-tier", "kernel")
 
 
 def test_help_lists_every_subcommand():

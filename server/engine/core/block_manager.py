@@ -89,15 +89,34 @@ class BlockManager:
         if need > self.num_free:
             return False
         for _ in range(need):
-            bid, _ = self.free.popitem(last=False)
-            block = self.blocks[bid]
-            if block.hash is not None:
-                if self.cached.get(block.hash) == bid:
-                    del self.cached[block.hash]
-                block.hash, block.token_ids = None, ()
+            block = self._pop_free()
             block.ref_count = 1
-            seq.block_table.append(bid)
+            seq.block_table.append(block.id)
         return True
+
+    def adopt(self, token_ids: list[int], count: int) -> tuple[int, list[int]]:
+        """Publish up to `count` free blocks as the full blocks of `token_ids` that follow its
+        cached prefix, unheld (prefix hits, evictable like any cached block), for the caller to
+        fill with their contents (the disk tier: llm_engine.py). Returns the index of the first
+        block adopted and the ids adopted. Takes the least recently used free blocks that are not
+        part of the cached prefix itself, which is made recent."""
+        hits = self.match_prefix(token_ids)
+        for bid in hits:
+            if self.blocks[bid].ref_count == 0:
+                self.free.move_to_end(bid)
+        spare = self.num_free - sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        bs, first = self.block_size, len(hits)
+        h = self.blocks[hits[-1]].hash if hits else None
+        adopted: list[int] = []
+        for i in range(first, first + min(count, spare)):
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(h, chunk)
+            block = self._pop_free()
+            block.hash, block.token_ids = h, chunk
+            self.cached.setdefault(h, block.id)
+            self.free[block.id] = None  # back, most recently used
+            adopted.append(block.id)
+        return first, adopted
 
     def commit(self, seq: Sequence, upto: int | None = None) -> None:
         """Publish the blocks of `seq` full of computed tokens whose ids are known, among its first
@@ -149,6 +168,16 @@ class BlockManager:
         for block in self.blocks:
             block.hash, block.token_ids = None, ()
         self.cached.clear()
+
+    def _pop_free(self) -> Block:
+        """The least recently used free block, its cached contents (if any) forgotten."""
+        bid, _ = self.free.popitem(last=False)
+        block = self.blocks[bid]
+        if block.hash is not None:
+            if self.cached.get(block.hash) == bid:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        return block
 
     def _take(self, bid: int) -> None:
         block = self.blocks[bid]

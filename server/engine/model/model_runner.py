@@ -235,6 +235,30 @@ class ModelRunner:
     def cache_arrays(self) -> list[mx.array]:
         return [a for c in self.caches for a in c.arrays()]
 
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block takes over every layer: a row of `export_blocks`."""
+        return self.cache_bytes // self.num_blocks
+
+    def export_blocks(self, block_ids: list[int]) -> mx.array:
+        """The bytes of pool blocks `block_ids` (lazy: built after a step, evaluated with it),
+        uint8 [len(block_ids), block_nbytes]: every layer's fields in `cache_arrays` order."""
+        ids = mx.array(block_ids, mx.int32)
+        rows = [a[ids].view(mx.uint8).reshape(len(block_ids), -1) for a in self.cache_arrays()]
+        return mx.concatenate(rows, axis=1)
+
+    def import_blocks(self, block_ids: list[int], data: np.ndarray) -> None:
+        """Set pool blocks `block_ids` to `data`, rows as `export_blocks` gives them (lazy: the
+        next step evaluates the writes; a decode kernel of that step runs after them, as after a
+        prefill's, and reads none of these blocks: mla_decode.py's invariants 2 and 3)."""
+        ids = mx.array(block_ids, mx.int32)
+        col = 0
+        for a in self.cache_arrays():
+            width = a.shape[1] * a.shape[2] * a.dtype.size
+            part = mx.array(data[:, col : col + width]).view(a.dtype)
+            a[ids] = part.reshape(len(block_ids), *a.shape[1:])
+            col += width
+
     def _slots(self, seq: Sequence, start: int, n: int) -> mx.array:
         bs = self.block_size
         return mx.array([seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)], mx.int32)

@@ -141,3 +141,21 @@ def test_a_freed_block_with_nothing_cached_is_reused_before_any_cached_block():
     bm.release(scratch)
     assert bm.admit(seq_of([5, 6, 7], "one"), 1000) == 3  # one block: one of scratch's, not the cached one
     assert hits(bm, blocks(100)) == 1
+
+
+def test_adopted_blocks_extend_the_cached_prefix_and_never_evict_it():
+    """`adopt` (the disk tier's blocks): free blocks published after the cached prefix, unheld;
+    the free blocks it takes are the least recently used ones outside that prefix."""
+    bm = BlockManager(4, BS)
+    a = seq_of(blocks(100) + [1], "a")
+    compute(bm, a)
+    bm.release(a)
+    b = seq_of(blocks(500, 600) + [1], "b")
+    compute(bm, b)
+    bm.release(b)  # free, least recent first: b's tail, then a's block 100, then b's blocks
+    ids = blocks(100, 200, 300, 400) + [1]
+    prefix = bm.match_prefix(ids)
+    first, adopted = bm.adopt(ids, 5)
+    assert first == 1 and len(adopted) == 3  # the three other free blocks: 100's is kept
+    assert bm.match_prefix(ids) == [*prefix, *adopted]
+    assert bm.num_free == 4 and all(bm.blocks[b].ref_count == 0 for b in adopted)
