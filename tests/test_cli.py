@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support import free_port
+
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
 
 REPO = Path(__file__).resolve().parent.parent
 

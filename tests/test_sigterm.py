@@ -12,6 +12,8 @@ import pytest
 from support import RemoteServer
 from support.sse import finish_reason, iter_sse
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 # `python -m server` with the engine factory's start_engine swapped for the FakeEngine: fast, and a
 # stream of N words takes N * 50 ms.
 FAKE_SERVER = """

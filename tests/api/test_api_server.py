@@ -11,6 +11,8 @@ from support.sse import iter_sse
 
 from server.api.app import create_app
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 MODEL = "fake-model"
 HELLO = [{"role": "user", "content": "hello there world"}]
 LONG = [{"role": "user", "content": " ".join(f"w{i}" for i in range(500))}]

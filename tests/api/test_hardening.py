@@ -29,6 +29,8 @@ from server.engine.factory import start_engine
 from server.engine.types import RequestTimeout
 from server.serve import HeadTimeoutH11Protocol
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 MODEL = "fake-model"
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -192,6 +194,8 @@ def test_405_names_the_allowed_methods_and_the_document_lists_errors_sent(engine
     base = serve_app(create_app(engine))
     r = httpx.get(f"{base}/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+    # A path two routes serve: the 405 names both methods, not only the first route's.
+    assert httpx.put(f"{base}/v1/responses/resp_1").headers["allow"] == "GET, DELETE"
     responses = httpx.get(f"{base}/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "422" not in responses
     assert {"400", "401", "404", "413", "429", "500", "503"} <= set(responses)

@@ -8,6 +8,8 @@ import pytest
 
 from server.bench.__main__ import SUBCOMMANDS, main
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 NAMES = ("serve", "side-by-side", "engine", "profile", "constrained", "disk-tier", "kernel")
 
 

@@ -13,6 +13,8 @@ from server.bench.prompts import LengthDist, ReplayPrompts, SyntheticPrompts
 from server.bench.serve import main as bench_main
 from server.bench.servers import free_port
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 def _run(source, **cfg):
     return asyncio.run(run_load(source, LoadConfig(progress=False, warmup_requests=0, **cfg)))

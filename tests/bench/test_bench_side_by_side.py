@@ -12,6 +12,8 @@ from server.bench.render import render_run, render_section
 from server.bench.servers import ServerProcess, session_pids
 from server.bench.side_by_side import SERVERS, parse_args, prompt_plan
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 def test_defaults_cover_the_issue_matrix():
     args = parse_args([])

@@ -18,6 +18,8 @@ import pytest
 
 from server.serve import GRACEFUL_SHUTDOWN_S
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = REPO / "deploy" / "service.py"
 

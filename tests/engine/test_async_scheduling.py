@@ -9,9 +9,12 @@ import json
 import time
 
 import jsonschema
+import pytest
 from support.engine_harness import ScriptedRunner, make_engine, prompt, run_until_idle, submit
 
 from server.engine.types import EngineError, OutputConstraint, SamplingParams
+
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
 
 EOS = 2  # the demo model's </s>
 

@@ -13,6 +13,8 @@ from support.engine_harness import make_engine, prompt, run_until_idle, submit
 from server.engine.disk_cache import SUFFIX, DiskCache, block_keys
 from server.engine.llm_engine import DiskTier, LLMEngine
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 BS = 64
 FINGERPRINT = b"\x01" * 32
 P = 5 * BS + 10  # five full prompt blocks, and a tail

@@ -30,7 +30,7 @@ PROMPTS = [
 ]
 
 launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
-pytestmark = pytest.mark.skipif(launcher is None, reason="mlx.launch is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(launcher is None, reason="mlx.launch is not installed")]
 
 
 def start(argv: list[str], port: int, log: Path) -> ServerProcess:

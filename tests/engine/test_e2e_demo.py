@@ -12,6 +12,8 @@ from server.api.app import create_app
 from server.engine import DEMO_MODEL_NAME, EngineArgs
 from server.engine.factory import start_engine
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 @pytest.fixture(scope="module")
 def engine():

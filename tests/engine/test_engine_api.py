@@ -17,6 +17,8 @@ from server.engine.args import EngineArgs
 from server.engine.factory import start_engine
 from server.engine.types import InvalidRequest, OutputConstraint, RequestOutput, SamplingParams, StreamDelta
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 PROMPTS = [prompt(n, seed=i) for i, n in enumerate((150, 7, 64, 30))]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 

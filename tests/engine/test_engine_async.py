@@ -11,6 +11,8 @@ from server.engine import EngineArgs
 from server.engine.factory import start_engine
 from server.engine.types import SamplingParams
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 @pytest.fixture(scope="module")
 def engine():

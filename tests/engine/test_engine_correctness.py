@@ -7,6 +7,8 @@ from support.engine_harness import demo_model, make_engine, prompt, run_until_id
 from support.hardware import needs_reference_decode
 from support.reference_loop import greedy_reference
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 @pytest.fixture(params=["off", "on"])
 def buckets(request) -> str:

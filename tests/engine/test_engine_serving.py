@@ -3,10 +3,13 @@ seeded sampling inside different batches, stop strings, UTF-8 streaming, time-ou
 
 import random
 
+import pytest
 from support.engine_harness import ScriptedRunner, demo_model, make_engine, prompt, run_until_idle, submit
 from support.hardware import needs_reference_decode
 
 from server.engine.async_engine import apply_events
+
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
 
 
 def test_no_block_leaks_after_random_requests_cancellations_and_preemptions():

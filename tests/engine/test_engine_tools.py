@@ -11,6 +11,8 @@ from support.engine_harness import ScriptedRunner, make_engine, run_until_idle, 
 
 from server.engine.types import InvalidRequest, OutputConstraint, RequestOutput, ToolSpec
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 PERSON = {
     "type": "object",
     "properties": {

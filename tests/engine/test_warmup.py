@@ -25,6 +25,8 @@ from server.engine.model.demo_model import ensure_demo_model
 from server.engine.model.loader import load_model
 from server.engine.types import SamplingParams
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 def greedy(engine, prompt: list[int], n: int = 6) -> list[int]:
     return engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0))[0].token_ids

@@ -7,10 +7,13 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from support.engine_harness import demo_engine_model, demo_model
 
 from server.eval.perplexity import Result, ratio, score, windows
 from server.kernels.dense_cache import DenseLatentCache, dense_bytes_per_token
+
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "

@@ -18,6 +18,8 @@ from server.kernels.dialects import CUDA, METAL, Dialect
 from server.kernels.mla_decode import COMBINE, DIRECT, LAUNCHES, SPLIT, Launch
 from server.kernels.tiles import TileConfig
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 CUDA_TYPES = {"half": "__half", "bfloat": "__nv_bfloat16", "float": "float", "uint32": "uint32_t", "int32": "int32_t"}
 # Mistral Small 4 (R=256, H=32) and DeepSeek-V3 (R=512, H=128) shapes.
 SHAPES = [

@@ -13,6 +13,8 @@ from support.platforms import pretend
 
 from server.kernels import mla_decode, selfcheck
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 @pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:

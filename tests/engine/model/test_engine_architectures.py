@@ -44,6 +44,8 @@ from server.engine.model.loader import load_model
 from server.engine.model.model_runner import ModelRunner
 from server.engine.types import EngineError, SamplingParams
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 VOCAB = 1024
 YARN = {
     "type": "yarn",

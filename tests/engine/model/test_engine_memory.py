@@ -2,7 +2,10 @@
 scatter into donated buffers, the decode kernel's in-place append), never copied."""
 
 import mlx.core as mx
+import pytest
 from support.engine_harness import make_engine, prompt, submit
+
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
 
 
 def _peak_of_mixed_step(num_blocks: int) -> int:

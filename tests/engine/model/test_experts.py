@@ -12,6 +12,8 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from server.engine.model.experts import FusedSwitchGLU, fuse_experts, pays_one_at_a_time, run_by_expert
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 D, HIDDEN, EXPERTS, K = 128, 64, 8, 2
 
 

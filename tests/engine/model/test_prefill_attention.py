@@ -12,6 +12,8 @@ from server.engine.model.mla_attention import SdpaLayout, cudnn_prefill, sdpa_bu
 from server.engine.model.model_runner import ModelRunner
 from server.platform import current_platform
 
+pytestmark = pytest.mark.slow  # loads the model or starts processes: not in the fast subset
+
 
 def test_buckets_are_few_tight_and_stable():
     buckets = {sdpa_bucket(n) for n in range(1, 32768 + 1)}
