@@ -174,10 +174,13 @@ class ModelRunner:
         One-position decodes go first, through the decode kernel; a decode that verifies a draft
         (its newest token and the drafted ones) runs as a short prefill chunk over its cached
         prefix, after them and before the prefill chunks."""
-        tokens, positions = [], []
+        tokens: list[int] = []
+        positions: list[int] = []
         ends: dict[Sequence, int] = {}  # where each sequence's positions end in the flat batch
         singles = [seq for seq, n in plan.decodes if n == 1]
-        drawn_rows, drawn, on_device = [], None, []  # decode inputs still on the device (`Sequence.pending`)
+        drawn_rows: list[int] = []
+        on_device: list[int] = []
+        drawn = None  # decode inputs still on the device (`Sequence.pending`)
         for seq in singles:
             if seq.pending is not None:
                 drawn, row = seq.pending  # the previous step's draws: one array for all
