@@ -45,7 +45,7 @@ class Fixed:
 
 
 N = 3000
-LENGTH = 3
+LENGTH = 3  # the tokens tested (each request draws twice as many: drafts after rollbacks)
 # The 0.999 quantile of chi-square with 4**3 - 1 = 63 degrees of freedom (Wilson-Hilferty: 103.5).
 CRITICAL = 103.5
 
@@ -55,14 +55,15 @@ def outputs(speculative: str) -> tuple[list[tuple[int, ...]], dict]:
         num_blocks=256,
         runner=MarkovRunner(),
         speculative=speculative,
-        num_speculative_tokens=LENGTH - 1,
+        num_speculative_tokens=2,
         speculative_max_batch=256,
         max_num_seqs=256,
         async_scheduling="off",
     )
-    engine.speculator.drafter = Fixed([21, 23])  # likely, then unlikely after 21: both outcomes often
+    if speculative != "off":
+        engine.speculator.drafter = Fixed([21, 23])  # likely, then unlikely after 21: both outcomes often
     outs = [
-        submit(engine, f"s{i}", [5, 6, 7], temperature=1.0, seed=i, max_tokens=LENGTH, ignore_eos=True)
+        submit(engine, f"s{i}", [5, 6, 7], temperature=1.0, seed=i, max_tokens=2 * LENGTH, ignore_eos=True)
         for i in range(N)
     ]
     run_until_idle(engine)
@@ -72,7 +73,7 @@ def outputs(speculative: str) -> tuple[list[tuple[int, ...]], dict]:
 def chi_square(samples: list[tuple[int, ...]]) -> float:
     counts: dict[tuple[int, ...], int] = {}
     for s in samples:
-        counts[s] = counts.get(s, 0) + 1
+        counts[s[:LENGTH]] = counts.get(s[:LENGTH], 0) + 1
     stat = 0.0
     for path in itertools.product(range(len(A)), repeat=LENGTH):
         p, prev = 1.0, 0
@@ -87,10 +88,12 @@ def test_speculative_outputs_have_the_models_distribution_at_temperature_one():
     """The joint distribution of the first three tokens (64 cells, the smallest expecting 10 of
     the 3000 samples) against the model's exact one, with and without speculation; the level is
     0.001. Power (simulated, 2000 runs of the test): 1.0 against keeping the draft on a
-    disagreement, 1.0 against resampling from p instead of the residual on a rejection (the first
-    token's 21 would come 0.51 of the time instead of 0.30), and 0.9 against any alternative q with
-    N * sum((q - p)^2 / p) >= 70 (noncentral chi-square, 63 degrees of freedom)."""
-    plain, _ = outputs("off")
+    disagreement, 1.0 against resampling from p instead of the residual on a rejection (the drafted 21
+    would follow 20 0.51 of the time instead of 0.30), and 0.93 (0.69) against any alternative q
+    with N * sum((q - p)^2 / p) = 70 (50) (noncentral chi-square, 63 degrees of freedom); its
+    size, simulated, 0.0015."""
+    plain, plain_stats = outputs("off")
+    assert plain_stats["spec_drafts"] == 0
     speculative, stats = outputs("ngram")
     assert stats["spec_drafts"] > N and 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     assert chi_square(plain) < CRITICAL
@@ -133,8 +136,8 @@ class Recording(ScriptedRunner):
 
 
 class RightThenWrong:
-    """Drafts the scripted next token, then a wrong one: every verified draft rolls back one
-    position, at every offset in a block."""
+    """Drafts 0, 1 or 2 of the scripted next tokens (by the sequence's length), then a wrong one:
+    rollbacks of every length a draft allows, ending at every offset of a block."""
 
     name = "right-then-wrong"
 
@@ -143,8 +146,9 @@ class RightThenWrong:
         self.prompt_len = prompt_len
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
-        nxt = self.script[len(token_ids) - self.prompt_len]
-        return [nxt, 7][:k]
+        at = len(token_ids) - self.prompt_len
+        right = len(token_ids) % 3
+        return [*self.script[at : at + right], 7][:k]
 
 
 def test_rolled_back_positions_never_reach_the_prefix_cache():
@@ -161,7 +165,7 @@ def test_rolled_back_positions_never_reach_the_prefix_cache():
             assert len(seq.block_table) == -(-seq.num_computed // 4)
     assert out.tokens == script
     stats = engine.stats()
-    assert stats["spec_drafts"] > 10 and stats["spec_accepted_tokens"] == stats["spec_drafts"]
+    assert stats["spec_drafts"] > 10 and 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     # The whole sequence's full blocks are published (as it let them go), every one checked.
     assert len(engine.blocks.cached) == (len(ids) + len(script) - 1) // 4
     runner.check_published()
