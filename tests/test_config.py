@@ -44,6 +44,9 @@ SAMPLES = {
     "latent_cache": ('"bf16"', "bf16", "bf16"),
     "max_prefill_tokens_per_step": ("256", "256", 256),
     "target_step_ms": ("30.0", "30.0", 30.0),
+    "speculative": ('"ngram"', "ngram", "ngram"),
+    "num_speculative_tokens": ("5", "5", 5),
+    "speculative_max_batch": ("8", "8", 8),
 }
 
 
