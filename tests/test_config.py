@@ -46,6 +46,9 @@ SAMPLES = {
     "target_step_ms": ("30.0", "30.0", 30.0),
     "disk_cache_dir": ('"/var/cache/mla"', "/var/cache/mla", "/var/cache/mla"),
     "disk_cache_bytes": ("1073741824", "1073741824", 1073741824),
+    "speculative": ('"ngram"', "ngram", "ngram"),
+    "num_speculative_tokens": ("5", "5", 5),
+    "speculative_max_batch": ("8", "8", 8),
 }
 
 

@@ -1,7 +1,8 @@
 """/metrics in Prometheus text format (prometheus-client), named after vLLM's metrics.
 
 Engine counts (requests running and waiting, cache usage, prefix-cache hits by tier, the disk
-tier's bytes, preemptions, prompt and generation tokens) are read from `engine.stats()` at scrape time, so the engine keeps one set
+tier's bytes, preemptions, prompt and generation tokens, speculative decoding's drafts) are read
+from `engine.stats()` at scrape time, so the engine keeps one set
 of counters; the latencies a client sees (time to first token, inter-token latency, end-to-end)
 are timed here, per request, by a `RequestTimer`.
 """
@@ -123,3 +124,8 @@ class _EngineCollector(Collector):
         yield counter("num_preemptions", "Sequences preempted to free cache blocks", "preemptions")
         yield counter("prompt_tokens", "Prompt tokens of admitted requests", "prompt_tokens")
         yield counter("generation_tokens", "Tokens generated", "generated_tokens")
+        # Speculative decoding (vLLM's names); acceptance rate = accepted / draft tokens, mean
+        # accepted length = 1 + accepted tokens / drafts (/health reports both).
+        yield counter("spec_decode_num_drafts", "Drafts verified", "spec_drafts")
+        yield counter("spec_decode_num_draft_tokens", "Drafted tokens verified", "spec_draft_tokens")
+        yield counter("spec_decode_num_accepted_tokens", "Drafted tokens accepted", "spec_accepted_tokens")

@@ -5,9 +5,11 @@ at several concurrencies, and the second turn of a long conversation with and wi
     python -m server.bench engine --model DIR --write   # any MLA model; --write updates docs/benchmarks.md
 
     python -m server.bench engine --compare prefill_buckets --length-spread 1024   # an option off vs on
+    python -m server.bench engine --compare speculative --workload edit            # ngram drafts off vs on
 
 Each concurrency level submits that many requests at once (prompt of --prompt-len tokens, exactly
---output-len output tokens, greedy) and steps the engine until all finish.
+--output-len output tokens, greedy) and steps the engine until all finish. `--workload edit` makes
+each prompt an edit request (`edit_prompts`) instead of distinct random tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ COMPARED = {
     "async_scheduling": "Async scheduling",
     "prefill_buckets": "Prefill attention at bucketed lengths",
     "moe_by_expert": "Routed experts one expert at a time (off: mlx-lm's sorted gather_qmm)",
+    "speculative": "Speculative decoding by prompt lookup (on: ngram)",
 }
+ON_VALUE = {"speculative": "ngram"}  # the value `--compare` gives an option that is not on/off
+SPEC_COUNTERS = ("spec_drafts", "spec_draft_tokens", "spec_accepted_tokens")
 
 
 def make_engine(loaded: tuple[Any, Any], num_blocks: int, prefix_caching: bool = True, **options: Any) -> LLMEngine:
@@ -69,21 +74,44 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     return [16 + (seed * 7919 + i * 104729) % (vocab - 32) for i in range(n)]
 
 
+def edit_prompts(engine: LLMEngine, seeds: list[int], prompt_len: int, vocab: int) -> list[list[int]]:
+    """Edit requests, as a coding agent sends them: a text, then the start of it again with small
+    changes, to be continued. The text is the model's own: a third of `prompt_len` random tokens
+    S, then the model's greedy continuation T of S as long again; the prompt is S + T + S', S with
+    every 8th token changed, so a faithful continuation repeats T (a model echoing its context,
+    as the demo model does, draws its own output again; drafts from the prompt can then hit)."""
+    third = prompt_len // 3
+    heads = [prompt_ids(third, seed, vocab) for seed in seeds]
+    outputs = engine.generate(heads, SamplingParams(temperature=0.0, max_tokens=third, ignore_eos=True))
+    texts = [out.token_ids for out in outputs]
+    changed = [[16 + (t + 1) % (vocab - 32) if j % 8 == 7 else t for j, t in enumerate(h)] for h in heads]
+    return [h + t + c for h, t, c in zip(heads, texts, changed, strict=True)]
+
+
 def concurrency_row(
-    engine: LLMEngine, c: int, prompt_len: int, output_len: int, vocab: int, run: int, spread: int = 0
+    engine: LLMEngine,
+    c: int,
+    prompt_len: int,
+    output_len: int,
+    vocab: int,
+    run: int,
+    spread: int = 0,
+    prompts: list[list[int]] | None = None,
 ) -> dict[str, float]:
     """`c` requests at once; prompts differ between runs (`run`), so none is a prefix-cache hit.
     With `spread`, request i is `(run * c + i) % spread` tokens longer than `prompt_len`: lengths
-    the engine has not seen while run * c + i < spread."""
+    the engine has not seen while run * c + i < spread. `prompts`: the requests' prompts instead."""
     times: dict[str, list[float]] = {}
-    before = engine.counters["generated_tokens"]
+    before = engine.stats()
     t0 = time.perf_counter()
     for i in range(c):
         n = prompt_len + ((run * c + i) % spread if spread else 0)
-        submit(engine, f"c{c}-{run}-{i}", prompt_ids(n, 100_000 * run + 1000 * c + i, vocab), output_len, times)
+        ids = prompts[i] if prompts is not None else prompt_ids(n, 100_000 * run + 1000 * c + i, vocab)
+        submit(engine, f"c{c}-{run}-{i}", ids, output_len, times)
     run_all(engine)
     wall = time.perf_counter() - t0
-    tokens = engine.counters["generated_tokens"] - before
+    after = engine.stats()
+    tokens = after["generated_tokens"] - before["generated_tokens"]
     ttft = sorted(t[1] - t[0] for t in times.values())
     gaps = [b - a for t in times.values() for a, b in itertools.pairwise(t[1:])]
     return {
@@ -94,6 +122,7 @@ def concurrency_row(
         "ttft_p50_ms": 1e3 * statistics.median(ttft),
         "ttft_max_ms": 1e3 * ttft[-1],
         "itl_p50_ms": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+        **{k: after[k] - before[k] for k in SPEC_COUNTERS},
     }
 
 
@@ -130,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reps", type=int, default=3, help="runs per mode with --compare")
     ap.add_argument(
+        "--workload",
+        choices=("random", "edit"),
+        default="random",
+        help="prompts of distinct random tokens, or edit requests of the model's own text (edit_prompts)",
+    )
+    ap.add_argument(
         "--length-spread",
         type=int,
         default=0,
@@ -154,11 +189,23 @@ def main(argv: list[str] | None = None) -> int:
             **option,
         )
 
+    edits: dict[tuple[int, int], list[list[int]]] = {}  # (concurrency, run): its edit prompts
+    # The edit prompts' texts are written by an engine of their own, so that no engine measured
+    # has them in its prefix cache.
+    writer = engine_for({}) if args.workload == "edit" else None
+
     def measured(engine: LLMEngine, c: int, run: int, output_len: int = args.output_len) -> dict[str, float]:
-        return concurrency_row(engine, c, args.prompt_len, output_len, vocab, run, args.length_spread)
+        prompts = None
+        if writer is not None:
+            if (c, run) not in edits:
+                seeds = [100_000 * run + 1000 * c + i for i in range(c)]
+                edits[c, run] = edit_prompts(writer, seeds, args.prompt_len, vocab)
+            prompts = edits[c, run]
+        return concurrency_row(engine, c, args.prompt_len, output_len, vocab, run, args.length_spread, prompts)
 
     if args.compare:
-        engines = {mode: engine_for({args.compare: mode}) for mode in ("off", "on")}
+        on = ON_VALUE.get(args.compare, "on")
+        engines = {mode: engine_for({args.compare: on if mode == "on" else mode}) for mode in ("off", "on")}
         for engine in engines.values():  # first uses compile kernels on MLX's GPU backends
             for c in levels:
                 measured(engine, c, run=0, output_len=8)
@@ -223,6 +270,7 @@ def compare(
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     run = 1
+    drafted: list[str] = []  # speculative decoding's acceptance, where the engines drafted
     for c in levels:
         runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
         for rep in range(reps):
@@ -238,4 +286,13 @@ def compare(
             f"| {c} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.3f} | {off['itl_p50_ms']:.2f} "
             f"| {on['itl_p50_ms']:.2f} | {off['ttft_p50_ms']:.1f} | {on['ttft_p50_ms']:.1f} |"
         )
+        spec = {k: sum(r[k] for r in runs["on"]) for k in SPEC_COUNTERS}
+        if spec["spec_drafts"]:
+            drafted.append(
+                f"| {c} | {spec['spec_drafts']} | {spec['spec_accepted_tokens'] / spec['spec_draft_tokens']:.3f} "
+                f"| {1 + spec['spec_accepted_tokens'] / spec['spec_drafts']:.2f} |"
+            )
+    if drafted:
+        lines += ["", "| concurrency | drafts (on) | acceptance rate | mean accepted length |", "|---:|---:|---:|---:|"]
+        lines += drafted
     return "\n".join(lines)

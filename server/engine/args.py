@@ -107,6 +107,18 @@ class EngineArgs:
         f" ({where('prefill_buckets')}, heads cuDNN takes), on or off",
         **one_of("auto", "on", "off"),
     )
+    # spec_decode/speculator.py; exact at any temperature. "mtp" (the models' own heads) is to come.
+    speculative: str = option(
+        "off",
+        "speculative decoding: off, or ngram (prompt lookup: draft from the sequence's own earlier tokens)",
+        **one_of("off", "ngram"),
+    )
+    num_speculative_tokens: int = option(
+        3, "most tokens a sequence drafts per step (fewer after its drafts miss)", **POSITIVE
+    )
+    speculative_max_batch: int = option(
+        4, "no sequence drafts while more than this many run (a large batch is compute-bound)", **POSITIVE
+    )
     block_size: int = 64  # tokens per cache block
     # bf16: 2.35x the bytes for Mistral Small 4, when quality must be bit-comparable (docs/quality.md).
     latent_cache: str = option(

@@ -17,7 +17,9 @@ Prefix-cache publication (`BlockManager.commit`) happens here, when a block's co
   prompt and concurrent requests share it at once;
 - a block holding generated tokens when the step that writes its last position is read back: by
   then every token in it has been accepted (read back, and not rolled back) and written, so a
-  step that fails leaves none of them registered;
+  step that fails leaves none of them registered. A step that verifies a draft computes positions
+  for drafted tokens, and the ones it rejects are rolled back (`Scheduler.rollback`) before its
+  draws are accepted or its blocks published, so no block holding one is ever published;
 - when a sequence lets go of its blocks (`BlockManager.release`), the full ones of accepted tokens
   that its steps write: a freed block cannot be published later.
 
@@ -57,6 +59,7 @@ from .output.token_bytes import TokenBytes
 from .sample.constraints import Constraints
 from .sample.logits_processors import logits_processors
 from .sample.sampling import Draw, SampleResult, SamplerState, sample
+from .spec_decode.speculator import Speculator
 from .types import (
     Emit,
     EngineError,
@@ -123,6 +126,7 @@ class _Step:
     outputs: list[mx.array]  # what the step must evaluate besides the cache: the draws (and logprobs)
     # (sequence, positions it has computed with this step): what its read back may publish.
     reached: list[tuple[Sequence, int]]
+    drafts: dict[Sequence, list[int]]  # the drafts it verifies
     save: _Save | None = None
 
 
@@ -148,6 +152,7 @@ class LLMEngine:
         self.max_model_len: int = args.max_model_len
         self.blocks = BlockManager(runner.num_blocks, runner.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(args, self.blocks)
+        self.speculator = Speculator(args.speculative, args.num_speculative_tokens, args.speculative_max_batch)
         self.eos_ids = set(tokenizer.eos_token_ids)
         self.token_bytes = TokenBytes(tokenizer)
         self.decode = decode or {}
@@ -320,10 +325,15 @@ class LLMEngine:
         hold it back wherever `async_eval` returns late: on MLX's CPU backend it returned only after
         nearly all of the step had run). A sequence that turns out to have ended with a draw has
         one token computed in vain, which is dropped. Not after a step that drew for a constrained
-        output: its next mask needs the draw.
+        output (its next mask needs the draw), nor while sequences may draft (a draft follows the
+        newest token, and a verified one decides where the sequence goes on).
         """
         previous, self._in_flight = self._in_flight, None
-        if previous is not None and any(s.sampler and s.sampler.constraint for s, _ in previous.samples):
+        if previous is not None and (
+            previous.drafts
+            or self.speculator.active(len(self.scheduler.running))
+            or any(s.sampler and s.sampler.constraint for s, _ in previous.samples)
+        ):
             self._read_back(previous)
             previous = None
         self._publish_loaded(idle=previous is None)
@@ -344,8 +354,10 @@ class LLMEngine:
 
     def _build(self) -> _Step | None:
         """Schedule a step and build its graph (lazy: nothing runs yet)."""
+        self.speculator.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         self.counters["preemptions"] += len(plan.preempted)
+        drafts = {seq: seq.draft for seq, n in plan.decodes if n > 1}
         if plan.empty:
             return None
         samples = plan.samples
@@ -356,6 +368,8 @@ class LLMEngine:
                 in_memory, from_disk = self._disk_hits.pop(seq.request_id, (0, 0))
                 self.counters["cached_prompt_tokens_disk"] += min(from_disk, max(0, seq.num_cached_prompt - in_memory))
         logits = self.runner.run(plan)
+        for seq in self.scheduler.running + plan.preempted:
+            seq.draft = []  # verified by this step, or to be drafted again
         rows = [self._sampler(seq) for seq, n in samples for _ in range(n)]
         result = None
         outputs = []
@@ -379,13 +393,13 @@ class LLMEngine:
         if save is not None:
             outputs.append(save.data)
         reached = [(seq, seq.num_computed) for seq, _ in plan.decodes + plan.prefills]
-        return _Step(plan, samples, result, outputs, reached, save)
+        return _Step(plan, samples, result, outputs, reached, drafts, save)
 
     def _read_back(self, step: _Step) -> None:
         """Wait for a step's draws; stream them, end what they end, and publish the blocks the
         step has finished writing (see the module docstring)."""
         if step.result is not None:
-            self._append([seq for seq, _ in step.samples], step.result)
+            self._append([seq for seq, _ in step.samples], step.result, step.drafts)
         if step.save is not None:
             self._write_saves(step.save)
         for seq, reached in step.reached:
@@ -394,15 +408,22 @@ class LLMEngine:
         self.scheduler.step_done(step.plan)
         self.counters["steps"] += 1
 
-    def _append(self, seqs: list[Sequence], result: SampleResult) -> None:
+    def _append(self, seqs: list[Sequence], result: SampleResult, drafts: dict[Sequence, list[int]]) -> None:
         """Hand each sequence its draws of a step, in order: each goes through the constraint,
         EOS, stop strings and max_tokens, and the first that ends the output ends it there (the
-        draws after it are dropped)."""
+        draws after it are dropped). A sequence that verified a draft keeps the draws its
+        speculator accepts, and first rolls back the positions of the drafted tokens it rejects."""
         wants_logprobs = any(s.params.logprobs for s in seqs)
         for seq, draws in zip(seqs, result.read_back(wants_logprobs), strict=True):
             seq.num_pending -= len(draws)
             if not seq.num_pending:
                 seq.pending = None
+            if seq in drafts:
+                kept = self.speculator.verified(seq, drafts[seq], [d.token for d in draws])
+                if seq.status is Status.RUNNING and kept < len(draws):
+                    self.scheduler.rollback(seq, len(draws) - kept)
+                    self._sampler(seq).rewind(len(draws) - kept)
+                draws = draws[:kept]
             for draw in draws:
                 if seq.status is Status.FINISHED:  # ended with an earlier draw, aborted or failed
                     break
@@ -459,6 +480,7 @@ class LLMEngine:
             "decode": self.decode,
             **self.counters,
             **(self.disk.cache.stats() if self.disk is not None else {}),
+            **self.speculator.stats(),
         }
 
 

@@ -130,6 +130,9 @@ class StatsEngine:
             "disk_cache_bytes_written": 8192,
             "disk_cache_writes_dropped": 1,
             "disk_cache_files_rejected": 2,
+            "spec_drafts": 10,
+            "spec_draft_tokens": 30,
+            "spec_accepted_tokens": 12,
         }
 
 
@@ -160,6 +163,9 @@ def test_engine_counters_are_exported_under_vllm_names():
         "mla:num_preemptions_total": 5,
         "mla:prompt_tokens_total": 100,
         "mla:generation_tokens_total": 77,
+        "mla:spec_decode_num_drafts_total": 10,
+        "mla:spec_decode_num_draft_tokens_total": 30,
+        "mla:spec_decode_num_accepted_tokens_total": 12,
     }
 
 

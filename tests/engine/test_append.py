@@ -23,11 +23,11 @@ def decoding(**params):
 
 
 def hand(engine, seqs, tokens: list[list[int]]) -> None:
-    """Read back a step that drew `tokens[i]` for `seqs[i]`."""
+    """Read back a step that drew `tokens[i]` for `seqs[i]` (verifying no draft: every draw kept)."""
     for seq, drawn in zip(seqs, tokens, strict=True):
         seq.num_pending += len(drawn)  # as the step that drew them counted them
     flat = [t for drawn in tokens for t in drawn]
-    engine._append(seqs, SampleResult(mx.array(flat, mx.int32), mx.zeros((len(flat),)), [len(d) for d in tokens]))
+    engine._append(seqs, SampleResult(mx.array(flat, mx.int32), mx.zeros((len(flat),)), [len(d) for d in tokens]), {})
 
 
 def test_every_token_handed_is_appended_and_streamed_in_order():

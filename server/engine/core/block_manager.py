@@ -150,16 +150,26 @@ class BlockManager:
         the last blocks go to the back of the LRU order last."""
         self.commit(seq)
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is None:
-                    self.free[bid] = None
-                    self.free.move_to_end(bid, last=False)  # nothing cached: reuse first
-                else:
-                    self.free[bid] = None
+            self._drop(bid)
         seq.block_table = []
         seq.num_computed = seq.num_committed_blocks = 0
+
+    def shrink(self, seq: Sequence) -> None:
+        """Return the blocks of `seq` past its computed tokens (after a rollback: they hold only
+        rejected drafted tokens, so none of them is published)."""
+        keep = -(-seq.num_computed // self.block_size)
+        assert keep >= seq.num_committed_blocks, "a published block was rolled back"
+        for bid in reversed(seq.block_table[keep:]):
+            self._drop(bid)
+        del seq.block_table[keep:]
+
+    def _drop(self, bid: int) -> None:
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[bid] = None
+            if block.hash is None:
+                self.free.move_to_end(bid, last=False)  # nothing cached: reuse first
 
     def forget_prefixes(self) -> None:
         """Unpublish every cached block: after a failed step, blocks published before the steps

@@ -33,7 +33,7 @@ from .sequence import Sequence, Status
 @dataclass
 class StepPlan:
     # (sequence, number of positions to run): decodes first, then prefill chunks. A decode runs
-    # its newest token, one position (drafted tokens after it would add more), and samples every
+    # its newest token and the tokens drafted after it (`Sequence.draft`), and samples every
     # position it runs; a prefill chunk samples only its last, and only where it reaches the end.
     decodes: list[tuple[Sequence, int]] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
@@ -111,10 +111,10 @@ class Scheduler:
                 seq.status is Status.RUNNING
                 and not seq.is_prefilling
                 and not seq.drawn_all
-                and self._make_room(seq, 1, plan)
+                and self._make_room(seq, n := 1 + len(seq.draft), plan)
             ):
-                plan.decodes.append((seq, 1))
-                budget -= 1
+                plan.decodes.append((seq, n))
+                budget -= n
         budget = min(budget, self.prefill_budget(len(plan.decodes)))
         for seq in list(self.running):
             if budget <= 0:
@@ -163,6 +163,12 @@ class Scheduler:
         blocks they fill are published as cached prefixes: `LLMEngine`.)"""
         for seq, n in plan.decodes + plan.prefills:
             seq.num_computed += n
+
+    def rollback(self, seq: Sequence, n: int) -> None:
+        """Uncount the last `n` positions `seq` computed (drafted tokens the step rejected) and
+        give back the blocks only they were in."""
+        seq.num_computed -= n
+        self.blocks.shrink(seq)
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is Status.FINISHED:

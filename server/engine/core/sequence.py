@@ -45,6 +45,10 @@ class Sequence:
     num_pending: int = 0
     pending: tuple[mx.array, int] | None = None
     sampler: SamplerState | None = None
+    # Tokens drafted to follow the newest one, which the next decode verifies with it, and the
+    # most it may draft (adapted to its acceptance; 0: not set yet): spec_decode/speculator.py.
+    draft: list[int] = field(default_factory=list)
+    draft_len: int = 0
     output: TokenStream | None = None  # when the output ends, and the text each token releases
 
     def __post_init__(self) -> None:

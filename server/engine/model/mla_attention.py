@@ -1,7 +1,8 @@
 """One MLA attention layer in the absorbed form, over a flat batch of tokens and the paged cache.
 
 The tokens of a step are laid out flat: first one decode token per decoding sequence, then the
-chunks of the prefilling sequences. Every token carries its own position, so rope and the llama-4
+chunks: a sequence verifying a draft (its newest token and the drafted ones: spec_decode/) and the
+prefilling sequences. Every token carries its own position, so rope and the llama-4
 attention scale follow each sequence's own length. Decode tokens go through the fused
 `mla_decode_append`; a prefill chunk writes its latents into the cache and attends causally over
 the dequantized cached prefix plus itself, so a token contributes the same value whether it was

@@ -160,36 +160,48 @@ class ModelRunner:
         return self.forward(*self.prepare(plan))
 
     def prepare(self, plan: StepPlan) -> tuple[mx.array, AttentionBatch, mx.array]:
-        """The step's inputs: token ids [T], the attention batch, and the rows that sample."""
-        tokens, positions = [], []
-        rows: list[int] = []
-        sampled = dict(plan.samples)  # a sequence samples the last positions it runs, this many
-        drawn_rows, drawn = [], None  # decode inputs still on the device (`Sequence.pending`)
-        for seq, n in plan.decodes:
-            # The decode path runs one position a sequence; drafted tokens after it are not drawn yet.
-            assert n == 1, "a decode of several positions needs drafted tokens"
+        """The step's inputs: token ids [T], the attention batch, and the rows that sample.
+
+        One-position decodes go first, through the decode kernel; a decode that verifies a draft
+        (its newest token and the drafted ones) runs as a short prefill chunk over its cached
+        prefix, after them and before the prefill chunks."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        ends: dict[Sequence, int] = {}  # where each sequence's positions end in the flat batch
+        singles = [seq for seq, n in plan.decodes if n == 1]
+        drawn_rows: list[int] = []
+        on_device: list[int] = []
+        drawn = None  # decode inputs still on the device (`Sequence.pending`)
+        for seq in singles:
             if seq.pending is not None:
                 drawn, row = seq.pending  # the previous step's draws: one array for all
                 drawn_rows.append(row)
+                on_device.append(len(tokens))
             tokens.append(seq.token_ids[-1] if seq.pending is None else 0)
             positions.append(seq.num_computed)
-            rows.extend(range(len(tokens) - sampled[seq], len(tokens)))
+            ends[seq] = len(tokens)
         chunks = []
-        for seq, n in plan.prefills:
+        for seq, n in [(s, n) for s, n in plan.decodes if n > 1] + plan.prefills:
             start = seq.num_computed
-            tokens.extend(seq.token_ids[start : start + n])
+            if seq.draft:
+                assert seq.pending is None and n == 1 + len(seq.draft), "a draft follows a token read back"
+                tokens.extend([seq.token_ids[-1], *seq.draft])
+            else:
+                tokens.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             nb = -(-(start + n) // self.block_size)
             table = mx.array(seq.block_table[:nb], mx.int32)
             layout = sdpa_layout(n, start + n) if self.prefill_buckets else None
             chunks.append(PrefillChunk(start, n, table, self._slots(seq, start, n), layout))
-            rows.extend(range(len(tokens) - sampled.get(seq, 0), len(tokens)))
+            ends[seq] = len(tokens)
+        # A sequence samples the last positions it runs, in `plan.samples` order.
+        rows = [r for seq, k in plan.samples for r in range(ends[seq] - k, ends[seq])]
 
         batch = AttentionBatch(
             positions=mx.array(positions, mx.int32),
-            num_decodes=len(plan.decodes),
-            block_table=self._block_table([s for s, _ in plan.decodes]) if plan.decodes else None,
-            context_lens=mx.array([s.num_computed for s, _ in plan.decodes], mx.int32) if plan.decodes else None,
+            num_decodes=len(singles),
+            block_table=self._block_table(singles) if singles else None,
+            context_lens=mx.array([s.num_computed for s in singles], mx.int32) if singles else None,
             prefills=chunks,
             attn_scale=None,
         )
@@ -197,7 +209,6 @@ class ModelRunner:
             batch.attn_scale = self.attn_scale(batch.positions)
         ids = mx.array(tokens, mx.int32)
         if drawn is not None:
-            on_device = [i for i, (seq, _) in enumerate(plan.decodes) if seq.pending is not None]
             ids[mx.array(on_device, mx.int32)] = drawn[mx.array(drawn_rows, mx.int32)]
         return ids, batch, mx.array(rows, mx.int32)
 

@@ -127,6 +127,13 @@ class SamplerState:
         if self.counts is not None:
             self.counts = self.counts.at[draws[row : row + count]].add(1.0)
 
+    def rewind(self, count: int) -> None:
+        """Take back the last `count` recorded draws (drafted positions a step rejected), so the
+        next draw uses the key of the token it draws. Only the step counter: a penalized sequence,
+        the only kind with counts, never drafts (spec_decode/speculator.py)."""
+        assert self.counts is None
+        self.step -= count
+
     def step_key(self, offset: int = 0) -> tuple[int, int]:
         """Threefry key (two uint32) of the sequence's token `step + offset`: splitmix64's output
         of that index."""
