@@ -27,6 +27,13 @@ from server.engine.types import EngineClient, EngineError, SamplingParams, Strea
 
 T = TypeVar("T")
 
+# A stream of one choice that has no first token after this long (a long prompt's prefill)
+# starts without it, so that the client sees its response begin and the stream's pings keep it
+# alive: coding agents drop a stream that sends nothing for minutes and send the request again.
+# A refusal comes back sooner (the engine refuses a request when it takes it, within a step), so
+# it is still a plain JSON error.
+STREAM_START_S = 2.0
+
 
 @dataclass
 class ChoiceState:
@@ -66,6 +73,7 @@ class Generation:
         self.choices: list[ChoiceState] = []
         self._streams: dict[int, AsyncGenerator[StreamDelta, None]] = {}
         self._firsts: dict[int, StreamDelta] = {}
+        self._opening: dict[int, asyncio.Future[None]] = {}  # first deltas a started stream still waits for
 
     @classmethod
     async def start(
@@ -76,12 +84,20 @@ class Generation:
         params: SamplingParams,
         n: int,
         timer: RequestTimer,
+        stream: bool = False,
     ) -> Generation:
-        """Every choice started and its first delta received; an engine refusal is raised here,
-        with every generation already closed."""
+        """Every choice started and its first delta received (a `stream` of one choice: or
+        `STREAM_START_S` passed); an engine refusal is raised here, with every generation
+        already closed."""
         gen = cls(engine, request_id, n, timer)
         gen.choices = [ChoiceState(p * n + i, len(ids)) for p, ids in enumerate(prompts) for i in range(n)]
         try:
+            if stream and len(gen.choices) == 1:
+                first = gen._opening[0] = asyncio.ensure_future(gen._open(0, prompts[0], params))
+                done, _ = await asyncio.wait({first}, timeout=STREAM_START_S)
+                if done:
+                    gen._opening.pop(0).result()
+                return gen
             await asyncio.gather(*[gen._open(p * n, ids, params) for p, ids in enumerate(prompts)])
             await asyncio.gather(
                 *[gen._open(p * n + i, ids, _seeded(params, i)) for p, ids in enumerate(prompts) for i in range(1, n)]
@@ -104,6 +120,8 @@ class Generation:
 
         async def pump(k: int) -> None:
             try:
+                if k in self._opening:
+                    await self._opening.pop(k)
                 delta = self._firsts[k]
                 while True:
                     await queue.put((k, delta))
@@ -138,6 +156,10 @@ class Generation:
 
     async def aclose(self) -> None:
         """Close every generation (aborting the unfinished ones); idempotent."""
+        for opening in self._opening.values():
+            opening.cancel()
+        await asyncio.gather(*self._opening.values(), return_exceptions=True)
+        self._opening.clear()
         for stream in self._streams.values():
             await stream.aclose()
         self.timer.finished()

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # How long a stream may take to end on its own after the server starts exiting, before
 # sse-starlette cuts it off; well under uvicorn's default graceful-shutdown wait.
 SHUTDOWN_GRACE_S = 5.0
+# Seconds between keep-alive pings on a quiet stream (sse-starlette's default).
+PING_S = 15.0
 
 
 def openai_error_event(error: APIError) -> ServerSentEvent:
@@ -38,6 +40,9 @@ class Framing:
 
     error: Callable[[APIError], ServerSentEvent] = openai_error_event
     done: ServerSentEvent | None = ServerSentEvent(data="[DONE]")
+    # The keep-alive sent every `PING_S` while nothing else is (a long prefill): an SSE comment,
+    # unless the API names its own (Anthropic's `ping` event).
+    ping: Callable[[], ServerSentEvent] | None = None
 
 
 async def _framed(
@@ -78,5 +83,7 @@ def event_stream(
         shutdown_event=exiting,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
         data_sender_callable=watch,
+        ping=PING_S,
+        ping_message_factory=framing.ping,
         background=BackgroundTask(close),
     )

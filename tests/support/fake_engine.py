@@ -41,11 +41,13 @@ class FakeEngine:
         model_name: str = "fake-model",
         max_model_len: int = 4096,
         token_delay: float = 0.0,
+        first_delay: float = 0.0,
         fail_after: int | None = None,
     ) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.token_delay = token_delay
+        self.first_delay = first_delay
         self.fail_after = fail_after
         self.tokenizer = WordTokenizer()
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
@@ -89,7 +91,7 @@ class FakeEngine:
             for step in range(params.max_tokens or 0):
                 if self.fail_after is not None and step >= self.fail_after:
                     raise EngineError("the fake engine failed on purpose")
-                await asyncio.sleep(self.token_delay)
+                await asyncio.sleep(self.token_delay + (self.first_delay if step == 0 else 0.0))
                 if self.is_shut_down:
                     raise EngineShutdown("the engine is shutting down")
                 token = self._next_token(reply, step, params.ignore_eos)

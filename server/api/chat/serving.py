@@ -40,7 +40,9 @@ class ChatService(Service):
         messages = [m.to_template() for m in req.messages]
         prompt_ids = await self.engine.encode_chat(messages, req.tool_specs or None)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        start = Generation.start(self.engine, request_id, [prompt_ids], req.to_sampling_params(), req.n, timer)
+        start = Generation.start(
+            self.engine, request_id, [prompt_ids], req.to_sampling_params(), req.n, timer, bool(req.stream)
+        )
 
         def respond(gen: Generation) -> ChatCompletionResponse:
             choices = [self._choice(req, c) for c in gen.choices]

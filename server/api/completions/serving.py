@@ -32,7 +32,9 @@ class CompletionService(Service):
         prompts = [p if isinstance(p, list) else await self.engine.encode_text(p) for p in req.prompts()]
         echoes = [self.engine.decode(ids) if req.echo else "" for ids in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        start = Generation.start(self.engine, request_id, prompts, req.to_sampling_params(), req.n, timer)
+        start = Generation.start(
+            self.engine, request_id, prompts, req.to_sampling_params(), req.n, timer, bool(req.stream)
+        )
 
         def respond(gen: Generation) -> CompletionResponse:
             choices = [

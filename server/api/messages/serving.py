@@ -43,7 +43,7 @@ def _error_event(error: APIError) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(error.anthropic_body()), event="error")
 
 
-FRAMING = Framing(error=_error_event, done=None)
+FRAMING = Framing(error=_error_event, done=None, ping=lambda: _event("ping"))
 
 
 class MessagesService(Service):
@@ -54,7 +54,7 @@ class MessagesService(Service):
         prompt_ids = await self.engine.encode_chat(req.template_messages(), req.tool_specs or None)
         params = req.to_sampling_params(room=self.engine.max_model_len - len(prompt_ids))
         message_id = f"msg_{uuid.uuid4().hex}"
-        start = Generation.start(self.engine, message_id, [prompt_ids], params, 1, timer)
+        start = Generation.start(self.engine, message_id, [prompt_ids], params, 1, timer, bool(req.stream))
         events = partial(self._events, message_id) if req.stream else None
         return await run(request, start, partial(self._message, message_id), events, FRAMING)
 

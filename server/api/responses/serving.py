@@ -60,7 +60,9 @@ class ResponsesService(Service):
         conversation = [*history, *req.input_messages()]
         prompt_ids = await self.engine.encode_chat([*instructions, *conversation], req.tool_specs or None)
         reply = _Reply(req, uuid.uuid4().hex, self.engine.model_name)
-        start = Generation.start(self.engine, reply.id, [prompt_ids], req.to_sampling_params(), 1, timer)
+        start = Generation.start(
+            self.engine, reply.id, [prompt_ids], req.to_sampling_params(), 1, timer, bool(req.stream)
+        )
 
         def respond(gen: Generation) -> ResponseObject:
             return self._finish(reply, gen, conversation)
