@@ -9,18 +9,8 @@ import json
 import jsonschema
 import openai
 import pytest
+from support.tool_schemas import FORECAST
 
-# Bounded strings and numbers: the random model rarely closes an unbounded string by itself.
-FORECAST = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"enum": ["C", "F"]},
-    },
-    "required": ["city", "days", "unit"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"type": "function", "function": {"name": "get_forecast", "description": "Weather", "parameters": FORECAST}},
     {

@@ -15,20 +15,10 @@ import anthropic
 import jsonschema
 import pytest
 from support.fake_engine import FakeEngine
+from support.tool_schemas import FORECAST
 
 from server.engine.types import EngineOverloaded, SamplingParams, StreamDelta
 
-# Bounded strings and numbers: the demo model rarely closes an unbounded string by itself.
-FORECAST = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"enum": ["C", "F"]},
-    },
-    "required": ["city", "days", "unit"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"name": "get_forecast", "description": "Weather", "input_schema": FORECAST},
     {

@@ -13,19 +13,10 @@ import openai
 import pytest
 from support.fake_engine import FakeEngine
 from support.sse import sse_events
+from support.tool_schemas import FORECAST
 
 from server.api.app import create_app
 
-FORECAST = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        "unit": {"enum": ["C", "F"]},
-    },
-    "required": ["city", "days", "unit"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"type": "function", "name": "get_forecast", "description": "Weather", "parameters": FORECAST},
     {
