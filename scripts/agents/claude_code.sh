@@ -35,9 +35,10 @@ export ANTHROPIC_DEFAULT_OPUS_MODEL="$MODEL" ANTHROPIC_SMALL_FAST_MODEL="$MODEL"
 # No telemetry, update checks or error reports: nothing leaves the machine.
 export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1
 export API_TIMEOUT_MS=1800000  # a long prompt's first prefill on a CPU outlasts the default
-# Claude Code drops a stream that has sent no event for 5 minutes (pings do not count) and sends the
-# request again; a 40K-token first prefill on a small CPU takes longer. 0: no such limit.
-export API_FORCE_IDLE_TIMEOUT=${API_FORCE_IDLE_TIMEOUT:-0}
+# Claude Code drops a request after 300 s without a message event (the server's pings do not count)
+# and sends it again; a 40K-token first prefill on a small CPU takes longer. These turn both of its
+# limits off (its fetch timeout for hosts other than Anthropic's, and its stream watchdog).
+export API_FORCE_IDLE_TIMEOUT=${API_FORCE_IDLE_TIMEOUT:-false} CLAUDE_ENABLE_STREAM_WATCHDOG=${CLAUDE_ENABLE_STREAM_WATCHDOG:-0}
 # Claude Code asks for 32000 output tokens; the demo model, past the 4K tokens it was trained on,
 # may not end its answer before them, which takes a CPU many minutes. Its own cap, overridable.
 export CLAUDE_CODE_MAX_OUTPUT_TOKENS=${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-256}
